@@ -1,0 +1,102 @@
+"""What a job trains and evaluates: the :class:`ArtefactsConfig`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ._checks import check_int, check_type, fail
+
+#: ``model -> optimiser``, called once on every rank after the model is on its device.
+OptimiserLoader = Callable[[torch.nn.Module], torch.optim.Optimizer]
+#: ``optimiser -> scheduler``, called once on every rank after the optimiser is built.
+SchedulerLoader = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclass
+class ArtefactsConfig:
+    """The model, the data and how to build the optimiser. Every field is checked when made.
+
+    The objects are built once, in the calling process, and shipped to every worker process, so
+    the model starts from the same weights on every rank.
+
+    :param train_set: data for ``TRAIN`` and ``RESUME``; shuffled every epoch (see ``shuffle``).
+    :param validation_set: optional; evaluated after every training epoch, its metrics prefixed
+        ``val_``.
+    :param test_set: data for ``EVALUATE``.
+    :param batch_size: samples per batch *per process*: a world of ``N`` takes ``N * batch_size``
+        samples per optimiser step (times the gradient accumulation steps).
+    :param model: the :class:`torch.nn.Module` to train or evaluate.
+    :param optimiser_loader: ``model -> torch.optim.Optimizer``.
+    :param scheduler_loader: optional ``optimiser -> scheduler``. The scheduler steps with every
+        optimiser step; Accelerate steps it once per process, so that the schedule follows the
+        number of samples seen whatever the world size.
+    :param model_has_batch_norm: convert ``BatchNorm`` layers to ``SyncBatchNorm`` when the world
+        has more than one process, so that statistics are computed over the global batch.
+    :param collate_fn: passed to every :class:`~torch.utils.data.DataLoader`.
+    :param num_workers: data-loading worker processes per rank.
+    :param pin_memory: pin host memory for faster copies to a GPU.
+    :param drop_last: drop the last incomplete training batch.
+    :param shuffle: shuffle the training set (validation and test sets never are).
+    :param dataloader_kwargs: any other :class:`~torch.utils.data.DataLoader` arguments.
+    """
+
+    train_set: Dataset | None = None
+    validation_set: Dataset | None = None
+    test_set: Dataset | None = None
+    batch_size: int = 64
+    model: torch.nn.Module | None = None
+    optimiser_loader: OptimiserLoader | None = None
+    scheduler_loader: SchedulerLoader | None = None
+    model_has_batch_norm: bool = False
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+    drop_last: bool = False
+    shuffle: bool = True
+    dataloader_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        owner = "ArtefactsConfig"
+        for name in ("train_set", "validation_set", "test_set"):
+            data = getattr(self, name)
+            if data is not None and (isinstance(data, (str, bytes, Path)) or (
+                    not isinstance(data, IterableDataset)
+                    and not (hasattr(data, "__getitem__") and hasattr(data, "__len__")))):
+                fail(owner, name, type(data).__name__,
+                     "a map-style dataset (with __getitem__ and __len__), an IterableDataset "
+                     "or None")
+        check_int(owner, "batch_size", self.batch_size, 1)
+        if self.model is not None:
+            if not isinstance(self.model, torch.nn.Module):
+                fail(owner, "model", type(self.model).__name__, "a torch.nn.Module or None")
+        for name in ("optimiser_loader", "scheduler_loader", "collate_fn"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                fail(owner, name, value, "a callable or None")
+        check_int(owner, "num_workers", self.num_workers, 0)
+        for name in ("model_has_batch_norm", "pin_memory", "drop_last", "shuffle"):
+            check_type(owner, name, getattr(self, name), bool, "True or False")
+        check_type(owner, "dataloader_kwargs", self.dataloader_kwargs, dict, "a dict")
+        clashes = sorted({"batch_size", "shuffle", "collate_fn", "num_workers", "pin_memory",
+                          "drop_last", "sampler", "batch_sampler"} & set(self.dataloader_kwargs))
+        if clashes:
+            fail(owner, "dataloader_kwargs", clashes,
+                 "no keys that ArtefactsConfig has fields for (set those fields instead) and no "
+                 "sampler: Accelerate shards the data itself")
+
+    def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """A :class:`~torch.utils.data.DataLoader` for ``dataset``, before Accelerate shards it.
+
+        Only the training loader shuffles and drops the last batch (when asked).
+        """
+        shuffle = train and self.shuffle and not isinstance(dataset, IterableDataset)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          collate_fn=self.collate_fn, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, drop_last=train and self.drop_last,
+                          **self.dataloader_kwargs)

@@ -1,0 +1,93 @@
+"""What a training job does: :class:`JobMode` and :class:`JobConfig`.
+
+Epochs count from 1. The checkpoint for epoch ``k`` holds the state after ``k`` completed epochs,
+so resuming from it trains epochs ``k + 1`` to ``epochs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ._checks import check_int, check_type, fail
+
+
+class JobMode(Enum):
+    """What a :class:`~ddpw.trainer.Trainer` does when started."""
+
+    #: Train from scratch (``start_at=0``) or from checkpoint ``start_at``.
+    TRAIN = 0
+    #: Train on from checkpoint ``start_at`` (which must be given, > 0).
+    RESUME = 1
+    #: Restore checkpoint ``start_at`` (when > 0) and evaluate the test set.
+    EVALUATE = 2
+
+
+@dataclass
+class JobConfig:
+    """How far to train, when to save and where files go. Every field is checked when made.
+
+    :param job_type: a :class:`JobMode`.
+    :param start_at: the checkpoint to start from. ``0`` starts fresh; ``k > 0`` restores the
+        checkpoint of epoch ``k`` and trains epochs ``k + 1`` to ``epochs`` (``TRAIN``, ``RESUME``)
+        or evaluates it (``EVALUATE``); a negative value restores nothing, for jobs with no model
+        state to restore.
+    :param epochs: the epoch at which training stops (not the number of epochs still to run).
+    :param save_every: ``s > 0`` saves a checkpoint after epochs ``s``, ``2s``, ... and after the
+        last epoch; ``0`` saves nothing.
+    :param checkpoint_path: folder holding the checkpoints.
+    :param checkpoint_name_prefix: checkpoint ``k`` is the folder ``{prefix}_{k}``.
+    :param console_logs_path: folder for the processes' console logs (SLURM jobs).
+    :param training_logs_path: folder for the per-epoch metrics (``metrics.jsonl``).
+    :param gradient_accumulation_steps: batches whose gradients add up before one optimiser step.
+    """
+
+    job_type: JobMode = JobMode.TRAIN
+    start_at: int = 0
+    epochs: int = 25
+    save_every: int = 5
+    checkpoint_path: str = "./checkpoint"
+    checkpoint_name_prefix: str = "ckpt"
+    console_logs_path: str = "./logs/console_logs"
+    training_logs_path: str = "./logs/training_logs"
+    gradient_accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        owner = "JobConfig"
+        if not isinstance(self.job_type, JobMode):
+            names = ", ".join(f"JobMode.{m}" for m in JobMode.__members__)
+            fail(owner, "job_type", self.job_type, f"one of {names}")
+        check_int(owner, "start_at", self.start_at, -(2**62))
+        check_int(owner, "epochs", self.epochs, 0)
+        check_int(owner, "save_every", self.save_every, 0)
+        for name in ("checkpoint_path", "checkpoint_name_prefix", "console_logs_path",
+                     "training_logs_path"):
+            check_type(owner, name, getattr(self, name), str, "a string")
+        if not self.checkpoint_name_prefix or "/" in self.checkpoint_name_prefix:
+            fail(owner, "checkpoint_name_prefix", self.checkpoint_name_prefix,
+                 "a non-empty name without '/'")
+        check_int(owner, "gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        if self.job_type is JobMode.RESUME and self.start_at <= 0:
+            fail(owner, "start_at", self.start_at,
+                 "the epoch of the checkpoint to resume from (> 0) with JobMode.RESUME; "
+                 "use JobMode.TRAIN to start fresh")
+        if self.job_type is not JobMode.EVALUATE and self.epochs < self.start_at:
+            fail(owner, "epochs", self.epochs,
+                 f"at least start_at={self.start_at}: epochs is the epoch at which training "
+                 f"stops, not the number of epochs to add")
+
+    @property
+    def restores(self) -> bool:
+        """Whether the job starts by restoring checkpoint ``start_at``."""
+        return self.start_at > 0
+
+    @property
+    def first_epoch(self) -> int:
+        """The first epoch this job trains."""
+        return max(self.start_at, 0) + 1
+
+    def saves_after(self, epoch: int) -> bool:
+        """Whether a checkpoint is written after ``epoch``."""
+        if self.save_every == 0:
+            return False
+        return epoch % self.save_every == 0 or epoch == self.epochs

@@ -1,0 +1,179 @@
+"""From a :class:`~ddpw.platform.PlatformConfig` to a launch plan, without side effects.
+
+:func:`resolve_plan` is a pure function of the config and of :class:`MachineFacts`, so every
+platform's plan can be tested as data, including GPU and MPS plans on a machine that has neither.
+:mod:`ddpw.launcher` carries a plan out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import ConfigError
+from .platform import Platform, PlatformConfig
+
+#: Variables that ``torchrun``, ``accelerate launch`` and ``ddpw-launch`` give every process.
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """What resolving a plan needs to know about the machine it runs on.
+
+    :param cuda_devices: CUDA devices visible to this process.
+    :param mps_available: whether an Apple MPS device is usable.
+    :param cpu_count: cores this process may run on.
+    :param env: the environment variables.
+    """
+
+    cuda_devices: int
+    mps_available: bool
+    cpu_count: int
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def probe(cls) -> MachineFacts:
+        """The facts of this machine and process."""
+        import torch
+
+        # device_count() asks NVML where it can, so the parent process never initialises CUDA
+        # (which would make forking unsafe).
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return cls(cuda_devices=cuda, mps_available=mps, cpu_count=cores or 1, env=dict(os.environ))
+
+
+class LaunchMode(Enum):
+    """How a plan runs the job."""
+
+    #: A world of one process: the job runs in the calling process.
+    IN_PROCESS = "in_process"
+    #: The caller is already one rank of a distributed launch: the job runs here, on every rank.
+    IN_PLACE = "in_place"
+    #: ``accelerate launch`` starts ``world_size`` worker processes on this machine.
+    ACCELERATE = "accelerate"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything needed to start a job, as data.
+
+    :param mode: how the job runs (:class:`LaunchMode`).
+    :param platform: the platform the plan was made for.
+    :param world_size: total number of processes.
+    :param procs_per_node: processes on each node.
+    :param threads_per_process: compute threads for each process, or ``None`` to leave torch's
+        default.
+    :param accelerator_kwargs: keyword arguments for :class:`accelerate.Accelerator` on every rank.
+    :param env: variables added to the workers' environment.
+    :param launch_args: ``accelerate launch`` options (``--config_file`` and the entry point are
+        added by :meth:`command`).
+    :param accelerate_config: the Accelerate config file that ddpw writes for the launch, so that a
+        leftover ``accelerate config`` default on the machine cannot change it.
+    :param srun_env: the caller is one task of a multi-task ``srun`` step, and the process-group
+        variables are derived from SLURM's before the job runs in place.
+    """
+
+    mode: LaunchMode
+    platform: Platform
+    world_size: int
+    procs_per_node: int
+    threads_per_process: int | None
+    accelerator_kwargs: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    launch_args: tuple[str, ...] = ()
+    accelerate_config: dict[str, Any] = field(default_factory=dict)
+    srun_env: bool = False
+
+    def command(self, config_file: str, entry: list[str]) -> list[str]:
+        """The ``accelerate launch`` command line that starts ``entry`` on every process."""
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+                *self.launch_args, *entry]
+
+
+def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
+    """Work out how to run a job described by ``config`` on the machine described by ``facts``.
+
+    :raises ConfigError: when the machine cannot run what ``config`` asks for, with what to change.
+    """
+    if config.platform is Platform.SLURM:
+        raise ConfigError("PlatformConfig.platform=Platform.SLURM cannot be launched by this "
+                          "version of ddpw yet; use Platform.CPU, Platform.GPU or Platform.MPS.")
+    _check_devices(config, facts)
+    accelerator_kwargs: dict[str, Any] = {
+        "cpu": config.platform is Platform.CPU,
+        "mixed_precision": config.mixed_precision,
+    }
+    env = facts.env
+    if all(name in env for name in TORCHRUN_VARIABLES) or _in_multi_task_srun(env):
+        return LaunchPlan(mode=LaunchMode.IN_PLACE, platform=config.platform,
+                          world_size=int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))),
+                          procs_per_node=config.procs_per_node,
+                          threads_per_process=config.cpus_per_task,
+                          accelerator_kwargs=accelerator_kwargs,
+                          srun_env="WORLD_SIZE" not in env)
+
+    procs = config.procs_per_node
+    threads = config.cpus_per_task
+    if threads is None and config.platform is Platform.CPU and procs > 1:
+        threads = max(1, facts.cpu_count // procs)
+    if procs == 1:
+        return LaunchPlan(mode=LaunchMode.IN_PROCESS, platform=config.platform, world_size=1,
+                          procs_per_node=1, threads_per_process=config.cpus_per_task,
+                          accelerator_kwargs=accelerator_kwargs)
+
+    port = config.master_port if config.master_port is not None else 0
+    worker_env = {"OMP_NUM_THREADS": str(threads)} if threads is not None else {}
+    if config.platform is Platform.CPU:
+        # With the CPU flag, torchrun's path gives one gloo world (MULTI_CPU); accelerate's own
+        # `--cpu` would start a single process.
+        worker_env["ACCELERATE_USE_CPU"] = "1"
+    launch_args = (
+        "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
+        "--machine_rank", "0", "--main_process_ip", config.master_addr,
+        "--main_process_port", str(port), "--mixed_precision", config.mixed_precision,
+        "--dynamo_backend", "no",
+    )
+    # Only the fields without a default: every other setting comes from the flags above or from
+    # Accelerate's own defaults, never from a config file left on the machine.
+    accelerate_config = {
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
+        "mixed_precision": config.mixed_precision, "use_cpu": config.platform is Platform.CPU,
+        "debug": False,
+    }
+    return LaunchPlan(mode=LaunchMode.ACCELERATE, platform=config.platform, world_size=procs,
+                      procs_per_node=procs, threads_per_process=threads,
+                      accelerator_kwargs=accelerator_kwargs, env=worker_env,
+                      launch_args=launch_args, accelerate_config=accelerate_config)
+
+
+def _check_devices(config: PlatformConfig, facts: MachineFacts) -> None:
+    if config.platform is Platform.GPU:
+        if facts.cuda_devices == 0:
+            hint = (" Apple silicon's GPU is Platform.MPS." if facts.mps_available else "")
+            raise ConfigError(
+                f"PlatformConfig.platform=Platform.GPU needs CUDA GPUs, and this machine has none "
+                f"that PyTorch can use (torch.cuda.is_available() is False). Use "
+                f"PlatformConfig(platform=Platform.CPU, n_procs=N) to run N CPU processes.{hint}")
+        if config.n_gpus > facts.cuda_devices:
+            raise ConfigError(
+                f"PlatformConfig.n_gpus={config.n_gpus} is more than the {facts.cuda_devices} "
+                f"CUDA device(s) visible here (CUDA_VISIBLE_DEVICES="
+                f"{facts.env.get('CUDA_VISIBLE_DEVICES', 'unset')}); ask for at most "
+                f"{facts.cuda_devices}.")
+    if config.platform is Platform.MPS and not facts.mps_available:
+        raise ConfigError(
+            "PlatformConfig.platform=Platform.MPS needs an Apple silicon GPU with a PyTorch build "
+            "that supports it (torch.backends.mps.is_available() is False here). Use "
+            "Platform.CPU" + (" or Platform.GPU." if facts.cuda_devices else "."))
+
+
+def _in_multi_task_srun(env: Mapping[str, str]) -> bool:
+    in_step = "SLURM_PROCID" in env and "SLURM_STEP_ID" in env
+    return in_step and int(env.get("SLURM_NTASKS", "1")) > 1

@@ -1,0 +1,153 @@
+"""Where a job runs: the :class:`Platform` and its :class:`PlatformConfig`.
+
+A :class:`PlatformConfig` only describes what the user asked for. What that means on the machine
+at hand (which ``accelerate launch`` arguments, environment and ``Accelerator`` settings) is worked
+out by :func:`ddpw.plan.resolve_plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from ._checks import check_choice, check_int, check_type, fail
+from .errors import ConfigError
+
+
+class Platform(Enum):
+    """The compute platforms ddpw runs on."""
+
+    #: One or more CPU processes on this machine, joined in a ``gloo`` world when more than one.
+    CPU = 0
+    #: One or more CUDA GPUs on this machine, one process per GPU.
+    GPU = 1
+    #: A SLURM cluster, submitted through submitit: one or more nodes, GPUs or CPU processes each.
+    SLURM = 2
+    #: The Apple silicon GPU (Metal Performance Shaders): one process.
+    MPS = 3
+
+    @classmethod
+    def parse(cls, value: Platform | str) -> Platform:
+        """Return the platform for ``value``: a :class:`Platform` or its name in any case.
+
+        :raises ConfigError: for anything else, listing the valid names.
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str) and value.upper() in cls.__members__:
+            return cls[value.upper()]
+        valid = ", ".join(f"Platform.{name}" for name in cls.__members__)
+        raise ConfigError(f"PlatformConfig.platform={value!r} is not valid: one of {valid} "
+                          f"(or their names as strings).")
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class PlatformConfig:
+    """Where and how wide a job runs. Every field is checked when the config is made.
+
+    :param name: the job's name (SLURM job name, log folder names).
+    :param platform: a :class:`Platform` (or its name, ``"cpu"``).
+    :param n_nodes: number of machines; more than one needs :attr:`Platform.SLURM`.
+    :param n_gpus: GPUs per node, one process each (GPU, and SLURM with GPUs). On SLURM, ``0`` asks
+        for a CPU-only partition.
+    :param n_procs: processes per node on CPUs (CPU, and SLURM with ``n_gpus=0``). Defaults to 1.
+        On GPUs the number of processes is ``n_gpus``; a different ``n_procs`` is an error.
+    :param cpus_per_task: CPU cores, and so compute threads, per process. ``None`` splits this
+        machine's cores evenly among the processes of a CPU job and leaves GPU jobs alone.
+    :param partition: SLURM partition.
+    :param timeout_min: SLURM time limit in minutes.
+    :param mem_gb: SLURM memory per node in GiB; ``None`` leaves the partition's default.
+    :param seed: seeds Python, NumPy and torch on every rank (offset by the rank, so that dropout
+        differs across ranks) and the data order (the same on every rank, so shards never overlap).
+    :param master_addr: address of the rank-0 machine for the process group.
+    :param master_port: its port. ``None`` (the default) picks a free port, so two jobs on one
+        machine never collide; a fixed number is used as given.
+    :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
+    :param verbose: print ddpw's own summary and progress bars; ``False`` silences them (the job's
+        own output is untouched).
+    """
+
+    name: str = "DDPW"
+    platform: Platform = Platform.GPU
+    n_nodes: int = 1
+    n_gpus: int = 1
+    n_procs: int | None = None
+    cpus_per_task: int | None = None
+    partition: str = "general"
+    timeout_min: int = 2880
+    mem_gb: float | None = None
+    seed: int = 1889
+    master_addr: str = "localhost"
+    master_port: int | None = None
+    mixed_precision: str = "no"
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "PlatformConfig"
+        self.platform = Platform.parse(self.platform)
+        check_type(owner, "name", self.name, str, "a string")
+        check_int(owner, "n_nodes", self.n_nodes, 1)
+        check_int(owner, "n_gpus", self.n_gpus, 0)
+        check_int(owner, "n_procs", self.n_procs, 1, optional=True)
+        check_int(owner, "cpus_per_task", self.cpus_per_task, 1, optional=True)
+        check_type(owner, "partition", self.partition, str, "a string")
+        check_int(owner, "timeout_min", self.timeout_min, 1)
+        if self.mem_gb is not None and (isinstance(self.mem_gb, bool)
+                                        or not isinstance(self.mem_gb, (int, float))
+                                        or not 0 < self.mem_gb < math.inf):
+            fail(owner, "mem_gb", self.mem_gb, "a positive number of GiB or None")
+        check_int(owner, "seed", self.seed, 0)
+        check_type(owner, "master_addr", self.master_addr, str, "a host name or IP address")
+        check_int(owner, "master_port", self.master_port, 1, optional=True, maximum=65535)
+        check_choice(owner, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_type(owner, "verbose", self.verbose, bool, "True or False")
+        self._check_shape()
+
+    def _check_shape(self) -> None:
+        owner, p = "PlatformConfig", self.platform
+        if self.n_nodes > 1 and p is not Platform.SLURM:
+            fail(owner, "n_nodes", self.n_nodes,
+                 f"1 on {p}; several nodes need platform=Platform.SLURM")
+        if p is Platform.GPU and self.n_gpus < 1:
+            fail(owner, "n_gpus", self.n_gpus, "at least 1 on Platform.GPU (or use Platform.CPU)")
+        if p is Platform.MPS and (self.n_gpus != 1 or self.n_procs not in (None, 1)):
+            wrong = ("n_gpus", self.n_gpus) if self.n_gpus != 1 else ("n_procs", self.n_procs)
+            fail(owner, *wrong, "1 on Platform.MPS: Apple silicon has one GPU and "
+                 "PyTorch runs one process on it")
+        if self.uses_gpus and self.n_procs not in (None, self.n_gpus):
+            fail(owner, "n_procs", self.n_procs,
+                 f"None or equal to n_gpus={self.n_gpus}: GPU jobs run one process per GPU "
+                 f"(for CPU processes on SLURM, set n_gpus=0)")
+        if self.mixed_precision == "fp16" and not self.uses_gpus:
+            fail(owner, "mixed_precision", "fp16", f"'no' or 'bf16' on {p}: fp16 needs CUDA")
+
+    @property
+    def procs_per_node(self) -> int:
+        """Processes started on each node."""
+        if self.uses_gpus:
+            return self.n_gpus
+        return self.n_procs or 1
+
+    @property
+    def world_size(self) -> int:
+        """Total number of processes: ``n_nodes * procs_per_node``."""
+        return self.n_nodes * self.procs_per_node
+
+    @property
+    def uses_gpus(self) -> bool:
+        """Whether the processes run on CUDA GPUs."""
+        slurm_gpus = self.platform is Platform.SLURM and self.n_gpus > 0
+        return self.platform is Platform.GPU or slurm_gpus
+
+    def summary(self) -> str:
+        """One line describing the platform, for logs."""
+        where = {Platform.CPU: "CPU", Platform.GPU: "CUDA GPU", Platform.MPS: "MPS",
+                 Platform.SLURM: "SLURM"}[self.platform]
+        unit = "GPU" if self.uses_gpus else "process"
+        return (f"{self.name}: {where}, {self.n_nodes} node(s) x {self.procs_per_node} {unit}(s) = "
+                f"world of {self.world_size}, mixed precision {self.mixed_precision}, "
+                f"seed {self.seed}")

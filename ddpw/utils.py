@@ -1,0 +1,86 @@
+"""Rank information for code that runs on every process, and small helpers around it.
+
+A function started with ``Wrapper(p_config).start(fn, ...)`` runs on every rank; inside it,
+:func:`world` says which rank it is and gives the :class:`accelerate.Accelerator` to talk to the
+others::
+
+    from ddpw.utils import world
+
+    def count_samples(shard: list[int]) -> int:
+        w = world()
+        total = w.accelerator.reduce(torch.tensor(len(shard)), reduction="sum")
+        return int(total)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+
+@dataclass(frozen=True)
+class World:
+    """Where the current process stands in the job.
+
+    :param global_rank: this process's rank among all processes, 0 to ``world_size - 1``.
+    :param local_rank: its rank among the processes of its node.
+    :param node_rank: the rank of its node.
+    :param world_size: number of processes in the job.
+    :param device: the device this process computes on.
+    :param accelerator: the job's :class:`accelerate.Accelerator`, for collectives
+        (``reduce``, ``gather``, ``wait_for_everyone``) and device placement.
+    """
+
+    global_rank: int
+    local_rank: int
+    node_rank: int
+    world_size: int
+    device: torch.device
+    accelerator: Accelerator
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is global rank 0."""
+        return self.global_rank == 0
+
+    @classmethod
+    def of(cls, accelerator: Accelerator) -> World:
+        """The world as ``accelerator`` sees it."""
+        state = accelerator.state
+        # torchrun (and so accelerate launch) exports the number of processes per node; a world
+        # without it is a single process or a single node.
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+        return cls(global_rank=state.process_index, local_rank=state.local_process_index,
+                   node_rank=state.process_index // max(1, per_node),
+                   world_size=state.num_processes, device=accelerator.device,
+                   accelerator=accelerator)
+
+
+_current: World | None = None
+
+
+def world() -> World:
+    """The :class:`World` of the job running in this process.
+
+    :raises RuntimeError: outside a job started by :class:`~ddpw.wrapper.Wrapper`.
+    """
+    if _current is None:
+        raise RuntimeError("ddpw.utils.world() is only available inside a job started by "
+                           "ddpw.wrapper.Wrapper.start (in the function or Trainer it runs).")
+    return _current
+
+
+@contextmanager
+def current_world(w: World) -> Iterator[World]:
+    """Make ``w`` what :func:`world` returns for the duration of the block."""
+    global _current
+    previous, _current = _current, w
+    try:
+        yield w
+    finally:
+        _current = previous

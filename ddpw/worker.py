@@ -1,0 +1,113 @@
+"""The one entry point of every ddpw process, whatever the platform.
+
+:func:`run` runs a :class:`Job` in the current process: in the caller's process for a world of
+one, or in each process that ``accelerate launch`` starts, through :func:`main`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import pickle
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+
+from .artefacts import ArtefactsConfig
+from .plan import LaunchMode, LaunchPlan
+from .platform import PlatformConfig
+from .trainer import Trainer
+from .utils import World, current_world
+
+
+@dataclass
+class Job:
+    """What every process of a job needs: the target, its arguments, the configs and the plan."""
+
+    target: Trainer | Callable[..., Any]
+    p_config: PlatformConfig
+    a_config: ArtefactsConfig | None
+    plan: LaunchPlan
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def run(job: Job) -> Any:
+    """Run ``job`` in this process, as one rank of its world; return what the target returned.
+
+    A :class:`~ddpw.trainer.Trainer` is set up and run; a function is called with the job's
+    arguments, with :func:`ddpw.utils.world` telling it its rank.
+    """
+    plan = job.plan
+    if plan.mode is LaunchMode.IN_PLACE:
+        # The caller's launch owns the process group, so it stays up after the job; but a gloo
+        # group still alive at interpreter shutdown can abort the process (seen with torch 2.13
+        # after object collectives), so leave it at exit.
+        atexit.register(_leave_process_group)
+    if plan.srun_env:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if plan.threads_per_process is not None:
+        torch.set_num_threads(plan.threads_per_process)
+    trainer = job.target if isinstance(job.target, Trainer) else None
+    extra = trainer.accelerator_kwargs(job.p_config) if trainer is not None else {}
+    accelerator = Accelerator(**plan.accelerator_kwargs, **extra)
+    try:
+        with current_world(World.of(accelerator)):
+            if trainer is not None:
+                trainer.setup(accelerator, job.p_config, job.a_config)
+                return trainer.run()
+            set_seed(job.p_config.seed, device_specific=True)
+            return job.target(*job.args, **job.kwargs)
+    finally:
+        if plan.mode is LaunchMode.IN_PROCESS:
+            # Accelerate keeps its state in process-wide singletons; a later start() in the same
+            # process (another platform, precision or accumulation) must begin from scratch.
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of a launched process: ``python -m ddpw.entry JOB_DIR``.
+
+    Reads the job that the launcher wrote to ``JOB_DIR``, runs it and writes the result (or the
+    traceback) to ``JOB_DIR/result-{rank}.pkl`` (or ``error-{rank}.json``) for the launcher.
+    """
+    job_dir = Path(argv[0])
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        meta = json.loads((job_dir / "meta.json").read_text())
+        # The caller's import path, so that its modules (a script's folder) import here too.
+        sys.path[:0] = [p for p in meta["sys_path"] if p not in sys.path]
+        with open(job_dir / "job.pkl", "rb") as f:
+            job = pickle.load(f)
+        result = run(job)
+        _write_atomically(job_dir / f"result-{rank}.pkl", cloudpickle.dumps(result))
+        _leave_process_group()
+    except BaseException:
+        report = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc()}
+        _write_atomically(job_dir / f"error-{rank}.json", json.dumps(report).encode())
+        raise
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)

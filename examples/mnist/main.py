@@ -1,0 +1,69 @@
+"""Train, resume and evaluate the MNIST example with ddpw's seed API.
+
+    python examples/mnist/main.py --platform cpu --n-procs 2 --epochs 6 --save-every 3
+    python examples/mnist/main.py --platform cpu --n-procs 2 --mode resume --start-at 3 --epochs 6
+    python examples/mnist/main.py --platform cpu --n-procs 2 --mode evaluate --start-at 6
+
+``--demo`` does all three in one go: trains to half the epochs, resumes to the end, evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from src import MyDataset, MyModel, MyTrainer, my_optimiser
+
+from ddpw.artefacts import ArtefactsConfig
+from ddpw.job import JobConfig, JobMode
+from ddpw.platform import Platform, PlatformConfig
+from ddpw.wrapper import Wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--platform", default="cpu", choices=["cpu", "gpu", "mps"])
+    parser.add_argument("--n-procs", type=int, default=2, help="CPU processes")
+    parser.add_argument("--n-gpus", type=int, default=1, help="GPUs (with --platform gpu)")
+    parser.add_argument("--mode", default="train", choices=["train", "resume", "evaluate"])
+    parser.add_argument("--start-at", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--save-every", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data", default=None, help="folder with MNIST's IDX files")
+    parser.add_argument("--checkpoint-path", default="./checkpoint")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--demo", action="store_true",
+                        help="train to epochs/2, resume to epochs, then evaluate")
+    args = parser.parse_args()
+
+    train_set = MyDataset(train=True, root=args.data)
+    test_set = MyDataset(train=False, root=args.data)
+    platform = Platform.parse(args.platform)
+    p_config = PlatformConfig(platform=platform, n_procs=args.n_procs if platform is Platform.CPU
+                              else None, n_gpus=args.n_gpus, verbose=not args.quiet)
+    a_config = ArtefactsConfig(train_set=train_set, test_set=test_set,
+                               batch_size=args.batch_size, model=MyModel(),
+                               optimiser_loader=my_optimiser)
+    wrapper = Wrapper(p_config, a_config)
+
+    def job(mode: JobMode, start_at: int, epochs: int) -> dict[str, float]:
+        j_config = JobConfig(job_type=mode, start_at=start_at, epochs=epochs,
+                             save_every=args.save_every, checkpoint_path=args.checkpoint_path)
+        metrics = wrapper.start(MyTrainer(j_config))
+        print(f"{mode.name.lower()} (start_at={start_at}, epochs={epochs}): "
+              + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in metrics.items()))
+        return metrics
+
+    if args.demo:
+        half = args.epochs // 2
+        job(JobMode.TRAIN, 0, half)
+        job(JobMode.RESUME, half, args.epochs)
+        job(JobMode.EVALUATE, args.epochs, args.epochs)
+    else:
+        job(JobMode[args.mode.upper()], args.start_at, args.epochs)
+
+
+if __name__ == "__main__":
+    main()

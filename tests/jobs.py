@@ -1,0 +1,93 @@
+"""Small models, data and Trainers shared by the end-to-end tests.
+
+They live in an importable module (not in a test file) so that worker processes import them by
+reference, as they would a user's own package.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from torch import nn
+from torch.utils.data import Dataset
+
+from ddpw import ArtefactsConfig, JobConfig, JobMode, Trainer
+
+
+class Blobs(Dataset):
+    """``n`` samples of two Gaussian blobs in 8 dimensions, each with its index."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (self.x[:, :4].sum(1) > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.x[i], self.y[i], i
+
+
+class Net(nn.Module):
+    """A small MLP with dropout, so that exact resume depends on the RNG states too."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Dropout(0.2),
+                                  nn.Linear(hidden, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class BlobTrainer(Trainer):
+    """Cross-entropy on Blobs; records which samples this rank trained on."""
+
+    def train_step(self, batch):
+        x, y, index = batch
+        self.__dict__.setdefault("seen", []).extend(index.tolist())
+        logits = self.model(x)
+        return {"loss": F.cross_entropy(logits, y),
+                "accuracy": (logits.argmax(1) == y).float().mean()}
+
+    def evaluate_step(self, batch):
+        x, y, _ = batch
+        logits = self.model(x)
+        return {"loss": F.cross_entropy(logits, y, reduction="none"),
+                "accuracy": (logits.argmax(1) == y).float()}
+
+
+class InspectingTrainer(BlobTrainer):
+    """Also reports, from every rank, its parameters and the samples it saw."""
+
+    def run(self):
+        metrics = super().run()
+        params = torch.cat([p.detach().flatten() for p in self.model.parameters()])
+        return {**metrics, "params": gather_object([params.cpu()]),
+                "seen": gather_object([sorted(self.__dict__.get("seen", []))]),
+                "distributed_type": str(self.accelerator.distributed_type)}
+
+
+def adam(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def step_lr(optimiser: torch.optim.Optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimiser, step_size=3, gamma=0.7)
+
+
+def artefacts(n_train: int = 150, n_test: int = 61, **overrides) -> ArtefactsConfig:
+    fields = dict(train_set=Blobs(n_train), test_set=Blobs(n_test, seed=1), batch_size=8,
+                  model=Net(), optimiser_loader=adam)
+    fields.update(overrides)
+    return ArtefactsConfig(**fields)
+
+
+def job(path, mode: JobMode = JobMode.TRAIN, start_at: int = 0, epochs: int = 4,
+        save_every: int = 2, **overrides) -> JobConfig:
+    return JobConfig(job_type=mode, start_at=start_at, epochs=epochs, save_every=save_every,
+                     checkpoint_path=str(path / "checkpoint"),
+                     training_logs_path=str(path / "logs"), **overrides)

@@ -1,0 +1,152 @@
+"""Bad input is refused before any process starts; failing ranks end the whole job."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from jobs import BlobTrainer, Net, artefacts, job
+
+import ddpw.launcher
+from ddpw import (
+    ArtefactsConfig,
+    ConfigError,
+    JobConfig,
+    JobMode,
+    Platform,
+    PlatformConfig,
+    WorkerError,
+    Wrapper,
+    world,
+)
+
+CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
+CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Make any attempt to start processes fail the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(ddpw.launcher, "_run", refuse)
+
+
+def test_the_seed_example_on_a_machine_without_cuda_says_so(tmp_path, no_launch):
+    p_config = PlatformConfig(platform=Platform.GPU, n_gpus=4, cpus_per_task=2)
+    a_config = artefacts()
+    j_config = JobConfig(job_type=JobMode.TRAIN, start_at=0, epochs=50, save_every=5)
+    with pytest.raises(ConfigError, match=r"Platform\.GPU needs CUDA.*Platform\.CPU"):
+        Wrapper(p_config, a_config).start(BlobTrainer(j_config))
+
+
+def test_missing_checkpoint_lists_those_that_exist(tmp_path, no_launch):
+    (tmp_path / "checkpoint").mkdir()
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=2, save_every=1)))
+    with pytest.raises(ConfigError, match=r"start_at=7.*ckpt_7.*: 1, 2\."):
+        Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, mode=JobMode.RESUME,
+                                                         start_at=7, epochs=9)))
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_names_the_keys(tmp_path, no_launch):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1, save_every=1)))
+    with pytest.raises(ConfigError, match=r"does not fit the model \(Sequential\): missing: "
+                                          r"0\.weight, 0\.bias; unexpected: body\.0\.bias"):
+        other = artefacts(model=torch.nn.Sequential(torch.nn.Linear(8, 3)))
+        Wrapper(CPU2, other).start(BlobTrainer(job(tmp_path, mode=JobMode.EVALUATE, start_at=1)))
+    shapes = r"body\.0\.weight is \(16, 8\) in the checkpoint, \(32, 8\) in the model"
+    with pytest.raises(ConfigError, match=shapes):
+        wider = artefacts(model=Net(hidden=32))
+        Wrapper(CPU2, wider).start(BlobTrainer(job(tmp_path, mode=JobMode.EVALUATE, start_at=1)))
+
+
+def test_a_damaged_checkpoint_is_refused(tmp_path, no_launch):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1, save_every=1)))
+    model_file = tmp_path / "checkpoint" / "ckpt_1" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match=r"damaged: model\.safetensors has \d+ bytes"):
+        Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, mode=JobMode.EVALUATE,
+                                                         start_at=1)))
+
+
+@pytest.mark.parametrize(("overrides", "mode", "message"), [
+    ({"train_set": None}, JobMode.TRAIN, r"ArtefactsConfig\.train_set=None: JobMode\.TRAIN"),
+    ({"test_set": None}, JobMode.EVALUATE, r"ArtefactsConfig\.test_set=None: JobMode\.EVALUATE"),
+    ({"model": None}, JobMode.TRAIN, r"ArtefactsConfig\.model=None"),
+    ({"optimiser_loader": None}, JobMode.TRAIN, r"ArtefactsConfig\.optimiser_loader=None"),
+])
+def test_missing_artefacts_are_named(tmp_path, no_launch, overrides, mode, message):
+    with pytest.raises(ConfigError, match=message):
+        Wrapper(CPU2, artefacts(**overrides)).start(BlobTrainer(job(tmp_path, mode=mode)))
+
+
+def test_config_errors_at_construction_name_the_field():
+    with pytest.raises(ConfigError, match=r"JobConfig\.epochs=2 is not valid: at least start_at=3"):
+        JobConfig(start_at=3, epochs=2)
+    with pytest.raises(ConfigError, match=r"JobConfig\.save_every=-1"):
+        JobConfig(save_every=-1)
+    with pytest.raises(ConfigError, match=r"ArtefactsConfig\.batch_size=0"):
+        ArtefactsConfig(batch_size=0)
+
+
+def test_a_job_that_cannot_be_shipped_names_the_object(tmp_path, no_launch):
+    trainer = BlobTrainer(job(tmp_path))
+    trainer.lock = threading.Lock()
+    with pytest.raises(ConfigError, match=r"cannot send BlobTrainer\.lock \(lock\)"):
+        Wrapper(CPU2, artefacts()).start(trainer)
+    with pytest.raises(ConfigError, match=r"cannot send argument 0 of start\(\)"):
+        Wrapper(CPU2).start(print, (x for x in range(3)))
+
+
+def fail_on_rank_one(how: str) -> int:
+    w = world()
+    if w.global_rank == 1:
+        time.sleep(0.5)
+        if how == "raise":
+            raise ValueError("rank one is unhappy")
+        os._exit(3)
+    # Rank 0 waits in a collective for a peer that never arrives: the launcher must end it.
+    w.accelerator.wait_for_everyone()
+    time.sleep(60)
+    return 0
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_traceback(no_leftover_processes):
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
+        Wrapper(CPU2).start(fail_on_rank_one, "raise")
+    assert caught.value.rank == 1
+    assert "ValueError: rank one is unhappy" in caught.value.details
+    assert "fail_on_rank_one" in caught.value.details
+    assert time.monotonic() - started < 45
+
+
+def test_a_rank_that_dies_ends_the_job_with_its_status(no_leftover_processes):
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 1 of 2 died \(exit status 3\)") as caught:
+        Wrapper(CPU2).start(fail_on_rank_one, "exit")
+    assert caught.value.rank == 1 and caught.value.status == 3
+    assert time.monotonic() - started < 45
+
+
+def test_a_trainer_that_raises_in_train_step_is_reported(tmp_path, no_leftover_processes):
+    class Broken(BlobTrainer):
+        def train_step(self, batch):
+            raise RuntimeError("bad batch")
+
+    with pytest.raises(WorkerError, match="raised") as caught:
+        Wrapper(CPU2, artefacts()).start(Broken(job(tmp_path)))
+    assert "RuntimeError: bad batch" in caught.value.details
+
+
+def test_evaluate_step_must_return_per_sample_values(tmp_path):
+    class Averaging(BlobTrainer):
+        def evaluate_step(self, batch):
+            return {"loss": super().evaluate_step(batch)["loss"].mean()}
+
+    with pytest.raises(TypeError, match=r"'loss' of shape \(\).*one value per sample"):
+        Wrapper(CPU1, artefacts()).start(Averaging(job(tmp_path, mode=JobMode.EVALUATE)))

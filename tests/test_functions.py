@@ -1,0 +1,113 @@
+"""Non-training tasks on every process, threads, ports, and running inside an existing launch."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import torch
+
+from ddpw import Platform, PlatformConfig, Wrapper, world
+
+CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+
+
+def rank_report(offset: int, scale: int = 1) -> dict:
+    w = world()
+    total = w.accelerator.reduce(torch.tensor(float(w.global_rank + offset)), reduction="sum")
+    return {"rank": w.global_rank, "local_rank": w.local_rank, "node_rank": w.node_rank,
+            "world_size": w.world_size, "sum": float(total) * scale,
+            "threads": torch.get_num_threads(), "device": str(w.device)}
+
+
+def test_function_results_come_back_in_rank_order_after_a_real_all_reduce(no_leftover_processes):
+    results = Wrapper(CPU2).start(rank_report, 10, scale=2)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert [r["local_rank"] for r in results] == [0, 1]
+    assert all(r["world_size"] == 2 and r["node_rank"] == 0 for r in results)
+    assert all(r["sum"] == 2 * (10 + 11) for r in results)
+
+
+def test_threads_are_split_among_processes():
+    results = Wrapper(CPU2).start(rank_report, 0)
+    cores = len(os.sched_getaffinity(0))
+    assert [r["threads"] for r in results] == [max(1, cores // 2)] * 2
+    pinned = PlatformConfig(platform=Platform.CPU, n_procs=2, cpus_per_task=3, verbose=False)
+    assert [r["threads"] for r in Wrapper(pinned).start(rank_report, 0)] == [3, 3]
+
+
+def test_a_world_of_one_runs_in_the_calling_process():
+    def where() -> int:
+        return os.getpid()
+
+    assert Wrapper(PlatformConfig(platform=Platform.CPU)).start(where) == [os.getpid()]
+
+
+def test_functions_defined_in_main_travel_by_value(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        from ddpw import Platform, PlatformConfig, Wrapper, world
+
+        class Greeting:
+            def __init__(self, word):
+                self.word = word
+
+        def greet(greeting):
+            return f"{greeting.word} from {world().global_rank}"
+
+        if __name__ == "__main__":
+            p = PlatformConfig(platform=Platform.CPU, n_procs=2)
+            print(Wrapper(p).start(greet, Greeting("hello")))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "['hello from 0', 'hello from 1']" in out.stdout
+
+
+def test_two_jobs_at_once_never_collide_on_a_port(no_leftover_processes):
+    results: dict[int, object] = {}
+
+    def start(i: int) -> None:
+        try:
+            results[i] = Wrapper(CPU2).start(rank_report, i)
+        except Exception as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert isinstance(results[i], list), results[i]
+        assert [r["sum"] for r in results[i]] == [2 * i + 1] * 2
+
+
+def test_inside_torchrun_the_job_runs_in_place_without_launching_again(tmp_path):
+    script = tmp_path / "inplace.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        from ddpw import Platform, PlatformConfig, Wrapper, world
+
+        def who():
+            w = world()
+            return (w.global_rank, w.world_size, os.getpid(), str(w.accelerator.distributed_type))
+
+        results = Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=2)).start(who)
+        with open(f"result-{os.environ['RANK']}.txt", "w") as f:
+            f.write(repr((os.getpid(), results)))
+    """))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(script)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for rank in (0, 1):
+        pid, results = ast.literal_eval((tmp_path / f"result-{rank}.txt").read_text())
+        assert [r[0] for r in results] == [0, 1]
+        assert all(r[1] == 2 and r[3] == "DistributedType.MULTI_CPU" for r in results)
+        assert results[rank][2] == pid, "the job did not run in the launched process"

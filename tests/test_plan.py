@@ -1,0 +1,304 @@
+"""ddpw.plan.resolve_plan as pure data, on fake machines."""
+
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+from ddpw.errors import ConfigError
+from ddpw.plan import LaunchMode, LaunchPlan, MachineFacts, resolve_plan
+from ddpw.platform import Platform, PlatformConfig
+
+TORCHRUN_ENV = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}
+SRUN_ENV = {"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "4"}
+
+
+def machine(cuda=0, mps=False, cpus=8, env=None):
+    return MachineFacts(cuda_devices=cuda, mps_available=mps, cpu_count=cpus, env=env or {})
+
+
+def cpu(n_procs=None, **kwargs):
+    return PlatformConfig(platform=Platform.CPU, n_procs=n_procs, **kwargs)
+
+
+def gpu(n_gpus=1, **kwargs):
+    return PlatformConfig(platform=Platform.GPU, n_gpus=n_gpus, **kwargs)
+
+
+def option(plan, flag):
+    """The value that follows ``flag`` in the plan's launch arguments."""
+    args = list(plan.launch_args)
+    assert args.count(flag) == 1, args
+    return args[args.index(flag) + 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_procs", [None, 1])
+def test_cpu_one_process_runs_in_process(n_procs):
+    plan = resolve_plan(cpu(n_procs), machine())
+    assert plan.mode is LaunchMode.IN_PROCESS
+    assert plan.platform is Platform.CPU
+    assert (plan.world_size, plan.procs_per_node) == (1, 1)
+    assert plan.accelerator_kwargs["cpu"] is True
+    assert plan.accelerator_kwargs["mixed_precision"] == "no"
+    assert plan.launch_args == ()
+    assert plan.srun_env is False
+
+
+def test_cpu_one_process_keeps_cpus_per_task():
+    plan = resolve_plan(cpu(cpus_per_task=3), machine())
+    assert plan.threads_per_process == 3
+    assert resolve_plan(cpu(), machine()).threads_per_process is None
+
+
+def test_cpu_several_processes_use_accelerate():
+    plan = resolve_plan(cpu(2), machine(cpus=8))
+    assert plan.mode is LaunchMode.ACCELERATE
+    assert (plan.world_size, plan.procs_per_node) == (2, 2)
+    assert "--multi_gpu" in plan.launch_args
+    assert option(plan, "--num_processes") == "2"
+    assert option(plan, "--num_machines") == "1"
+    assert option(plan, "--main_process_ip") == "localhost"
+    assert option(plan, "--main_process_port") == "0"
+    assert plan.env["ACCELERATE_USE_CPU"] == "1"
+    assert plan.accelerator_kwargs["cpu"] is True
+    assert plan.accelerate_config["use_cpu"] is True
+    assert plan.accelerate_config["distributed_type"] == "MULTI_GPU"
+    assert plan.srun_env is False
+
+
+def test_launch_args_are_strings():
+    plan = resolve_plan(cpu(3, master_port=1234), machine())
+    assert all(isinstance(arg, str) for arg in plan.launch_args)
+
+
+@pytest.mark.parametrize("port", [1, 29555, 65535])
+def test_master_port_is_passed_on(port):
+    assert option(resolve_plan(cpu(2, master_port=port), machine()), "--main_process_port") == \
+        str(port)
+
+
+def test_master_addr_is_passed_on():
+    plan = resolve_plan(cpu(2, master_addr="10.0.0.7"), machine())
+    assert option(plan, "--main_process_ip") == "10.0.0.7"
+
+
+@pytest.mark.parametrize("cpus, procs, threads", [
+    (8, 2, 4), (7, 2, 3), (16, 3, 5), (2, 4, 1), (1, 3, 1), (4, 4, 1),
+])
+def test_cpu_threads_split_the_cores(cpus, procs, threads):
+    plan = resolve_plan(cpu(procs), machine(cpus=cpus))
+    assert plan.env["OMP_NUM_THREADS"] == str(threads)
+    assert plan.threads_per_process == threads
+
+
+@pytest.mark.parametrize("cpus_per_task", [1, 3, 12])
+def test_cpus_per_task_overrides_threads(cpus_per_task):
+    plan = resolve_plan(cpu(2, cpus_per_task=cpus_per_task), machine(cpus=8))
+    assert plan.env["OMP_NUM_THREADS"] == str(cpus_per_task)
+    assert plan.threads_per_process == cpus_per_task
+
+
+def test_resolve_plan_leaves_facts_alone():
+    env = {"PATH": "/bin"}
+    plan = resolve_plan(cpu(2), machine(env=env))
+    assert env == {"PATH": "/bin"}
+    assert "PATH" not in plan.env
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_gpus", [1, 4])
+def test_gpu_without_cuda(n_gpus):
+    with pytest.raises(ConfigError, match=r"PlatformConfig\.platform=Platform\.GPU") as info:
+        resolve_plan(gpu(n_gpus), machine(cuda=0, mps=False))
+    message = str(info.value)
+    assert re.search(r"CUDA", message)
+    assert re.search(r"none|no CUDA|not available|is False", message)
+    assert "Platform.CPU" in message
+    assert "MPS" not in message
+
+
+def test_gpu_without_cuda_points_to_mps_where_available():
+    with pytest.raises(ConfigError, match=r"Platform\.CPU") as info:
+        resolve_plan(gpu(), machine(cuda=0, mps=True))
+    assert "Platform.MPS" in str(info.value)
+
+
+def test_gpu_more_than_visible():
+    with pytest.raises(ConfigError, match=r"PlatformConfig\.n_gpus=4\b") as info:
+        resolve_plan(gpu(4), machine(cuda=2, env={"CUDA_VISIBLE_DEVICES": "3,5"}))
+    message = str(info.value)
+    assert re.search(r"\b2\b", message)
+    assert "3,5" in message
+
+
+@pytest.mark.parametrize("cuda", [4, 8])
+def test_gpu_several_use_accelerate(cuda):
+    plan = resolve_plan(gpu(4), machine(cuda=cuda, cpus=64))
+    assert plan.mode is LaunchMode.ACCELERATE
+    assert plan.platform is Platform.GPU
+    assert (plan.world_size, plan.procs_per_node) == (4, 4)
+    assert "--multi_gpu" in plan.launch_args
+    assert option(plan, "--num_processes") == "4"
+    assert "ACCELERATE_USE_CPU" not in plan.env
+    assert "OMP_NUM_THREADS" not in plan.env
+    assert plan.threads_per_process is None
+    assert plan.accelerator_kwargs["cpu"] is False
+    assert plan.accelerate_config["use_cpu"] is False
+    assert plan.accelerate_config["distributed_type"] == "MULTI_GPU"
+
+
+def test_gpu_cpus_per_task_sets_threads():
+    plan = resolve_plan(gpu(2, cpus_per_task=6), machine(cuda=2))
+    assert plan.env["OMP_NUM_THREADS"] == "6"
+    assert plan.threads_per_process == 6
+
+
+def test_gpu_one_runs_in_process():
+    plan = resolve_plan(gpu(1), machine(cuda=2))
+    assert plan.mode is LaunchMode.IN_PROCESS
+    assert plan.world_size == 1
+    assert plan.accelerator_kwargs["cpu"] is False
+    assert plan.launch_args == ()
+
+
+@pytest.mark.parametrize("config", [
+    gpu(2, mixed_precision="no"), gpu(2, mixed_precision="fp16"), gpu(2, mixed_precision="bf16"),
+    cpu(2, mixed_precision="bf16"),
+])
+def test_mixed_precision_reaches_launch_and_accelerator(config):
+    plan = resolve_plan(config, machine(cuda=2))
+    assert option(plan, "--mixed_precision") == config.mixed_precision
+    assert plan.accelerator_kwargs["mixed_precision"] == config.mixed_precision
+    assert plan.accelerate_config["mixed_precision"] == config.mixed_precision
+
+
+@pytest.mark.parametrize("config", [gpu(1, mixed_precision="fp16"), cpu(mixed_precision="bf16")])
+def test_mixed_precision_in_process(config):
+    plan = resolve_plan(config, machine(cuda=1))
+    assert plan.mode is LaunchMode.IN_PROCESS
+    assert plan.accelerator_kwargs["mixed_precision"] == config.mixed_precision
+
+
+# ------------------------------------------------------------------------------------------------
+# MPS and SLURM
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cuda, suggested", [(0, ["Platform.CPU"]),
+                                             (2, ["Platform.CPU", "Platform.GPU"])])
+def test_mps_unavailable(cuda, suggested):
+    config = PlatformConfig(platform=Platform.MPS)
+    with pytest.raises(ConfigError, match=r"PlatformConfig\.platform=Platform\.MPS") as info:
+        resolve_plan(config, machine(cuda=cuda, mps=False))
+    for name in suggested:
+        assert name in str(info.value)
+
+
+def test_mps_available_runs_in_process():
+    plan = resolve_plan(PlatformConfig(platform=Platform.MPS), machine(mps=True))
+    assert plan.mode is LaunchMode.IN_PROCESS
+    assert plan.platform is Platform.MPS
+    assert plan.world_size == 1
+    assert plan.accelerator_kwargs["cpu"] is False
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"n_gpus": 0, "n_procs": 2}, {"n_nodes": 2}])
+def test_slurm_not_launchable_yet(kwargs):
+    config = PlatformConfig(platform=Platform.SLURM, **kwargs)
+    with pytest.raises(ConfigError, match=r"PlatformConfig\.platform=Platform\.SLURM"):
+        resolve_plan(config, machine(cuda=8, cpus=64))
+
+
+# ------------------------------------------------------------------------------------------------
+# Already inside a distributed launch
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, facts", [
+    (cpu(), machine(env=TORCHRUN_ENV)),
+    (cpu(4), machine(env=TORCHRUN_ENV)),
+    (gpu(4), machine(cuda=4, env=TORCHRUN_ENV)),
+    (gpu(1), machine(cuda=1, env=TORCHRUN_ENV)),
+])
+def test_torchrun_variables_run_in_place(config, facts):
+    plan = resolve_plan(config, facts)
+    assert plan.mode is LaunchMode.IN_PLACE
+    assert plan.world_size == 4
+    assert plan.srun_env is False
+    assert plan.launch_args == ()
+    assert plan.accelerator_kwargs["cpu"] is (config.platform is Platform.CPU)
+
+
+@pytest.mark.parametrize("missing", ["WORLD_SIZE", "RANK", "LOCAL_RANK"])
+def test_some_torchrun_variables_are_not_enough(missing):
+    env = {k: v for k, v in TORCHRUN_ENV.items() if k != missing}
+    assert resolve_plan(cpu(), machine(env=env)).mode is LaunchMode.IN_PROCESS
+    assert resolve_plan(cpu(2), machine(env=env)).mode is LaunchMode.ACCELERATE
+
+
+@pytest.mark.parametrize("config", [cpu(), cpu(4)])
+def test_multi_task_srun_runs_in_place(config):
+    plan = resolve_plan(config, machine(env=SRUN_ENV))
+    assert plan.mode is LaunchMode.IN_PLACE
+    assert plan.srun_env is True
+    assert plan.world_size == 4
+
+
+def test_torchrun_variables_win_over_srun():
+    plan = resolve_plan(cpu(), machine(env={**SRUN_ENV, **TORCHRUN_ENV, "WORLD_SIZE": "8"}))
+    assert plan.mode is LaunchMode.IN_PLACE
+    assert plan.srun_env is False
+    assert plan.world_size == 8
+
+
+@pytest.mark.parametrize("env", [
+    {**SRUN_ENV, "SLURM_NTASKS": "1"},
+    {k: v for k, v in SRUN_ENV.items() if k != "SLURM_NTASKS"},
+    {k: v for k, v in SRUN_ENV.items() if k != "SLURM_STEP_ID"},
+    {k: v for k, v in SRUN_ENV.items() if k != "SLURM_PROCID"},
+])
+def test_single_task_slurm_is_not_in_place(env):
+    assert resolve_plan(cpu(), machine(env=env)).mode is LaunchMode.IN_PROCESS
+    plan = resolve_plan(cpu(2), machine(env=env))
+    assert plan.mode is LaunchMode.ACCELERATE
+    assert plan.srun_env is False
+
+
+# ------------------------------------------------------------------------------------------------
+# LaunchPlan.command and MachineFacts.probe
+# ------------------------------------------------------------------------------------------------
+
+def test_command():
+    plan = resolve_plan(cpu(2), machine())
+    entry = ["-m", "ddpw.entry", "/tmp/job.pkl"]
+    command = plan.command("/tmp/accelerate.yaml", entry)
+    assert command[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "/tmp/accelerate.yaml"]
+    assert command[-3:] == entry
+    assert command[5:-3] == list(plan.launch_args)
+
+
+def test_command_of_a_hand_made_plan():
+    plan = LaunchPlan(mode=LaunchMode.ACCELERATE, platform=Platform.CPU, world_size=2,
+                      procs_per_node=2, threads_per_process=None, accelerator_kwargs={},
+                      launch_args=("--a", "1"))
+    assert plan.command("c.yaml", ["e.py"]) == [sys.executable, "-m",
+                                                 "accelerate.commands.launch", "--config_file",
+                                                 "c.yaml", "--a", "1", "e.py"]
+
+
+def test_probe_this_machine():
+    facts = MachineFacts.probe()
+    # 0 on a machine without CUDA (like the CPU-only CI machine); the visible count elsewhere.
+    assert facts.cuda_devices == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert isinstance(facts.cpu_count, int)
+    assert 1 <= facts.cpu_count <= (os.cpu_count() or 1)
+    assert isinstance(facts.mps_available, bool)
+    assert dict(facts.env) == dict(os.environ)

@@ -1,0 +1,114 @@
+"""End-to-end training on real CPU processes: sync, sharding, checkpoints, resume, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from jobs import BlobTrainer, InspectingTrainer, artefacts, job, step_lr
+
+from ddpw import JobMode, Platform, PlatformConfig, Wrapper
+from ddpw import checkpoint as ckpt
+
+CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
+
+
+def test_two_processes_form_one_world_that_syncs_and_shards(tmp_path, no_leftover_processes):
+    result = Wrapper(CPU2, artefacts(n_train=150)).start(
+        InspectingTrainer(job(tmp_path, epochs=1, save_every=0)))
+    assert result["distributed_type"] == "DistributedType.MULTI_CPU"
+    params = result["params"]
+    assert len(params) == 2
+    assert torch.equal(params[0], params[1]), "ranks ended with different parameters"
+    seen0, seen1 = (set(s) for s in result["seen"])
+    # 150 samples, 8 per batch and per rank: 10 batches each, the last one padded from the start.
+    assert len(result["seen"][0]) == len(result["seen"][1]) == 80
+    assert seen0 | seen1 == set(range(150))
+    assert len(seen0 & seen1) <= 10, "the ranks trained on the same samples"
+
+
+def test_checkpoints_are_written_exactly_at_save_every(tmp_path):
+    metrics = Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=5, save_every=2)))
+    assert metrics["epoch"] == 5 and set(metrics) >= {"loss", "accuracy"}
+    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == [2, 4, 5]
+    names = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert names == ["ckpt_2", "ckpt_4", "ckpt_5"], "staging folders were left behind"
+    folder = tmp_path / "checkpoint" / "ckpt_4"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["epoch"] == 4
+    assert {"model.safetensors", "optimiser.json", "rng-0.json", "rng-1.json",
+            "state.json"} <= set(manifest["files"])
+    assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.bin"))
+    lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5]
+
+
+def test_save_every_zero_saves_nothing(tmp_path):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=2, save_every=0)))
+    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == []
+
+
+def _files(folder):
+    return {name: (folder / name).read_bytes()
+            for name in ("model.safetensors", "optimiser.safetensors", "scheduler.json")}
+
+
+@pytest.mark.parametrize("mode", [JobMode.RESUME, JobMode.TRAIN])
+def test_resume_from_checkpoint_is_bitwise_equal_to_uninterrupted(tmp_path, mode):
+    # Shuffling, dropout, a scheduler and gradient accumulation all take part.
+    a_config = artefacts(scheduler_loader=step_lr)
+    extra = {"gradient_accumulation_steps": 2}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    full = Wrapper(CPU2, a_config).start(BlobTrainer(job(straight, epochs=5, save_every=5,
+                                                         **extra)))
+    Wrapper(CPU2, a_config).start(BlobTrainer(job(split, epochs=2, save_every=2, **extra)))
+    resumed = Wrapper(CPU2, a_config).start(
+        BlobTrainer(job(split, mode=mode, start_at=2, epochs=5, save_every=5, **extra)))
+    assert resumed == full
+    assert _files(split / "checkpoint" / "ckpt_5") == _files(straight / "checkpoint" / "ckpt_5")
+
+
+def test_evaluate_gives_the_same_numbers_on_one_and_two_processes(tmp_path):
+    # 61 test samples do not split evenly into batches of 8 on 2 ranks: padding must not count.
+    Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=2, save_every=2)))
+    evaluate = job(tmp_path, mode=JobMode.EVALUATE, start_at=2, epochs=2)
+    on_two = Wrapper(CPU2, artefacts()).start(BlobTrainer(evaluate))
+    on_one = Wrapper(CPU1, artefacts()).start(BlobTrainer(evaluate))
+    assert on_two == on_one
+    assert set(on_two) == {"loss", "accuracy"}
+    assert on_two["accuracy"] * 61 == pytest.approx(round(on_two["accuracy"] * 61))
+
+
+def test_evaluate_restores_the_checkpoint_it_names(tmp_path):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=4, save_every=1)))
+    first = Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(tmp_path, mode=JobMode.EVALUATE, start_at=1)))
+    last = Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(tmp_path, mode=JobMode.EVALUATE, start_at=4)))
+    untrained = Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(tmp_path, mode=JobMode.EVALUATE, start_at=0)))
+    assert last["loss"] < first["loss"] < untrained["loss"]
+
+
+def test_validation_set_is_evaluated_after_every_epoch(tmp_path):
+    a_config = artefacts(validation_set=artefacts().test_set)
+    metrics = Wrapper(CPU1, a_config).start(BlobTrainer(job(tmp_path, epochs=2, save_every=0)))
+    assert {"val_loss", "val_accuracy"} <= set(metrics)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+    p_config = PlatformConfig(platform=Platform.CPU, mixed_precision="bf16", verbose=False)
+    metrics = Wrapper(p_config, artefacts()).start(BlobTrainer(job(tmp_path, epochs=2)))
+    assert metrics["loss"] == metrics["loss"]  # not NaN
+
+
+def test_verbose_false_silences_ddpw(tmp_path, capfd):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1)))
+    out, err = capfd.readouterr()
+    assert "[ddpw]" not in out + err and "epoch 1/1" not in out + err
+    loud = PlatformConfig(platform=Platform.CPU, verbose=True)
+    Wrapper(loud, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1)))
+    out, err = capfd.readouterr()
+    assert "[ddpw] DDPW: CPU, 1 node(s) x 1 process(s) = world of 1" in out
