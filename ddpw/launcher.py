@@ -1,20 +1,18 @@
 """Carry out a :class:`~ddpw.plan.LaunchPlan` of several processes with ``accelerate launch``.
 
 The job is pickled (with cloudpickle, so classes and functions from the caller's ``__main__``
-travel by value) into a private temporary folder; ``accelerate launch`` starts
+travel by value) into a private temporary folder. ``accelerate launch`` runs through its Python
+API in the calling process, which has already imported torch, and starts
 ``python -m ddpw.entry FOLDER`` on every process; each rank writes its result or traceback back
 into the folder, and the results come back in rank order.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,43 +20,51 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+from accelerate.utils import patch_environment
 
 from .errors import ConfigError, WorkerError
 from .trainer import Trainer
 from .worker import Job
 
-#: How long the processes get to end after a Ctrl-C or SIGTERM before they are killed.
-STOP_GRACE_S = 30
+#: ``accelerate launch`` changes the process's environment while it runs: one launch at a time.
+_LAUNCH_LOCK = threading.Lock()
+
+#: The signals that torchrun's agent takes over while it runs (and that ddpw gives back after).
+_AGENT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+                       if hasattr(signal, name))
 
 
 def launch(job: Job) -> list[Any]:
     """Run ``job`` on ``job.plan.world_size`` processes; return their results in rank order.
 
+    Launches from several threads of one process run one after the other.
+
     :raises ConfigError: when the job cannot be pickled, naming the object at fault.
     :raises WorkerError: when a rank raises or dies, with its rank and traceback.
+    :raises KeyboardInterrupt: on Ctrl-C, once every process of the job has ended.
     """
     plan = job.plan
-    with tempfile.TemporaryDirectory(prefix="ddpw-job-") as tmp:
+    payload = ship(job)
+    with tempfile.TemporaryDirectory(prefix="ddpw-job-") as tmp, _LAUNCH_LOCK:
         job_dir = Path(tmp)
-        (job_dir / "job.pkl").write_bytes(ship(job))
+        (job_dir / "job.pkl").write_bytes(payload)
         (job_dir / "meta.json").write_text(json.dumps({"sys_path": [p for p in sys.path if p]}))
         config_file = job_dir / "accelerate.json"
         config_file.write_text(json.dumps(plan.accelerate_config))
-        command = plan.command(str(config_file), ["--module", "ddpw.entry", str(job_dir)])
-        status, tail = _run(command, _worker_env(plan.env))
+        args = plan.accelerate_args(str(config_file), ["--module", "ddpw.entry", str(job_dir)])
+        failure = _run(args, _worker_env(plan.env))
         results = [job_dir / f"result-{rank}.pkl" for rank in range(plan.world_size)]
-        if status != 0 or not all(path.is_file() for path in results):
-            raise _failure(job_dir, status, tail, plan.world_size)
+        if failure is not None or not all(path.is_file() for path in results):
+            raise _explain(job_dir, failure, plan.world_size)
         return [cloudpickle.loads(path.read_bytes()) for path in results]
 
 
 def _worker_env(plan_env: dict[str, str]) -> dict[str, str]:
-    env = {**os.environ, **plan_env}
     # `python -m ddpw.entry` must find this very ddpw, installed or not; the caller's other
     # import paths follow in the job's meta.json.
     package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
+    paths = [package_root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**plan_env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def ship(job: Job) -> bytes:
@@ -96,69 +102,53 @@ def _unpicklable_part(job: Job) -> str | None:
     return None
 
 
-def _run(command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run ``command``, echoing its stderr while keeping the tail; stop it on Ctrl-C or SIGTERM."""
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
-                               errors="replace")
-    tail: collections.deque[str] = collections.deque(maxlen=400)
+def _run(args: list[str], env: dict[str, str]) -> tuple[int, int] | None:
+    """Run ``accelerate launch ARGS`` here; return ``(rank, exit status)`` of the first failure.
 
-    def pump() -> None:
-        for line in process.stderr:
-            sys.stderr.write(line)
-            tail.append(line)
+    torchrun's agent ends every process of the job when one fails, and on SIGTERM or Ctrl-C.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    forward = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate()) if forward else None
+    parsed = launch_command_parser().parse_args(args)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS} if main_thread else {}
     try:
-        process.wait()
-    except BaseException:
-        # Ctrl-C: torchrun's agent stops its workers on SIGTERM; kill them if it cannot.
-        process.terminate()
-        try:
-            process.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        raise
+        with patch_environment(**env):
+            launch_command(parsed)
+        return None
+    except ChildFailedError as error:
+        rank, process_failure = error.get_first_failure()
+        return rank, process_failure.exitcode
+    except SignalException as error:
+        if error.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise WorkerError(f"the job was stopped by {error.sigval.name}; every process of it "
+                          f"has ended") from None
     finally:
-        if forward:
-            signal.signal(signal.SIGTERM, previous)
-        reader.join(timeout=5)
-    return process.returncode, list(tail)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
-def _failure(job_dir: Path, status: int, tail: list[str], world_size: int) -> WorkerError:
+def _explain(job_dir: Path, failure: tuple[int, int] | None, world_size: int) -> WorkerError:
     """The error that best explains a failed launch: the first rank that failed, and why."""
     reports = {}
     for rank in range(world_size):
         path = job_dir / f"error-{rank}.json"
         if path.is_file():
             reports[rank] = json.loads(path.read_text())
-    root_rank, root_status = _root_cause("".join(tail))
-    if root_rank is None and reports:
-        root_rank = min(reports, key=lambda r: reports[r]["time"])
-    if root_rank in reports:
-        return WorkerError(f"rank {root_rank} of {world_size} raised an exception",
-                           rank=root_rank, details=reports[root_rank]["traceback"].rstrip())
-    launcher_output = "".join(tail[-12:]).rstrip()
-    if root_rank is not None:
-        how = _describe_status(root_status)
-        return WorkerError(f"rank {root_rank} of {world_size} died ({how}) without a Python "
-                           f"exception", rank=root_rank, status=root_status,
-                           details=launcher_output)
-    return WorkerError(f"accelerate launch exited with status {status} before the ranks "
-                       f"reported a result", status=status, details=launcher_output)
-
-
-_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
-
-
-def _root_cause(launcher_output: str) -> tuple[int | None, int | None]:
-    """The rank and exit code that torchrun's agent names as the first failure, if it does."""
-    match = _ROOT_CAUSE.search(launcher_output)
-    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
+    # torchrun's agent names the first process that failed; without it, the first report.
+    rank, status = failure if failure is not None else (None, None)
+    if rank is None and reports:
+        rank = min(reports, key=lambda r: reports[r]["time"])
+    if rank in reports:
+        return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
+                           details=reports[rank]["traceback"].rstrip())
+    if rank is not None:
+        return WorkerError(f"rank {rank} of {world_size} died ({_describe_status(status)}) "
+                           f"without a Python exception", rank=rank, status=status)
+    return WorkerError("the ranks ended without reporting a result")
 
 
 def _describe_status(status: int | None) -> str:

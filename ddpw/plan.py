@@ -91,10 +91,14 @@ class LaunchPlan:
     accelerate_config: dict[str, Any] = field(default_factory=dict)
     srun_env: bool = False
 
+    def accelerate_args(self, config_file: str, entry: list[str]) -> list[str]:
+        """The arguments of ``accelerate launch`` that start ``entry`` on every process."""
+        return ["--config_file", config_file, *self.launch_args, *entry]
+
     def command(self, config_file: str, entry: list[str]) -> list[str]:
-        """The ``accelerate launch`` command line that starts ``entry`` on every process."""
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
-                *self.launch_args, *entry]
+        """The same launch as a command line, to show or to run in a shell."""
+        return [sys.executable, "-m", "accelerate.commands.launch",
+                *self.accelerate_args(config_file, entry)]
 
 
 def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:

@@ -251,7 +251,7 @@ class Trainer:
                 value = value.detach().float()
                 sums[key] = sums[key] + value if key in sums else value
             steps += 1
-            if self.verbose and (steps % 10 == 0 or steps == len(loader)):
+            if self.verbose and steps % 10 == 0:
                 rate = steps * samples_per_batch / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values['loss'].item():.4f}", samples_s=f"{rate:.0f}")
         means = {k: self.accelerator.reduce(v / max(steps, 1), reduction="mean")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,10 @@ class Wrapper:
         if plan.mode is LaunchMode.ACCELERATE:
             results = launch(job)
         elif plan.mode is LaunchMode.IN_PLACE:
+            if plan.world_size != self.p_config.world_size:
+                warnings.warn(f"ddpw runs in place, in the existing launch's world of "
+                              f"{plan.world_size} processes; PlatformConfig asks for "
+                              f"{self.p_config.world_size}.", stacklevel=2)
             results = gather_object([run(job)])
         else:
             results = [run(job)]

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 from jobs import BlobTrainer, Net, artefacts, job
@@ -150,3 +155,34 @@ def test_evaluate_step_must_return_per_sample_values(tmp_path):
 
     with pytest.raises(TypeError, match=r"'loss' of shape \(\).*one value per sample"):
         Wrapper(CPU1, artefacts()).start(Averaging(job(tmp_path, mode=JobMode.EVALUATE)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_caller_ends_every_process_of_the_job(tmp_path, sig):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        from pathlib import Path
+        from ddpw import Platform, PlatformConfig, Wrapper, world
+
+        def wait():
+            Path(f"ready-{world().global_rank}").write_text(str(os.getpid()))
+            time.sleep(120)
+
+        Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=2)).start(wait)
+    """))
+    caller = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, text=True,
+                              stderr=subprocess.PIPE)
+    ready = [tmp_path / f"ready-{rank}" for rank in (0, 1)]
+    deadline = time.monotonic() + 60
+    while not all(p.is_file() and p.read_text() for p in ready):
+        assert time.monotonic() < deadline and caller.poll() is None, "the job did not start"
+        time.sleep(0.2)
+    workers = [int(p.read_text()) for p in ready]
+    caller.send_signal(sig)
+    _, err = caller.communicate(timeout=40)
+    assert caller.returncode != 0
+    expected = "KeyboardInterrupt" if sig == signal.SIGINT else "stopped by SIGTERM"
+    assert expected in err
+    for pid in workers:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"

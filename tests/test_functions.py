@@ -69,7 +69,26 @@ def test_functions_defined_in_main_travel_by_value(tmp_path):
     assert "['hello from 0', 'hello from 1']" in out.stdout
 
 
-def test_two_jobs_at_once_never_collide_on_a_port(no_leftover_processes):
+def test_two_jobs_at_once_never_collide_on_a_port(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch
+        from ddpw import Platform, PlatformConfig, Wrapper, world
+
+        def total(i):
+            return float(world().accelerator.reduce(torch.tensor(float(i)), reduction="sum"))
+
+        print(Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=2)).start(total, 3))
+    """))
+    jobs = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    for process in jobs:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        assert "[6.0, 6.0]" in out
+
+
+def test_threads_of_one_process_launch_one_after_the_other():
     results: dict[int, object] = {}
 
     def start(i: int) -> None:
