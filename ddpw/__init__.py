@@ -6,7 +6,7 @@ The seed's API lives in its own modules (``ddpw.platform``, ``ddpw.artefacts``, 
 """
 
 from .artefacts import ArtefactsConfig
-from .errors import ConfigError, WorkerError
+from .errors import ConfigError, JobPaused, WorkerError
 from .job import JobConfig, JobMode
 from .platform import Platform, PlatformConfig
 from .trainer import Trainer
@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "JobConfig",
     "JobMode",
+    "JobPaused",
     "Platform",
     "PlatformConfig",
     "Trainer",

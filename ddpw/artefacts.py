@@ -83,14 +83,16 @@ class ArtefactsConfig:
         for name in ("model_has_batch_norm", "pin_memory", "drop_last", "shuffle"):
             check_type(owner, name, getattr(self, name), bool, "True or False")
         check_type(owner, "dataloader_kwargs", self.dataloader_kwargs, dict, "a dict")
-        clashes = sorted({"batch_size", "shuffle", "collate_fn", "num_workers", "pin_memory",
-                          "drop_last", "sampler", "batch_sampler"} & set(self.dataloader_kwargs))
+        owned = {"batch_size", "shuffle", "collate_fn", "num_workers", "pin_memory", "drop_last",
+                 "sampler", "batch_sampler", "generator"}
+        clashes = sorted(owned & set(self.dataloader_kwargs))
         if clashes:
             fail(owner, "dataloader_kwargs", clashes,
-                 "no keys that ArtefactsConfig has fields for (set those fields instead) and no "
-                 "sampler: Accelerate shards the data itself")
+                 "no keys that ArtefactsConfig has fields for (set those fields instead), no "
+                 "sampler (Accelerate shards the data itself) and no generator (ddpw seeds it)")
 
-    def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def make_loader(self, dataset: Dataset, train: bool,
+                    generator: torch.Generator | None = None) -> DataLoader:
         """A :class:`~torch.utils.data.DataLoader` for ``dataset``, before Accelerate shards it.
 
         Only the training loader shuffles and drops the last batch (when asked).
@@ -99,4 +101,4 @@ class ArtefactsConfig:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=self.collate_fn, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, drop_last=train and self.drop_last,
-                          **self.dataloader_kwargs)
+                          generator=generator, **self.dataloader_kwargs)

@@ -1,28 +1,42 @@
 """Checkpoints as safetensors and JSON: nothing in them is ever unpickled.
 
-A checkpoint is a folder ``{checkpoint_path}/{prefix}_{epoch}`` holding:
+A checkpoint is a folder under ``JobConfig.checkpoint_path``, named ``{prefix}_{k}`` for the state
+after ``k`` complete epochs, or ``{prefix}_{k}_batch{b}`` for a pause ``b`` batches into epoch
+``k + 1``. It holds:
 
-- ``model.safetensors``: the unwrapped model's weights (no ``module.`` prefix; tied weights once);
-- ``optimiser.json`` / ``optimiser.safetensors``: the optimiser's hyper-parameters and structure,
-  and its state tensors; likewise ``scheduler.*`` and ``scaler.*`` when there is one;
-- ``rng-{rank}.json`` / ``rng-{rank}.safetensors``: each rank's Python, NumPy and torch RNG states;
-- ``state.json``: epoch, step and the metrics of the last epoch;
-- ``manifest.json``, written last: format version, world size, platform and every file's size.
+- ``model.safetensors``: the unwrapped model's weights (no ``module.`` prefix); tied weights are
+  stored once and their other names listed in the file's metadata;
+- ``optimiser.json`` + ``optimiser.safetensors``: the optimiser's hyper-parameters and structure,
+  and its state tensors; likewise ``scheduler.*`` and, with fp16, ``scaler.*``;
+- ``rank-{r}.json`` + ``rank-{r}.safetensors``: rank ``r``'s Python, NumPy, torch and CUDA RNG
+  states and its share of the running epoch's metrics;
+- ``state.json``: the data position (epochs done, batches into the next epoch, optimiser steps,
+  batch size, world size, data seed) and the last epoch's metrics;
+- ``manifest.json``, written last: format and version, world size, platform, mixed precision and
+  every file's size and SHA-256.
 
-A folder is written under a temporary name and renamed into place only once complete, so a crash
-while saving leaves the previous checkpoints as they were and no folder that looks valid but is not.
+A checkpoint is written into a hidden folder (``.{name}.partial``) and renamed into place once
+complete and flushed to disk; the marker file ``{prefix}_latest`` moves after it. A crash, a kill
+or a full disk at any moment leaves the earlier checkpoints as they were and no folder that looks
+complete. Loading checks every file against the manifest before reading it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 
@@ -31,96 +45,88 @@ from .errors import ConfigError
 FORMAT = "ddpw-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
+LATEST = "latest"
+
+#: Environment variable for the crash tests only: ``FILE:ACTION`` makes the process that has just
+#: written ``FILE`` into a checkpoint die (``kill``) or fail as if the disk were full (``full``).
+TEST_FAULT = "DDPW_TEST_CHECKPOINT_FAULT"
 
 
-def path_of(checkpoint_path: str | Path, prefix: str, epoch: int) -> Path:
-    """The folder of the checkpoint for ``epoch``."""
-    return Path(checkpoint_path) / f"{prefix}_{epoch}"
+# --- names and positions -------------------------------------------------------------------------
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where a checkpoint stands: ``epochs`` complete, then ``batches`` into the next epoch."""
+
+    epochs: int
+    batches: int = 0
+
+    def name(self, prefix: str) -> str:
+        """The checkpoint folder's name."""
+        return f"{prefix}_{self.epochs}" + (f"_batch{self.batches}" if self.batches else "")
+
+    @classmethod
+    def parse(cls, name: str, prefix: str) -> Position | None:
+        """The position in a folder name, or ``None`` if it is not a checkpoint of ``prefix``."""
+        match = re.fullmatch(re.escape(prefix) + r"_(\d+)(?:_batch(\d+))?", name)
+        return cls(int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
-def available(checkpoint_path: str | Path, prefix: str) -> list[int]:
-    """Epochs that have a complete checkpoint (a manifest), in increasing order."""
+def available(checkpoint_path: str | Path, prefix: str) -> list[str]:
+    """Names of the complete checkpoints (those with a manifest), oldest position first."""
     root = Path(checkpoint_path)
     if not root.is_dir():
         return []
-    epochs = []
-    for entry in root.iterdir():
-        name, _, number = entry.name.rpartition("_")
-        if name == prefix and number.isdigit() and (entry / MANIFEST).is_file():
-            epochs.append(int(number))
-    return sorted(epochs)
+    found = [(position, entry.name) for entry in root.iterdir()
+             if (position := Position.parse(entry.name, prefix)) is not None
+             and (entry / MANIFEST).is_file()]
+    return [name for _, name in sorted(found)]
 
 
-def require(checkpoint_path: str | Path, prefix: str, epoch: int) -> Path:
-    """The folder of checkpoint ``epoch``, after checking that it is complete.
+def latest(checkpoint_path: str | Path, prefix: str) -> str | None:
+    """The most recently written complete checkpoint, or ``None``.
 
-    :raises ConfigError: naming the folder and listing the checkpoints that do exist.
+    The marker file ``{prefix}_latest`` names it; if the marker is missing or names a checkpoint
+    that is gone, the furthest position on disk is taken.
     """
-    folder = path_of(checkpoint_path, prefix, epoch)
-    if not (folder / MANIFEST).is_file():
-        found = available(checkpoint_path, prefix)
-        listed = ", ".join(str(e) for e in found) if found else "none"
-        raise ConfigError(f"JobConfig.start_at={epoch}: no checkpoint {folder} (a folder with a "
-                          f"{MANIFEST}). Checkpoints in {checkpoint_path} with prefix "
-                          f"'{prefix}': {listed}.")
-    manifest = read_manifest(folder)
-    for name, entry in manifest["files"].items():
-        size = (folder / name).stat().st_size if (folder / name).is_file() else None
-        if size != entry["bytes"]:
-            raise ConfigError(f"checkpoint {folder} is damaged: {name} has "
-                              f"{'no file' if size is None else f'{size} bytes'}, the manifest "
-                              f"says {entry['bytes']} bytes. Use another checkpoint.")
-    return folder
+    marker = Path(checkpoint_path) / f"{prefix}_{LATEST}"
+    names = available(checkpoint_path, prefix)
+    if marker.is_file():
+        named = marker.read_text().strip()
+        if named in names:
+            return named
+    return names[-1] if names else None
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a checkpoint folder, after checking its format and version."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(f"{folder / MANIFEST} is not a ddpw checkpoint manifest.")
-    if manifest.get("version", 0) > VERSION:
-        raise ConfigError(f"checkpoint {folder} has format version {manifest['version']}, newer "
-                          f"than this ddpw reads ({VERSION}): upgrade ddpw to load it.")
-    return manifest
+def resolve(checkpoint_path: str | Path, prefix: str, start_at: int | str) -> str | None:
+    """The checkpoint that ``start_at`` asks for: a name, or ``None`` to start from scratch.
 
-
-def check_fits(folder: Path, model: torch.nn.Module) -> None:
-    """Check, from the file header alone, that the checkpoint's weights fit ``model``.
-
-    Tied weights are stored once, under one of their names; any name of a tied group counts.
-
-    :raises ConfigError: listing missing, unexpected and mis-shaped tensors.
+    :raises ConfigError: when it asks for a checkpoint that does not exist, listing those that do.
     """
-    with safetensors.safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    groups: dict[tuple[int, int], list[str]] = {}
-    expected = model.state_dict(keep_vars=True)
-    for key, tensor in expected.items():
-        groups.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset()),
-                          []).append(key)
-    missing = [names[0] for names in groups.values() if not any(n in shapes for n in names)]
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k} is {shapes[k]} in the checkpoint, {tuple(expected[k].shape)} in the model"
-             for k in shapes
-             if k in expected and tuple(expected[k].shape) != shapes[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                     ("wrong shape", wrong)) if keys]
-        raise ConfigError(f"checkpoint {folder} does not fit the model "
-                          f"({type(model).__name__}): " + "; ".join(parts) + ".")
+    if start_at == LATEST:
+        return latest(checkpoint_path, prefix)
+    if isinstance(start_at, int) and start_at <= 0:
+        return None
+    name = Position(start_at).name(prefix) if isinstance(start_at, int) else start_at
+    names = available(checkpoint_path, prefix)
+    if name not in names:
+        listed = ", ".join(names) if names else "none"
+        raise ConfigError(f"JobConfig.start_at={start_at!r}: no checkpoint "
+                          f"{Path(checkpoint_path) / name} (a folder with a {MANIFEST}). "
+                          f"Checkpoints in {checkpoint_path} with prefix '{prefix}': {listed}.")
+    return name
 
 
-# Nested state (optimiser, scheduler, RNG) is split into JSON for the structure and numbers, and
-# a flat dict of tensors for safetensors. Tuples and non-string keys are tagged so that they come
-# back as they were.
+# --- nested state as JSON plus tensors -----------------------------------------------------------
+# Optimiser, scheduler and RNG states are nested containers. Their tensors go to safetensors and
+# the rest to JSON; tuples and non-string keys are tagged so that they come back as they were.
 
 def split(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     """Replace every tensor in ``obj`` by a reference and put it in ``tensors``."""
     if isinstance(obj, torch.Tensor):
         # The count makes the name unique even where two paths read alike ("a.b" and "a"/"b").
         key = f"{len(tensors)}:{path}"
-        tensors[key] = obj.detach().to("cpu").contiguous()
+        tensors[key] = obj.detach()
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
@@ -155,25 +161,257 @@ def join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def write_part(folder: Path, name: str, obj: Any) -> None:
-    """Write ``obj`` as ``{name}.json`` and, if it holds tensors, ``{name}.safetensors``."""
+# --- writing -------------------------------------------------------------------------------------
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` as a safetensors file, streaming; return the file's SHA-256.
+
+    Unlike ``safetensors.torch.save_file``, the file is written tensor by tensor from the
+    tensors' own memory, with no copy of the whole file in memory, and hashed while it is written.
+    """
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in cpu.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"cannot store tensor '{name}' of dtype {t.dtype} in a checkpoint")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    pieces = [len(encoded).to_bytes(8, "little"), encoded]
+    pieces += [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in cpu.values()
+               if t.numel()]
+    return _write_hashed(path, pieces)
+
+
+def _write_hashed(path: Path, pieces: Iterable[bytes | memoryview]) -> str:
+    hasher = hashlib.sha256()
+    # Writing and hashing both release the GIL: each piece is hashed while the next is written.
+    with ThreadPoolExecutor(1) as pool, open(path, "wb") as f:
+        pending = None
+        for piece in pieces:
+            f.write(piece)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(hasher.update, piece)
+        if pending is not None:
+            pending.result()
+    _test_fault(path)
+    return hasher.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> str:
+    """Write ``obj`` as JSON; return the file's SHA-256."""
+    return _write_hashed(path, [json.dumps(obj).encode()])
+
+
+def write_part(folder: Path, name: str, obj: Any) -> dict[str, str]:
+    """Write ``obj`` as ``{name}.json`` and, if it holds tensors, ``{name}.safetensors``.
+
+    :returns: the SHA-256 of each file written, by file name.
+    """
     tensors: dict[str, torch.Tensor] = {}
     structure = split(obj, tensors)
+    digests = {}
     if tensors:
-        safetensors.torch.save_file(tensors, str(folder / f"{name}.safetensors"))
-    _write_text(folder / f"{name}.json", json.dumps(structure))
+        digests[f"{name}.safetensors"] = write_tensors(folder / f"{name}.safetensors", tensors)
+    digests[f"{name}.json"] = write_json(folder / f"{name}.json", structure)
+    return digests
+
+
+def write_model(folder: Path, model: torch.nn.Module) -> dict[str, str]:
+    """Write ``model``'s weights as ``model.safetensors``, each tied tensor once.
+
+    :returns: the file's SHA-256, by file name.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, tensor in model.state_dict().items():
+        identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                    tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if identity in seen:
+            aliases[key] = seen[identity]
+        else:
+            seen[identity] = key
+            tensors[key] = tensor
+    metadata = {"ddpw_aliases": json.dumps(aliases)} if aliases else None
+    return {"model.safetensors": write_tensors(folder / "model.safetensors", tensors, metadata)}
+
+
+def staging_path(folder: Path) -> Path:
+    """Where ``folder`` is written before it is renamed into place."""
+    return folder.with_name(f".{folder.name}.partial")
+
+
+def publish(staging: Path, folder: Path, digests: dict[str, str],
+            manifest: dict[str, Any]) -> None:
+    """Write the manifest into ``staging``, flush it all to disk and rename it to ``folder``.
+
+    Files whose digest is not in ``digests`` (written by other ranks) are hashed here. A folder
+    already at ``folder`` (the same position, from an earlier run) is moved aside first and
+    deleted once the new one is in place. Then the ``latest`` marker names the new checkpoint.
+    """
+    files = sorted(p.name for p in staging.iterdir() if p.is_file())
+    missing = [name for name in files if name not in digests]
+    with ThreadPoolExecutor() as pool:
+        hashed = pool.map(lambda n: _sha256(staging / n), missing)
+        digests = {**digests, **dict(zip(missing, hashed, strict=True))}
+        list(pool.map(lambda n: _fsync(staging / n), files))
+    entries = {name: {"bytes": (staging / name).stat().st_size, "sha256": digests[name]}
+               for name in files}
+    write_json(staging / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest,
+                                    "files": entries})
+    _fsync(staging / MANIFEST)
+    _fsync(staging)
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    _fsync(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    prefix = manifest["prefix"]
+    marker = folder.parent / f".{prefix}_{LATEST}.partial"
+    marker.write_text(folder.name + "\n")
+    _fsync(marker)
+    os.replace(marker, folder.parent / f"{prefix}_{LATEST}")
+    _fsync(folder.parent)
+
+
+def prune(checkpoint_path: str | Path, prefix: str, keep_last: int, protect: str | None) -> None:
+    """Delete all but the ``keep_last`` furthest checkpoints, never ``protect``."""
+    names = available(checkpoint_path, prefix)
+    for name in names[:-keep_last]:
+        if name != protect:
+            shutil.rmtree(Path(checkpoint_path) / name, ignore_errors=True)
+
+
+def _test_fault(path: Path) -> None:
+    fault = os.environ.get(TEST_FAULT)
+    if fault and fault.rsplit(":", 1)[0] == path.name:
+        if fault.endswith(":kill"):
+            os.kill(os.getpid(), 9)
+        raise OSError(28, "No space left on device (injected by " + TEST_FAULT + ")", str(path))
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint folder, after checking its format and version."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"checkpoint {folder}: cannot read {MANIFEST} ({error}); the "
+                          f"checkpoint is damaged: use another one.") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a ddpw checkpoint manifest.")
+    if manifest.get("version", 0) > VERSION:
+        raise ConfigError(f"checkpoint {folder} has format version {manifest['version']}, newer "
+                          f"than this ddpw reads ({VERSION}): upgrade ddpw to load it.")
+    return manifest
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest; return the manifest.
+
+    :raises ConfigError: naming the first file that is missing, truncated or altered.
+    """
+    manifest = read_manifest(folder)
+    files = manifest["files"]
+    for name, entry in files.items():
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["bytes"]:
+            found = "missing" if size is None else f"{size} bytes"
+            raise ConfigError(f"checkpoint {folder} is damaged: {name} is {found}, the manifest "
+                              f"says {entry['bytes']} bytes. Use another checkpoint.")
+    with ThreadPoolExecutor() as pool:
+        actual = dict(zip(files, pool.map(lambda n: _sha256(folder / n), files), strict=True))
+    for name, entry in files.items():
+        if actual[name] != entry["sha256"]:
+            raise ConfigError(f"checkpoint {folder} is damaged: the SHA-256 of {name} differs "
+                              f"from the manifest's (the file was altered or corrupted). Use "
+                              f"another checkpoint.")
+    return manifest
 
 
 def read_part(folder: Path, name: str, device: torch.device | str = "cpu") -> Any:
     """Read what :func:`write_part` wrote."""
     tensor_file = folder / f"{name}.safetensors"
-    tensors = (safetensors.torch.load_file(str(tensor_file), device=str(device))
+    tensors = (safetensors.torch.load_file(str(tensor_file), device=_device(device))
                if tensor_file.is_file() else {})
     return join(json.loads((folder / f"{name}.json").read_text()), tensors)
 
 
+def read_model(folder: Path, model: torch.nn.Module, device: torch.device | str) -> None:
+    """Load ``model.safetensors`` into ``model``.
+
+    :raises ConfigError: when the weights do not fit the model, naming the keys.
+    """
+    path = folder / "model.safetensors"
+    state = safetensors.torch.load_file(str(path), device=_device(device))
+    for alias, key in _aliases(path).items():
+        state[alias] = state[key]
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        check_fits(folder, model)  # names the keys
+        raise ConfigError(f"checkpoint {folder} does not fit the model: missing "
+                          f"{result.missing_keys}, unexpected {result.unexpected_keys}.")
+
+
+def check_fits(folder: Path, model: torch.nn.Module) -> None:
+    """Check, from the file header alone, that the checkpoint's weights fit ``model``.
+
+    :raises ConfigError: listing missing, unexpected and mis-shaped tensors.
+    """
+    path = folder / "model.safetensors"
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for alias, key in _aliases(path).items():
+        shapes[alias] = shapes[key]
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k} is {shapes[k]} in the checkpoint, {expected[k]} in the model"
+             for k in shapes if k in expected and expected[k] != shapes[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                     ("wrong shape", wrong)) if keys]
+        raise ConfigError(f"checkpoint {folder} does not fit the model "
+                          f"({type(model).__name__}): " + "; ".join(parts) + ".")
+
+
+def _aliases(path: Path) -> dict[str, str]:
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return json.loads(metadata.get("ddpw_aliases", "{}"))
+
+
+def _device(device: torch.device | str) -> str:
+    # safetensors takes "cpu" or "cuda:0", not "cpu:0" (which accelerate can report on CPU).
+    device = torch.device(device)
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+# --- RNG states ----------------------------------------------------------------------------------
+
 def rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch and (where present) CUDA RNG states."""
+    """This process's Python, NumPy, torch and (where used) CUDA RNG states."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -183,44 +421,21 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
+    random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def staging_path(folder: Path) -> Path:
-    """Where ``folder`` is written before it is renamed into place."""
-    return folder.with_name(f".{folder.name}.partial")
+# --- files ---------------------------------------------------------------------------------------
 
-
-def publish(staging: Path, folder: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest into ``staging``, flush it all to disk and rename it to ``folder``.
-
-    A folder already at ``folder`` (a checkpoint of the same epoch from an earlier run) is moved
-    aside first and deleted only after the new one is in place.
-    """
-    files = sorted(p.name for p in staging.iterdir() if p.is_file())
-    manifest = {**manifest, "format": FORMAT, "version": VERSION,
-                "files": {name: {"bytes": (staging / name).stat().st_size} for name in files}}
-    _write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
-    for name in files:
-        _fsync(staging / name)
-    _fsync(staging)
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    _fsync(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -29,3 +29,30 @@ class WorkerError(RuntimeError):
         self.rank = rank
         self.status = status
         self.details = details
+
+
+#: Exit status of a process whose training job paused (``EX_TEMPFAIL``: try again later).
+PAUSED_EXIT_STATUS = 75
+
+
+class JobPaused(SystemExit):
+    """A training job stopped at a step boundary, on a signal or on request, and saved a checkpoint.
+
+    A subclass of :class:`SystemExit`: left uncaught, it ends the script quietly with exit status
+    :data:`PAUSED_EXIT_STATUS` (75), which tells a scheduler that the job can be started again.
+    Restart it with ``JobConfig(start_at="latest")`` (or the checkpoint's name) to go on exactly
+    where it stopped.
+
+    :param checkpoint: the folder of the checkpoint written at the pause.
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__(PAUSED_EXIT_STATUS)
+        self.checkpoint = checkpoint
+
+    def __str__(self) -> str:
+        return f"the job paused and saved {self.checkpoint}; resume with start_at='latest'"
+
+
+class PeerFailed(RuntimeError):
+    """Raised on the ranks that stop because another rank failed (which reports the cause)."""

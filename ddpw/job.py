@@ -6,10 +6,13 @@ so resuming from it trains epochs ``k + 1`` to ``epochs``.
 
 from __future__ import annotations
 
+import re
+import signal
 from dataclasses import dataclass
 from enum import Enum
 
 from ._checks import check_int, check_type, fail
+from .checkpoint import Position
 
 
 class JobMode(Enum):
@@ -23,6 +26,10 @@ class JobMode(Enum):
     EVALUATE = 2
 
 
+#: Signals that pause a training job by default.
+PAUSE_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR2")
+
+
 @dataclass
 class JobConfig:
     """How far to train, when to save and where files go. Every field is checked when made.
@@ -30,11 +37,17 @@ class JobConfig:
     :param job_type: a :class:`JobMode`.
     :param start_at: the checkpoint to start from. ``0`` starts fresh; ``k > 0`` restores the
         checkpoint of epoch ``k`` and trains epochs ``k + 1`` to ``epochs`` (``TRAIN``, ``RESUME``)
-        or evaluates it (``EVALUATE``); a negative value restores nothing, for jobs with no model
-        state to restore.
+        or evaluates it (``EVALUATE``); ``"latest"`` restores the most recent checkpoint, paused
+        mid-epoch or not, and starts fresh when there is none (``EVALUATE`` then fails); a
+        checkpoint's folder name (``"ckpt_3_batch40"``) restores that one; a negative value
+        restores nothing, for jobs with no model state to restore.
     :param epochs: the epoch at which training stops (not the number of epochs still to run).
     :param save_every: ``s > 0`` saves a checkpoint after epochs ``s``, ``2s``, ... and after the
-        last epoch; ``0`` saves nothing.
+        last epoch; ``0`` saves nothing (a pause still saves its checkpoint).
+    :param keep_last: keep only the ``k`` most recent checkpoints (``0`` keeps all); the one the
+        job started from is never deleted.
+    :param pause_signals: signals that pause training: every rank stops at the same step
+        boundary, a checkpoint is written and :class:`~ddpw.errors.JobPaused` ends the job.
     :param checkpoint_path: folder holding the checkpoints.
     :param checkpoint_name_prefix: checkpoint ``k`` is the folder ``{prefix}_{k}``.
     :param console_logs_path: folder for the processes' console logs (SLURM jobs).
@@ -43,9 +56,11 @@ class JobConfig:
     """
 
     job_type: JobMode = JobMode.TRAIN
-    start_at: int = 0
+    start_at: int | str = 0
     epochs: int = 25
     save_every: int = 5
+    keep_last: int = 0
+    pause_signals: tuple[str, ...] = PAUSE_SIGNALS
     checkpoint_path: str = "./checkpoint"
     checkpoint_name_prefix: str = "ckpt"
     console_logs_path: str = "./logs/console_logs"
@@ -57,34 +72,42 @@ class JobConfig:
         if not isinstance(self.job_type, JobMode):
             names = ", ".join(f"JobMode.{m}" for m in JobMode.__members__)
             fail(owner, "job_type", self.job_type, f"one of {names}")
-        check_int(owner, "start_at", self.start_at, -(2**62))
-        check_int(owner, "epochs", self.epochs, 0)
-        check_int(owner, "save_every", self.save_every, 0)
         for name in ("checkpoint_path", "checkpoint_name_prefix", "console_logs_path",
                      "training_logs_path"):
             check_type(owner, name, getattr(self, name), str, "a string")
-        if not self.checkpoint_name_prefix or "/" in self.checkpoint_name_prefix:
+        if not re.fullmatch(r"[\w.-]+", self.checkpoint_name_prefix):
             fail(owner, "checkpoint_name_prefix", self.checkpoint_name_prefix,
-                 "a non-empty name without '/'")
+                 "a non-empty name of letters, digits, '_', '.' or '-'")
+        if isinstance(self.start_at, str):
+            prefix = self.checkpoint_name_prefix
+            if self.start_at != "latest" and Position.parse(self.start_at, prefix) is None:
+                fail(owner, "start_at", self.start_at, f"an epoch number, 'latest' or a "
+                     f"checkpoint name such as '{prefix}_3' or '{prefix}_3_batch40'")
+        else:
+            check_int(owner, "start_at", self.start_at, -(2**62))
+        check_int(owner, "epochs", self.epochs, 0)
+        check_int(owner, "save_every", self.save_every, 0)
+        check_int(owner, "keep_last", self.keep_last, 0)
         check_int(owner, "gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
-        if self.job_type is JobMode.RESUME and self.start_at <= 0:
+        self.pause_signals = tuple(self.pause_signals)
+        for name in self.pause_signals:
+            if not (isinstance(name, str) and name.startswith("SIG") and hasattr(signal, name)):
+                fail(owner, "pause_signals", self.pause_signals,
+                     "names of signals of this system, such as ('SIGINT', 'SIGTERM', 'SIGUSR2')")
+        if self.job_type is JobMode.RESUME and not self.restores:
             fail(owner, "start_at", self.start_at,
-                 "the epoch of the checkpoint to resume from (> 0) with JobMode.RESUME; "
-                 "use JobMode.TRAIN to start fresh")
-        if self.job_type is not JobMode.EVALUATE and self.epochs < self.start_at:
+                 "the checkpoint to resume from (an epoch > 0, 'latest' or a checkpoint name) "
+                 "with JobMode.RESUME; use JobMode.TRAIN to start fresh")
+        if (self.job_type is not JobMode.EVALUATE and isinstance(self.start_at, int)
+                and self.epochs < self.start_at):
             fail(owner, "epochs", self.epochs,
                  f"at least start_at={self.start_at}: epochs is the epoch at which training "
                  f"stops, not the number of epochs to add")
 
     @property
     def restores(self) -> bool:
-        """Whether the job starts by restoring checkpoint ``start_at``."""
-        return self.start_at > 0
-
-    @property
-    def first_epoch(self) -> int:
-        """The first epoch this job trains."""
-        return max(self.start_at, 0) + 1
+        """Whether the job starts by restoring a checkpoint (if one exists, for ``"latest"``)."""
+        return isinstance(self.start_at, str) or self.start_at > 0
 
     def saves_after(self, epoch: int) -> bool:
         """Whether a checkpoint is written after ``epoch``."""

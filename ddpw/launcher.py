@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 from accelerate.utils import patch_environment
 
-from .errors import ConfigError, WorkerError
+from .errors import ConfigError, JobPaused, WorkerError
 from .trainer import Trainer
 from .worker import Job
 
@@ -30,7 +30,8 @@ from .worker import Job
 _LAUNCH_LOCK = threading.Lock()
 
 #: The signals that torchrun's agent takes over while it runs (and that ddpw gives back after).
-_AGENT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+_AGENT_SIGNALS = tuple(getattr(signal, name) for name in
+                       ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
                        if hasattr(signal, name))
 
 
@@ -41,6 +42,7 @@ def launch(job: Job) -> list[Any]:
 
     :raises ConfigError: when the job cannot be pickled, naming the object at fault.
     :raises WorkerError: when a rank raises or dies, with its rank and traceback.
+    :raises JobPaused: when the training job paused and saved a checkpoint.
     :raises KeyboardInterrupt: on Ctrl-C, once every process of the job has ended.
     """
     plan = job.plan
@@ -52,19 +54,31 @@ def launch(job: Job) -> list[Any]:
         config_file = job_dir / "accelerate.json"
         config_file.write_text(json.dumps(plan.accelerate_config))
         args = plan.accelerate_args(str(config_file), ["--module", "ddpw.entry", str(job_dir)])
-        failure = _run(args, _worker_env(plan.env))
+        failure, stopped_by = _run(args, _launch_env(plan.env))
+        reports = _reports(job_dir, plan.world_size)
+        paused = {r["paused"] for r in reports.values() if r["paused"]}
+        if len(reports) == plan.world_size and len(paused) == 1:
+            raise JobPaused(paused.pop())
+        if stopped_by == signal.SIGINT:
+            raise KeyboardInterrupt
+        if stopped_by is not None:
+            raise WorkerError(f"the job was stopped by {stopped_by.name}; every process of it "
+                              f"has ended")
         results = [job_dir / f"result-{rank}.pkl" for rank in range(plan.world_size)]
         if failure is not None or not all(path.is_file() for path in results):
-            raise _explain(job_dir, failure, plan.world_size)
+            raise _explain(reports, failure, plan.world_size)
         return [cloudpickle.loads(path.read_bytes()) for path in results]
 
 
-def _worker_env(plan_env: dict[str, str]) -> dict[str, str]:
+def _launch_env(plan_env: dict[str, str]) -> dict[str, str]:
     # `python -m ddpw.entry` must find this very ddpw, installed or not; the caller's other
     # import paths follow in the job's meta.json.
     package_root = str(Path(__file__).resolve().parent.parent)
     paths = [package_root, *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**plan_env, "PYTHONPATH": os.pathsep.join(paths)}
+    # The agent passes the signals it handles on to every process (the pause signals included).
+    agent_signals = ",".join(sig.name for sig in _AGENT_SIGNALS)
+    return {**plan_env, "PYTHONPATH": os.pathsep.join(paths),
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": agent_signals}
 
 
 def ship(job: Job) -> bytes:
@@ -102,10 +116,15 @@ def _unpicklable_part(job: Job) -> str | None:
     return None
 
 
-def _run(args: list[str], env: dict[str, str]) -> tuple[int, int] | None:
-    """Run ``accelerate launch ARGS`` here; return ``(rank, exit status)`` of the first failure.
+def _run(args: list[str], env: dict[str, str]
+         ) -> tuple[tuple[int, int] | None, signal.Signals | None]:
+    """Run ``accelerate launch ARGS`` here.
 
-    torchrun's agent ends every process of the job when one fails, and on SIGTERM or Ctrl-C.
+    torchrun's agent ends every process of the job when one fails, and passes a signal that it
+    receives on to them.
+
+    :returns: ``(rank, exit status)`` of the first process that failed, and the signal that
+        stopped the job, each ``None`` when there was none.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -117,31 +136,36 @@ def _run(args: list[str], env: dict[str, str]) -> tuple[int, int] | None:
     try:
         with patch_environment(**env):
             launch_command(parsed)
-        return None
+        return None, None
     except ChildFailedError as error:
         rank, process_failure = error.get_first_failure()
-        return rank, process_failure.exitcode
+        return (rank, process_failure.exitcode), None
     except SignalException as error:
-        if error.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None
-        raise WorkerError(f"the job was stopped by {error.sigval.name}; every process of it "
-                          f"has ended") from None
+        return None, signal.Signals(error.sigval)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
 
-def _explain(job_dir: Path, failure: tuple[int, int] | None, world_size: int) -> WorkerError:
-    """The error that best explains a failed launch: the first rank that failed, and why."""
+def _reports(job_dir: Path, world_size: int) -> dict[int, dict[str, Any]]:
+    """The reports of the ranks that ended with an exception (or a pause), by rank."""
     reports = {}
     for rank in range(world_size):
         path = job_dir / f"error-{rank}.json"
         if path.is_file():
             reports[rank] = json.loads(path.read_text())
-    # torchrun's agent names the first process that failed; without it, the first report.
+    return reports
+
+
+def _explain(reports: dict[int, dict[str, Any]], failure: tuple[int, int] | None,
+             world_size: int) -> WorkerError:
+    """The error that best explains a failed launch: the first rank that failed, and why."""
+    # torchrun's agent names the first process that failed; but a rank that only stopped
+    # because another failed is no cause, and without the agent's word the first report is.
     rank, status = failure if failure is not None else (None, None)
-    if rank is None and reports:
-        rank = min(reports, key=lambda r: reports[r]["time"])
+    causes = [r for r in reports if not reports[r]["secondary"]]
+    if (rank is None or reports.get(rank, {}).get("secondary")) and causes:
+        rank = min(causes, key=lambda r: reports[r]["time"])
     if rank in reports:
         return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
                            details=reports[rank]["traceback"].rstrip())

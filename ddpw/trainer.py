@@ -15,20 +15,22 @@ with :meth:`ddpw.wrapper.Wrapper.start`::
                     "accuracy": (logits.argmax(1) == y).float()}
 
 The base class does the rest with an :class:`accelerate.Accelerator`: device placement, DDP,
-data sharding, gradient accumulation, mixed precision, checkpoints and exact metrics.
+data sharding, gradient accumulation, mixed precision, checkpoints, pausing and exact metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -37,7 +39,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .artefacts import ArtefactsConfig
-from .errors import ConfigError
+from .checkpoint import Position
+from .errors import ConfigError, JobPaused, PeerFailed
 from .job import JobConfig, JobMode
 from .platform import PlatformConfig
 
@@ -53,8 +56,9 @@ class Trainer:
     - ``model``, ``optimiser``, ``scheduler``: prepared by the accelerator (``scheduler`` and, when
       evaluating, ``optimiser`` may be ``None``);
     - ``train_loader``, ``validation_loader``, ``test_loader``: sharded across ranks (or ``None``);
-    - ``epoch`` (the epoch being trained, or the last one completed), ``global_step`` (optimiser
-      steps so far);
+    - ``epoch``: the epoch being trained (or, between epochs, the last one completed);
+      ``epochs_done``: epochs completed; ``batch``: batches done in the current epoch;
+      ``global_step``: optimiser steps so far;
     - ``global_rank``, ``local_rank``, ``world_size``, ``device``;
     - ``j_config``, ``p_config``, ``a_config``: the three configs.
 
@@ -75,8 +79,15 @@ class Trainer:
         self.validation_loader: DataLoader | None = None
         self.test_loader: DataLoader | None = None
         self.epoch = 0
+        self.epochs_done = 0
+        self.batch = 0
         self.global_step = 0
         self.metrics: dict[str, float] = {}
+        #: The checkpoint this job starts from, chosen by :meth:`check` before any process starts.
+        self.resume_from: str | None = None
+        self._sums: dict[str, torch.Tensor] = {}
+        self._sum_batches = 0
+        self._pause_requested = False
 
     # --- what a subclass writes ----------------------------------------------------------------
 
@@ -102,11 +113,12 @@ class Trainer:
     # --- checks made before any process starts ------------------------------------------------
 
     def check(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None) -> None:
-        """Check that the configs and the checkpoints on disk allow this job to run.
+        """Check that the configs and the checkpoints on disk allow this job to run, and choose
+        the checkpoint to start from (:attr:`resume_from`), verifying every file of it.
 
         Called by :class:`~ddpw.wrapper.Wrapper` before it starts any process.
 
-        :raises ConfigError: naming the field and what would be valid.
+        :raises ConfigError: naming the field or file and what would be valid.
         """
         j = self.j_config
         if a_config is None:
@@ -122,9 +134,38 @@ class Trainer:
                               f"needs a callable model -> torch.optim.Optimizer.")
         if not training and a_config.test_set is None:
             raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
-        if j.restores:
-            folder = checkpoint.require(j.checkpoint_path, j.checkpoint_name_prefix, j.start_at)
-            checkpoint.check_fits(folder, a_config.model)
+        self.resume_from = (checkpoint.resolve(j.checkpoint_path, j.checkpoint_name_prefix,
+                                               j.start_at) if j.restores else None)
+        if self.resume_from is None:
+            if not training and j.start_at == checkpoint.LATEST:
+                raise ConfigError(f"JobConfig.start_at='latest': there is no checkpoint with "
+                                  f"prefix '{j.checkpoint_name_prefix}' in {j.checkpoint_path} "
+                                  f"to evaluate.")
+            return
+        folder = Path(j.checkpoint_path) / self.resume_from
+        checkpoint.verify(folder)
+        checkpoint.check_fits(folder, a_config.model)
+        if training:
+            self._check_position(folder, p_config, a_config)
+
+    def _check_position(self, folder: Path, p_config: PlatformConfig,
+                        a_config: ArtefactsConfig) -> None:
+        state = json.loads((folder / "state.json").read_text())
+        position = Position(state["epochs_done"], state["batches"])
+        if position.epochs > self.j_config.epochs:
+            raise ConfigError(f"JobConfig.epochs={self.j_config.epochs} is before the checkpoint "
+                              f"{folder.name}, which has {position.epochs} epochs done: ask for "
+                              f"at least {position.epochs}.")
+        consumed = position.batches * state["batch_size"] * state["world_size"]
+        per_batch = a_config.batch_size * p_config.world_size
+        if consumed % per_batch:
+            raise ConfigError(
+                f"checkpoint {folder.name} paused after {consumed} samples of epoch "
+                f"{position.epochs + 1}, which is no whole number of this job's batches of "
+                f"{a_config.batch_size} x {p_config.world_size} processes: resume it with "
+                f"batch_size x world size dividing {consumed} (it was written with "
+                f"{state['batch_size']} x {state['world_size']}), or from an end-of-epoch "
+                f"checkpoint.")
 
     # --- set-up, run on every rank -------------------------------------------------------------
 
@@ -143,7 +184,7 @@ class Trainer:
 
     def setup(self, accelerator: Accelerator, p_config: PlatformConfig,
               a_config: ArtefactsConfig) -> None:
-        """Prepare the model, optimiser, scheduler and loaders and restore ``start_at``."""
+        """Prepare the model, optimiser, scheduler and loaders and restore :attr:`resume_from`."""
         self.accelerator, self.p_config, self.a_config = accelerator, p_config, a_config
         j = self.j_config
         set_seed(p_config.seed, device_specific=True)
@@ -163,10 +204,13 @@ class Trainer:
         for name in ("train", "validation", "test"):
             data = getattr(a_config, f"{name}_set")
             if data is not None:
-                loader = a_config.make_loader(data, train=name == "train")
+                # A generator of the loader's own: drawing its workers' seeds must not move the
+                # global RNG, or a run resumed mid-epoch would drift from an uninterrupted one.
+                generator = torch.Generator().manual_seed(p_config.seed)
+                loader = a_config.make_loader(data, train=name == "train", generator=generator)
                 setattr(self, f"{name}_loader", accelerator.prepare(loader))
-        if j.restores:
-            self.restore_checkpoint(j.start_at)
+        if self.resume_from is not None:
+            self.restore_checkpoint(self.resume_from)
 
     @property
     def global_rank(self) -> int:
@@ -199,43 +243,58 @@ class Trainer:
         """Train or evaluate as ``j_config.job_type`` says; return the metrics as plain floats."""
         j = self.j_config
         if self.verbose:
-            what = (f"evaluate {'checkpoint ' + str(j.start_at) if j.restores else 'the model'}"
-                    if j.job_type is JobMode.EVALUATE else
-                    f"train epochs {j.first_epoch}..{j.epochs}, save every {j.save_every} to "
-                    f"{j.checkpoint_path}")
+            source = f"checkpoint {self.resume_from}" if self.resume_from else "the model"
+            what = (f"evaluate {source}" if j.job_type is JobMode.EVALUATE else
+                    f"train from {source if self.resume_from else 'scratch'} to epoch "
+                    f"{j.epochs}, save every {j.save_every} to {j.checkpoint_path}")
             self.accelerator.print(f"[ddpw] {self.p_config.summary()}; {j.job_type.name}: {what}")
         if j.job_type is JobMode.EVALUATE:
             return self.evaluate()
         return self.train()
 
     def train(self) -> dict[str, float]:
-        """Train epochs ``first_epoch..epochs``, validating and saving as configured.
+        """Train up to epoch ``epochs``, validating and saving as configured.
+
+        A pause (a signal from ``j_config.pause_signals``, or :meth:`request_pause`) stops every
+        rank at the same step boundary, saves a checkpoint and raises
+        :class:`~ddpw.errors.JobPaused`.
 
         :returns: the last epoch's metrics: ``epoch``, the mean of each :meth:`train_step` value
-            across steps and ranks, and ``val_*`` metrics when there is a validation set.
+            across batches and ranks, and ``val_*`` metrics when there is a validation set.
         """
         j = self.j_config
-        for epoch in range(j.first_epoch, j.epochs + 1):
-            self.epoch = epoch
-            self.metrics = {"epoch": epoch, **self.train_epoch()}
-            if self.validation_loader is not None:
-                validation = self.evaluate(self.validation_loader)
-                self.metrics.update({f"val_{k}": v for k, v in validation.items()})
-            self.log_metrics(self.metrics)
-            if j.saves_after(epoch):
-                self.save_checkpoint()
+        with self._pause_on_signals():
+            while self.epochs_done < j.epochs:
+                self.epoch = self.epochs_done + 1
+                self.metrics = {"epoch": self.epoch, **self.train_epoch()}
+                self.epochs_done, self.batch = self.epoch, 0
+                if self.validation_loader is not None:
+                    validation = self.evaluate(self.validation_loader)
+                    self.metrics.update({f"val_{k}": v for k, v in validation.items()})
+                self.log_metrics(self.metrics)
+                if j.saves_after(self.epoch):
+                    self.save_checkpoint()
+                if self.epochs_done < j.epochs and self._pause_agreed():
+                    self._pause(saved=j.saves_after(self.epoch))
         return dict(self.metrics)
 
     def train_epoch(self) -> dict[str, float]:
-        """One pass over the training set; returns the mean of each step metric."""
+        """Train on the rest of epoch ``self.epoch``; return the mean of each step metric.
+
+        A run resumed mid-epoch skips the batches already done, without loading them.
+        """
         self.model.train()
+        self.train_loader.set_epoch(self.epoch)
         loader = self.train_loader
-        loader.set_epoch(self.epoch)
-        sums: dict[str, torch.Tensor] = {}
-        steps = 0
+        if self.batch:
+            loader = self.accelerator.skip_first_batches(loader, self.batch)
+        else:
+            self._sums, self._sum_batches = {}, 0
         samples_per_batch = self.a_config.batch_size * self.world_size
-        started = time.perf_counter()
-        bar = self._progress(loader, f"epoch {self.epoch}/{self.j_config.epochs}")
+        started, first = time.perf_counter(), self.batch
+        batches_in_epoch = first + len(loader)
+        bar = self._progress(loader, f"epoch {self.epoch}/{self.j_config.epochs}",
+                             initial=self.batch)
         for batch in bar:
             with self.accelerator.accumulate(self.model):
                 output = self.train_step(batch)
@@ -245,17 +304,22 @@ class Trainer:
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.optimiser.zero_grad()
-            if self.accelerator.sync_gradients:
-                self.global_step += 1
+            self.batch += 1
             for key, value in values.items():
                 value = value.detach().float()
-                sums[key] = sums[key] + value if key in sums else value
-            steps += 1
-            if self.verbose and steps % 10 == 0:
-                rate = steps * samples_per_batch / (time.perf_counter() - started)
+                self._sums[key] = self._sums[key] + value if key in self._sums else value
+            self._sum_batches += 1
+            if self.verbose and self.batch % 10 == 0:
+                rate = (self.batch - first) * samples_per_batch / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values['loss'].item():.4f}", samples_s=f"{rate:.0f}")
-        means = {k: self.accelerator.reduce(v / max(steps, 1), reduction="mean")
-                 for k, v in sums.items()}
+            if self.accelerator.sync_gradients:
+                self.global_step += 1
+                # Only here, after an optimiser step, is there no half-accumulated gradient to
+                # lose; the last batch of the epoch is left to the epoch boundary.
+                if self.batch < batches_in_epoch and self._pause_agreed():
+                    self._pause(saved=False)
+        means = {k: self.accelerator.reduce(v / max(self._sum_batches, 1), reduction="mean")
+                 for k, v in self._sums.items()}
         return {k: float(v) for k, v in means.items()}
 
     @torch.no_grad()
@@ -281,54 +345,125 @@ class Trainer:
             result[key] = math.fsum(flat) / len(flat)
         return result
 
+    # --- pausing --------------------------------------------------------------------------------
+
+    def request_pause(self) -> None:
+        """Ask the job to pause at the next step boundary, as a pause signal does.
+
+        Safe to call from a signal handler or another thread; any one rank asking is enough.
+        """
+        self._pause_requested = True
+
+    @contextlib.contextmanager
+    def _pause_on_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        def handler(signum: int, frame: Any) -> None:
+            # Only a flag: the work happens at the next step boundary, where all ranks agree.
+            self._pause_requested = True
+
+        previous = {}
+        for name in self.j_config.pause_signals:
+            sig = getattr(signal, name)
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _pause_agreed(self) -> bool:
+        """Whether any rank has been asked to pause: one all-reduce, so all ranks agree."""
+        flag = torch.tensor(float(self._pause_requested), device=self.device)
+        if self.world_size > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def _pause(self, saved: bool) -> None:
+        folder = (Path(self.j_config.checkpoint_path) /
+                  Position(self.epochs_done, self.batch).name(self.j_config.checkpoint_name_prefix))
+        if not saved:
+            folder = self.save_checkpoint()
+        if self.verbose:
+            self.accelerator.print(f"\n[ddpw] paused at epoch {self.epoch}, batch {self.batch}: "
+                                   f"saved {folder}")
+        raise JobPaused(str(folder))
+
     # --- checkpoints ----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current epoch; every rank must call it.
+        """Write a checkpoint of the current position; every rank must call it at the same point.
+
+        Between epochs it is the checkpoint of ``epochs_done``; within an epoch, of
+        ``epochs_done`` and ``batch`` batches (``{prefix}_{k}_batch{b}``).
 
         :returns: the checkpoint's folder.
         """
         acc, j = self.accelerator, self.j_config
-        folder = checkpoint.path_of(j.checkpoint_path, j.checkpoint_name_prefix, self.epoch)
+        folder = (Path(j.checkpoint_path) /
+                  Position(self.epochs_done, self.batch).name(j.checkpoint_name_prefix))
         staging = checkpoint.staging_path(folder)
         if acc.is_main_process:
-            if staging.exists():
-                shutil.rmtree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         acc.wait_for_everyone()
-        checkpoint.write_part(staging, f"rng-{self.global_rank}", checkpoint.rng_state())
+        digests, error = {}, None
+        try:
+            digests = self._write_checkpoint_files(staging)
+        except Exception as caught:
+            error = caught
+        # Agree on success before going on, so that a rank whose write failed (a full disk, say)
+        # does not leave the others waiting at the next collective.
+        failed = torch.tensor(float(error is not None), device=self.device)
+        if self.world_size > 1:
+            failed = acc.reduce(failed, reduction="sum")
+        if failed.item() > 0:
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            if error is not None:
+                raise error
+            raise PeerFailed(f"another rank failed to write checkpoint {folder}")
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            safetensors.torch.save_model(model, str(staging / "model.safetensors"))
-            if self.optimiser is not None:
-                checkpoint.write_part(staging, "optimiser", self.optimiser.state_dict())
-            if self.scheduler is not None:
-                checkpoint.write_part(staging, "scheduler", self.scheduler.state_dict())
-            if acc.scaler is not None:
-                checkpoint.write_part(staging, "scaler", acc.scaler.state_dict())
-            checkpoint.write_part(staging, "state", {"epoch": self.epoch, "step": 0,
-                                                     "global_step": self.global_step,
-                                                     "metrics": self.metrics})
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            checkpoint.publish(staging, folder, {
-                "epoch": self.epoch, "world_size": self.world_size,
+            checkpoint.publish(staging, folder, digests, {
+                "prefix": j.checkpoint_name_prefix, "epochs_done": self.epochs_done,
+                "batches": self.batch, "world_size": self.world_size,
                 "platform": self.p_config.platform.name,
                 "mixed_precision": self.p_config.mixed_precision})
+            if j.keep_last:
+                checkpoint.prune(j.checkpoint_path, j.checkpoint_name_prefix, j.keep_last,
+                                 protect=self.resume_from)
         acc.wait_for_everyone()
         return folder
 
-    def restore_checkpoint(self, epoch: int) -> None:
-        """Load the checkpoint of ``epoch`` into the model, optimiser, scheduler and RNGs."""
+    def _write_checkpoint_files(self, staging: Path) -> dict[str, str]:
+        acc = self.accelerator
+        rank_state = {"rng": checkpoint.rng_state(), "sums": self._sums,
+                      "sum_batches": self._sum_batches}
+        digests = checkpoint.write_part(staging, f"rank-{self.global_rank}", rank_state)
+        if acc.is_main_process:
+            digests |= checkpoint.write_model(staging, acc.unwrap_model(self.model))
+            if self.optimiser is not None:
+                digests |= checkpoint.write_part(staging, "optimiser", self.optimiser.state_dict())
+            if self.scheduler is not None:
+                digests |= checkpoint.write_part(staging, "scheduler", self.scheduler.state_dict())
+            if acc.scaler is not None:
+                digests |= checkpoint.write_part(staging, "scaler", acc.scaler.state_dict())
+            digests |= checkpoint.write_part(staging, "state", {
+                "epochs_done": self.epochs_done, "batches": self.batch,
+                "global_step": self.global_step, "batch_size": self.a_config.batch_size,
+                "world_size": self.world_size, "data_seed": self.p_config.seed,
+                "metrics": self.metrics})
+        return digests
+
+    def restore_checkpoint(self, name: str) -> None:
+        """Load checkpoint ``name`` into the model, optimiser, scheduler, RNGs and position.
+
+        Its files were verified against the manifest by :meth:`check` before the job started.
+        """
         acc, j = self.accelerator, self.j_config
-        folder = checkpoint.require(j.checkpoint_path, j.checkpoint_name_prefix, epoch)
-        manifest = checkpoint.read_manifest(folder)
-        missing, unexpected = safetensors.torch.load_model(
-            acc.unwrap_model(self.model), str(folder / "model.safetensors"), strict=False,
-            device="cpu" if self.device.type == "cpu" else str(self.device))
-        if missing or unexpected:
-            raise ConfigError(f"checkpoint {folder} does not fit the model: missing {missing}, "
-                              f"unexpected {unexpected}.")
+        folder = Path(j.checkpoint_path) / name
+        checkpoint.read_model(folder, acc.unwrap_model(self.model), self.device)
         if self.optimiser is not None and (folder / "optimiser.json").is_file():
             self.optimiser.load_state_dict(checkpoint.read_part(folder, "optimiser"))
         if self.scheduler is not None and (folder / "scheduler.json").is_file():
@@ -336,15 +471,22 @@ class Trainer:
         if acc.scaler is not None and (folder / "scaler.json").is_file():
             acc.scaler.load_state_dict(checkpoint.read_part(folder, "scaler"))
         state = checkpoint.read_part(folder, "state")
-        self.epoch, self.global_step = state["epoch"], state["global_step"]
-        self.metrics = state["metrics"]
-        rng = folder / f"rng-{self.global_rank}.json"
-        if manifest["world_size"] == self.world_size and rng.is_file():
-            checkpoint.set_rng_state(checkpoint.read_part(folder, f"rng-{self.global_rank}"))
+        self.epochs_done = self.epoch = state["epochs_done"]
+        self.global_step, self.metrics = state["global_step"], state["metrics"]
+        rank_file = f"rank-{self.global_rank}"
+        if state["world_size"] == self.world_size:
+            rank_state = checkpoint.read_part(folder, rank_file, self.device)
+            checkpoint.set_rng_state(rank_state["rng"])
+            self._sums, self._sum_batches = rank_state["sums"], rank_state["sum_batches"]
+            self.batch = state["batches"]
         else:
-            # Another world size: no saved stream belongs to this rank, so derive a fresh one
-            # that is still a function of the seed, the epoch and the rank.
-            set_seed(self.p_config.seed + 7919 * epoch, device_specific=True)
+            # Another world size: no saved RNG stream belongs to this rank, so derive one from
+            # the seed and the position; the same samples remain to be seen in the epoch.
+            consumed = state["batches"] * state["batch_size"] * state["world_size"]
+            self.batch = consumed // (self.a_config.batch_size * self.world_size)
+            set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
+                     device_specific=True)
+            self._sums, self._sum_batches = {}, 0
 
     # --- output ---------------------------------------------------------------------------------
 
@@ -361,9 +503,9 @@ class Trainer:
                               for k, v in metrics.items())
             self.accelerator.print(f"[ddpw] {shown}")
 
-    def _progress(self, loader: Iterable[Any], description: str) -> Any:
+    def _progress(self, loader: Iterable[Any], description: str, initial: int = 0) -> Any:
         return tqdm(loader, desc=description, disable=not self.verbose, leave=False,
-                    dynamic_ncols=True, unit="batch")
+                    dynamic_ncols=True, unit="batch", initial=initial)
 
 
 def _check_per_sample(output: Any, owner: str) -> None:

@@ -25,6 +25,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
 from .artefacts import ArtefactsConfig
+from .errors import JobPaused, PeerFailed
 from .plan import LaunchMode, LaunchPlan
 from .platform import PlatformConfig
 from .trainer import Trainer
@@ -96,8 +97,10 @@ def main(argv: list[str]) -> None:
         result = run(job)
         _write_atomically(job_dir / f"result-{rank}.pkl", cloudpickle.dumps(result))
         _leave_process_group()
-    except BaseException:
-        report = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc()}
+    except BaseException as error:
+        report = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc(),
+                  "paused": error.checkpoint if isinstance(error, JobPaused) else None,
+                  "secondary": isinstance(error, PeerFailed)}
         _write_atomically(job_dir / f"error-{rank}.json", json.dumps(report).encode())
         raise
 

@@ -49,6 +49,7 @@ class BlobTrainer(Trainer):
     def train_step(self, batch):
         x, y, index = batch
         self.__dict__.setdefault("seen", []).extend(index.tolist())
+        self.__dict__.setdefault("seen_order", []).extend(index.tolist())
         logits = self.model(x)
         return {"loss": F.cross_entropy(logits, y),
                 "accuracy": (logits.argmax(1) == y).float().mean()}
@@ -67,6 +68,7 @@ class InspectingTrainer(BlobTrainer):
         metrics = super().run()
         params = torch.cat([p.detach().flatten() for p in self.model.parameters()])
         return {**metrics, "params": gather_object([params.cpu()]),
+                "seen_order": self.__dict__.get("seen_order", []),
                 "seen": gather_object([sorted(self.__dict__.get("seen", []))]),
                 "distributed_type": str(self.accelerator.distributed_type)}
 
@@ -91,3 +93,33 @@ def job(path, mode: JobMode = JobMode.TRAIN, start_at: int = 0, epochs: int = 4,
     return JobConfig(job_type=mode, start_at=start_at, epochs=epochs, save_every=save_every,
                      checkpoint_path=str(path / "checkpoint"),
                      training_logs_path=str(path / "logs"), **overrides)
+
+
+class PausingTrainer(BlobTrainer):
+    """Asks for a pause on one rank only, in the middle of an epoch."""
+
+    def __init__(self, j_config: JobConfig, at: tuple[int, int], rank: int = 1) -> None:
+        super().__init__(j_config)
+        self.at, self.pausing_rank = at, rank
+
+    def train_step(self, batch):
+        if (self.epoch, self.batch) == self.at and self.global_rank == self.pausing_rank:
+            self.request_pause()
+        return super().train_step(batch)
+
+
+class SlowTrainer(BlobTrainer):
+    """Takes its time and tells, through a file, when it is in the middle of epoch 2."""
+
+    def train_step(self, batch):
+        import time
+        from pathlib import Path
+
+        time.sleep(0.05)
+        if self.epoch == 2 and self.batch == 3 and self.global_rank == 0:
+            Path(self.j_config.checkpoint_path).parent.joinpath("mid-epoch").touch()
+        return super().train_step(batch)
+
+
+def evaluate_job(path, start_at) -> JobConfig:
+    return job(path, mode=JobMode.EVALUATE, start_at=start_at)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ddpw import checkpoint as ckpt
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mnist" / "main.py"
 
 
@@ -18,7 +20,7 @@ def test_the_example_trains_resumes_and_evaluates_on_two_processes(tmp_path):
                           "--n-procs", "2", "--epochs", "4", "--save-every", "2", "--quiet"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["ckpt_2", "ckpt_4"]
+    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2", "ckpt_4"]
     evaluated = re.search(r"evaluate \(start_at=4, epochs=4\): loss [\d.]+, accuracy ([\d.]+)",
                           out.stdout)
     assert evaluated, out.stdout

@@ -32,13 +32,14 @@ def test_two_processes_form_one_world_that_syncs_and_shards(tmp_path, no_leftove
 def test_checkpoints_are_written_exactly_at_save_every(tmp_path):
     metrics = Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=5, save_every=2)))
     assert metrics["epoch"] == 5 and set(metrics) >= {"loss", "accuracy"}
-    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == [2, 4, 5]
+    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2", "ckpt_4", "ckpt_5"]
     names = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
-    assert names == ["ckpt_2", "ckpt_4", "ckpt_5"], "staging folders were left behind"
+    assert names == ["ckpt_2", "ckpt_4", "ckpt_5", "ckpt_latest"], "staging folders were left"
+    assert (tmp_path / "checkpoint" / "ckpt_latest").read_text() == "ckpt_5\n"
     folder = tmp_path / "checkpoint" / "ckpt_4"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["epoch"] == 4
-    assert {"model.safetensors", "optimiser.json", "rng-0.json", "rng-1.json",
+    assert manifest["world_size"] == 2 and manifest["epochs_done"] == 4
+    assert {"model.safetensors", "optimiser.json", "rank-0.json", "rank-1.json",
             "state.json"} <= set(manifest["files"])
     assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.bin"))
     lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()

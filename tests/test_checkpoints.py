@@ -1,0 +1,274 @@
+"""Checkpoints that never lie: exact mid-epoch resume, pauses, crashes, damage, portability."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from jobs import BlobTrainer, InspectingTrainer, PausingTrainer, artefacts, job, step_lr
+
+from ddpw import ConfigError, JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
+from ddpw import checkpoint as ckpt
+from ddpw.errors import PAUSED_EXIT_STATUS
+
+CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
+CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+TESTS = Path(__file__).resolve().parent
+EXACT = {"scheduler_loader": step_lr}  # with shuffling and dropout, always on in these tests
+ACCUMULATE = {"gradient_accumulation_steps": 2}
+
+
+def final_files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes()
+            for name in ("model.safetensors", "optimiser.safetensors", "scheduler.json")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Four epochs on 2 processes without a stop: the reference for every resume below."""
+    path = tmp_path_factory.mktemp("uninterrupted")
+    metrics = Wrapper(CPU2, artefacts(**EXACT)).start(
+        BlobTrainer(job(path, epochs=4, save_every=4, **ACCUMULATE)))
+    return metrics, final_files(path / "checkpoint" / "ckpt_4")
+
+
+def test_a_pause_asked_by_one_rank_stops_all_at_the_same_step_and_resumes_bitwise(
+        tmp_path, uninterrupted):
+    # Rank 1 alone asks during batch 5 of epoch 2; with 2 batches per optimiser step the ranks
+    # stop together after batch 6, the next step boundary.
+    with pytest.raises(JobPaused) as paused:
+        Wrapper(CPU2, artefacts(**EXACT)).start(
+            PausingTrainer(job(tmp_path, epochs=4, save_every=4, **ACCUMULATE), at=(2, 5)))
+    assert paused.value.code == PAUSED_EXIT_STATUS
+    assert Path(paused.value.checkpoint).name == "ckpt_1_batch6"
+    assert ckpt.latest(tmp_path / "checkpoint", "ckpt") == "ckpt_1_batch6"
+    resumed = Wrapper(CPU2, artefacts(**EXACT)).start(
+        BlobTrainer(job(tmp_path, mode=JobMode.RESUME, start_at="latest", epochs=4,
+                        save_every=4, **ACCUMULATE)))
+    reference_metrics, reference_files = uninterrupted
+    assert resumed == reference_metrics
+    assert final_files(tmp_path / "checkpoint" / "ckpt_4") == reference_files
+
+
+def test_sigterm_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_exact(
+        tmp_path, uninterrupted):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from pathlib import Path
+        from jobs import SlowTrainer, artefacts, job, step_lr
+        from ddpw import Platform, PlatformConfig, Wrapper
+
+        start_at = sys.argv[1] if sys.argv[1] == "latest" else int(sys.argv[1])
+        p = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+        j = job(Path("."), start_at=start_at, epochs=4, save_every=4,
+                gradient_accumulation_steps=2)
+        print(Wrapper(p, artefacts(scheduler_loader=step_lr)).start(SlowTrainer(j)))
+    """))
+    caller = subprocess.Popen([sys.executable, str(script), "0"], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "mid-epoch").exists():
+        assert caller.poll() is None and time.monotonic() < deadline, caller.communicate()
+        time.sleep(0.05)
+    caller.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    caller.send_signal(signal.SIGTERM)  # a second signal must not spoil the checkpoint
+    _, err = caller.communicate(timeout=120)
+    assert caller.returncode == PAUSED_EXIT_STATUS, err
+    paused_at = ckpt.latest(tmp_path / "checkpoint", "ckpt")
+    assert paused_at is not None and paused_at.startswith("ckpt_1_batch"), paused_at
+    ckpt.verify(tmp_path / "checkpoint" / paused_at)
+    resumed = subprocess.run([sys.executable, str(script), "latest"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_files(tmp_path / "checkpoint" / "ckpt_4") == uninterrupted[1]
+
+
+def test_a_kill_while_writing_leaves_the_previous_checkpoint_and_no_new_one(
+        tmp_path, monkeypatch, uninterrupted):
+    Wrapper(CPU2, artefacts(**EXACT)).start(
+        BlobTrainer(job(tmp_path, epochs=2, save_every=2, **ACCUMULATE)))
+    monkeypatch.setenv(ckpt.TEST_FAULT, "model.safetensors:kill")
+    with pytest.raises(WorkerError, match=r"rank 0 of 2 died \(killed by SIGKILL\)"):
+        Wrapper(CPU2, artefacts(**EXACT)).start(
+            BlobTrainer(job(tmp_path, start_at=2, epochs=4, save_every=4, **ACCUMULATE)))
+    monkeypatch.delenv(ckpt.TEST_FAULT)
+    root = tmp_path / "checkpoint"
+    assert ckpt.available(root, "ckpt") == ["ckpt_2"]
+    assert ckpt.latest(root, "ckpt") == "ckpt_2"
+    assert (root / ".ckpt_4.partial" / "model.safetensors").is_file()  # the torn write
+    assert not (root / ".ckpt_4.partial" / "manifest.json").exists()
+    ckpt.verify(root / "ckpt_2")
+    Wrapper(CPU2, artefacts(**EXACT)).start(
+        BlobTrainer(job(tmp_path, start_at="latest", epochs=4, save_every=4, **ACCUMULATE)))
+    assert final_files(root / "ckpt_4") == uninterrupted[1]
+    assert not (root / ".ckpt_4.partial").exists()
+
+
+def test_a_full_disk_on_one_rank_fails_every_rank_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch):
+    Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1, save_every=1)))
+    monkeypatch.setenv(ckpt.TEST_FAULT, "rank-1.json:full")
+    with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
+        Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, start_at=1, epochs=2)))
+    assert "No space left on device" in caught.value.details
+    root = tmp_path / "checkpoint"
+    assert ckpt.available(root, "ckpt") == ["ckpt_1"] and ckpt.latest(root, "ckpt") == "ckpt_1"
+    assert not (root / ".ckpt_2.partial").exists(), "the failed write was not cleaned up"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1, save_every=1)))
+    return tmp_path / "checkpoint" / "ckpt_1"
+
+
+def evaluate(path: Path, start_at=1):
+    return Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(path, mode=JobMode.EVALUATE, start_at=start_at)))
+
+
+def test_a_flipped_byte_is_reported_naming_the_file(saved):
+    data = bytearray((saved / "optimiser.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (saved / "optimiser.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"damaged: the SHA-256 of optimiser\.safetensors"):
+        evaluate(saved.parent.parent)
+
+
+def test_a_truncated_file_is_reported_naming_the_file(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ConfigError, match=r"damaged: model\.safetensors is \d+ bytes, the "
+                                          r"manifest says \d+ bytes"):
+        evaluate(saved.parent.parent)
+
+
+def test_a_missing_file_is_reported(saved):
+    (saved / "rank-0.json").unlink()
+    with pytest.raises(ConfigError, match=r"damaged: rank-0\.json is missing"):
+        evaluate(saved.parent.parent)
+
+
+def test_a_checkpoint_from_a_newer_ddpw_is_refused(saved):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["version"] = ckpt.VERSION + 1
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"format version 2, newer than this ddpw reads.*"
+                                          r"upgrade ddpw"):
+        evaluate(saved.parent.parent)
+
+
+def test_a_file_that_would_unpickle_is_never_unpickled(saved, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    # An attacker who controls the files controls the manifest too: make it consistent.
+    (saved / "model.safetensors").write_bytes(pickle.dumps(Exploit()))
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = {
+        "bytes": (saved / "model.safetensors").stat().st_size,
+        "sha256": ckpt._sha256(saved / "model.safetensors")}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(Exception) as caught:
+        evaluate(saved.parent.parent)
+    assert not isinstance(caught.value, AssertionError)
+    assert not marker.exists()
+
+
+def test_loading_a_good_checkpoint_unpickles_nothing(tmp_path, monkeypatch):
+    Wrapper(CPU1, artefacts(**EXACT)).start(BlobTrainer(job(tmp_path, epochs=1, save_every=1)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    Wrapper(CPU1, artefacts(**EXACT)).start(
+        BlobTrainer(job(tmp_path, mode=JobMode.RESUME, start_at=1, epochs=2)))
+
+
+def test_a_two_process_pause_resumes_on_one_process_with_the_remaining_samples(tmp_path):
+    with pytest.raises(JobPaused):
+        Wrapper(CPU2, artefacts()).start(PausingTrainer(job(tmp_path, epochs=2), at=(2, 3)))
+    paused_at = ckpt.latest(tmp_path / "checkpoint", "ckpt")
+    assert paused_at == "ckpt_1_batch4"
+    # 4 batches of 8 on each of 2 ranks: 64 samples of epoch 2's order are done.
+    straight = Wrapper(CPU1, artefacts()).start(
+        InspectingTrainer(job(tmp_path / "straight", epochs=2, save_every=0)))
+    resumed = Wrapper(CPU1, artefacts()).start(
+        InspectingTrainer(job(tmp_path, start_at=paused_at, epochs=2, save_every=0)))
+    order = straight["seen_order"]
+    assert resumed["seen_order"] == order[len(order) // 2 + 64:]  # epoch 2, after 64 samples
+    with pytest.raises(ConfigError, match=r"paused after 64 samples of epoch 2.*no whole number"):
+        Wrapper(CPU1, artefacts(batch_size=48)).start(
+            BlobTrainer(job(tmp_path, start_at=paused_at, epochs=2)))
+
+
+def test_start_at_latest_starts_fresh_without_checkpoints_but_evaluate_needs_one(tmp_path):
+    metrics = Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(tmp_path, start_at="latest", epochs=1)))
+    assert metrics["epoch"] == 1
+    with pytest.raises(ConfigError, match=r"start_at='latest': there is no checkpoint"):
+        evaluate(tmp_path / "empty", start_at="latest")
+
+
+def test_keep_last_prunes_but_never_the_checkpoint_resumed_from(tmp_path):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=2, save_every=1)))
+    Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(tmp_path, start_at=1, epochs=4, save_every=1, keep_last=1)))
+    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1", "ckpt_4"]
+
+
+def test_tied_weights_are_stored_once_and_come_back_tied(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encode = torch.nn.Linear(8, 8, bias=False)
+            self.decode = torch.nn.Linear(8, 8, bias=False)
+            self.decode.weight = self.encode.weight
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.decode(torch.relu(self.encode(x))))
+
+    Wrapper(CPU1, artefacts(model=Tied())).start(BlobTrainer(job(tmp_path, epochs=1)))
+    folder = tmp_path / "checkpoint" / "ckpt_1"
+    stored = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    assert len([k for k in stored if k.endswith(".weight") and "head" not in k]) == 1
+    fresh = Tied()
+    ckpt.read_model(folder, fresh, "cpu")
+    assert fresh.decode.weight is fresh.encode.weight
+    assert torch.equal(fresh.encode.weight, stored.get("encode.weight",
+                                                       stored.get("decode.weight")))
+
+
+def test_optimiser_state_round_trips_with_its_types(tmp_path):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1)))
+    state = ckpt.read_part(tmp_path / "checkpoint" / "ckpt_1", "optimiser")
+    (group,) = state["param_groups"]
+    assert isinstance(group["betas"], tuple) and group["params"] == [0, 1, 2, 3]
+    assert set(state["state"]) == {0, 1, 2, 3}
+    assert state["state"][0]["exp_avg"].shape == (16, 8)
