@@ -32,6 +32,7 @@ import shutil
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,25 @@ def write_model(folder: Path, model: torch.nn.Module) -> dict[str, str]:
             tensors[key] = tensor
     metadata = {"ddpw_aliases": json.dumps(aliases)} if aliases else None
     return {"model.safetensors": write_tensors(folder / "model.safetensors", tensors, metadata)}
+
+
+def write_all(folder: Path, parts: dict[str, Any], model: torch.nn.Module | None = None
+              ) -> dict[str, str]:
+    """Write ``model`` (if given) and each of ``parts`` (:func:`write_part`) into ``folder``.
+
+    The files are written by concurrent threads: copying into the page cache and hashing both
+    release the GIL, so a large model and its optimiser state are saved side by side.
+
+    :returns: the SHA-256 of each file written, by file name.
+    """
+    jobs = [partial(write_part, folder, name, obj) for name, obj in parts.items()]
+    if model is not None:
+        jobs.append(partial(write_model, folder, model))
+    digests: dict[str, str] = {}
+    with ThreadPoolExecutor(min(4, len(jobs))) as pool:
+        for written in pool.map(lambda job: job(), jobs):
+            digests |= written
+    return digests
 
 
 def staging_path(folder: Path) -> Path:

@@ -438,23 +438,22 @@ class Trainer:
 
     def _write_checkpoint_files(self, staging: Path) -> dict[str, str]:
         acc = self.accelerator
-        rank_state = {"rng": checkpoint.rng_state(), "sums": self._sums,
-                      "sum_batches": self._sum_batches}
-        digests = checkpoint.write_part(staging, f"rank-{self.global_rank}", rank_state)
-        if acc.is_main_process:
-            digests |= checkpoint.write_model(staging, acc.unwrap_model(self.model))
-            if self.optimiser is not None:
-                digests |= checkpoint.write_part(staging, "optimiser", self.optimiser.state_dict())
-            if self.scheduler is not None:
-                digests |= checkpoint.write_part(staging, "scheduler", self.scheduler.state_dict())
-            if acc.scaler is not None:
-                digests |= checkpoint.write_part(staging, "scaler", acc.scaler.state_dict())
-            digests |= checkpoint.write_part(staging, "state", {
-                "epochs_done": self.epochs_done, "batches": self.batch,
-                "global_step": self.global_step, "batch_size": self.a_config.batch_size,
-                "world_size": self.world_size, "data_seed": self.p_config.seed,
-                "metrics": self.metrics})
-        return digests
+        parts: dict[str, Any] = {f"rank-{self.global_rank}": {
+            "rng": checkpoint.rng_state(), "sums": self._sums, "sum_batches": self._sum_batches}}
+        if not acc.is_main_process:
+            return checkpoint.write_all(staging, parts)
+        if self.optimiser is not None:
+            parts["optimiser"] = self.optimiser.state_dict()
+        if self.scheduler is not None:
+            parts["scheduler"] = self.scheduler.state_dict()
+        if acc.scaler is not None:
+            parts["scaler"] = acc.scaler.state_dict()
+        parts["state"] = {
+            "epochs_done": self.epochs_done, "batches": self.batch,
+            "global_step": self.global_step, "batch_size": self.a_config.batch_size,
+            "world_size": self.world_size, "data_seed": self.p_config.seed,
+            "metrics": self.metrics}
+        return checkpoint.write_all(staging, parts, model=acc.unwrap_model(self.model))
 
     def restore_checkpoint(self, name: str) -> None:
         """Load checkpoint ``name`` into the model, optimiser, scheduler, RNGs and position.
