@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ._checks import check_int, check_type, fail
 
-#: ``model -> optimiser``, called once on every rank after the model is on its device.
+#: ``model -> optimiser``, called once on every rank; Accelerate then moves the model (and so the
+#: optimiser's parameters) to the rank's device.
 OptimiserLoader = Callable[[torch.nn.Module], torch.optim.Optimizer]
 #: ``optimiser -> scheduler``, called once on every rank after the optimiser is built.
 SchedulerLoader = Callable[[torch.optim.Optimizer], Any]

@@ -430,22 +430,22 @@ def _device(device: torch.device | str) -> str:
 
 # --- RNG states ----------------------------------------------------------------------------------
 
-def rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch and (where used) CUDA RNG states."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's Python, NumPy and torch RNG states, and its CUDA device's if it has one."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 # --- files ---------------------------------------------------------------------------------------

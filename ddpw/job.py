@@ -83,8 +83,10 @@ class JobConfig:
             if self.start_at != "latest" and Position.parse(self.start_at, prefix) is None:
                 fail(owner, "start_at", self.start_at, f"an epoch number, 'latest' or a "
                      f"checkpoint name such as '{prefix}_3' or '{prefix}_3_batch40'")
-        else:
-            check_int(owner, "start_at", self.start_at, -(2**62))
+        elif not isinstance(self.start_at, int) or isinstance(self.start_at, bool):
+            fail(owner, "start_at", self.start_at,
+                 "an epoch number (0 starts fresh, < 0 restores nothing), 'latest' or a "
+                 "checkpoint name")
         check_int(owner, "epochs", self.epochs, 0)
         check_int(owner, "save_every", self.save_every, 0)
         check_int(owner, "keep_last", self.keep_last, 0)

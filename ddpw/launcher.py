@@ -54,7 +54,7 @@ def launch(job: Job) -> list[Any]:
         config_file = job_dir / "accelerate.json"
         config_file.write_text(json.dumps(plan.accelerate_config))
         args = plan.accelerate_args(str(config_file), ["--module", "ddpw.entry", str(job_dir)])
-        failure, stopped_by = _run(args, _launch_env(plan.env))
+        failures, stopped_by = _run(args, _launch_env(plan.env), plan.standalone)
         reports = _reports(job_dir, plan.world_size)
         paused = {r["paused"] for r in reports.values() if r["paused"]}
         if len(reports) == plan.world_size and len(paused) == 1:
@@ -65,20 +65,23 @@ def launch(job: Job) -> list[Any]:
             raise WorkerError(f"the job was stopped by {stopped_by.name}; every process of it "
                               f"has ended")
         results = [job_dir / f"result-{rank}.pkl" for rank in range(plan.world_size)]
-        if failure is not None or not all(path.is_file() for path in results):
-            raise _explain(reports, failure, plan.world_size)
+        if failures or not all(path.is_file() for path in results):
+            raise _explain(reports, failures, plan.world_size)
         return [cloudpickle.loads(path.read_bytes()) for path in results]
 
 
 def _launch_env(plan_env: dict[str, str]) -> dict[str, str]:
-    # `python -m ddpw.entry` must find this very ddpw, installed or not; the caller's other
-    # import paths follow in the job's meta.json.
-    package_root = str(Path(__file__).resolve().parent.parent)
-    paths = [package_root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(plan_env)
+    package_root = Path(__file__).resolve().parent.parent
+    if package_root.name not in ("site-packages", "dist-packages"):
+        # A source checkout that is not installed: `python -m ddpw.entry` must find it. (An
+        # installed ddpw is found anyway, and its site-packages must not come before the
+        # standard library.) The caller's other import paths follow in the job's meta.json.
+        paths = [str(package_root), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     # The agent passes the signals it handles on to every process (the pause signals included).
-    agent_signals = ",".join(sig.name for sig in _AGENT_SIGNALS)
-    return {**plan_env, "PYTHONPATH": os.pathsep.join(paths),
-            "TORCHELASTIC_SIGNALS_TO_HANDLE": agent_signals}
+    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(sig.name for sig in _AGENT_SIGNALS)
+    return env
 
 
 def ship(job: Job) -> bytes:
@@ -116,32 +119,34 @@ def _unpicklable_part(job: Job) -> str | None:
     return None
 
 
-def _run(args: list[str], env: dict[str, str]
-         ) -> tuple[tuple[int, int] | None, signal.Signals | None]:
+def _run(args: list[str], env: dict[str, str], standalone: bool
+         ) -> tuple[dict[int, tuple[int, float]], signal.Signals | None]:
     """Run ``accelerate launch ARGS`` here.
 
     torchrun's agent ends every process of the job when one fails, and passes a signal that it
     receives on to them.
 
-    :returns: ``(rank, exit status)`` of the first process that failed, and the signal that
-        stopped the job, each ``None`` when there was none.
+    :returns: ``{rank: (exit status, time)}`` of the processes that failed, and the signal that
+        stopped the job (or ``None``).
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     parsed = launch_command_parser().parse_args(args)
+    # accelerate's own fallback when a port is busy, taken from the start: the agent binds a free
+    # port for the rendezvous itself, so there is no window in which another job can take it.
+    parsed.standalone = standalone
     main_thread = threading.current_thread() is threading.main_thread()
     handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS} if main_thread else {}
     try:
         with patch_environment(**env):
             launch_command(parsed)
-        return None, None
+        return {}, None
     except ChildFailedError as error:
-        rank, process_failure = error.get_first_failure()
-        return (rank, process_failure.exitcode), None
+        return {rank: (f.exitcode, f.timestamp) for rank, f in error.failures.items()}, None
     except SignalException as error:
-        return None, signal.Signals(error.sigval)
+        return {}, signal.Signals(error.sigval)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -157,26 +162,33 @@ def _reports(job_dir: Path, world_size: int) -> dict[int, dict[str, Any]]:
     return reports
 
 
-def _explain(reports: dict[int, dict[str, Any]], failure: tuple[int, int] | None,
+def _explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, float]],
              world_size: int) -> WorkerError:
-    """The error that best explains a failed launch: the first rank that failed, and why."""
-    # torchrun's agent names the first process that failed; but a rank that only stopped
-    # because another failed is no cause, and without the agent's word the first report is.
-    rank, status = failure if failure is not None else (None, None)
-    causes = [r for r in reports if not reports[r]["secondary"]]
-    if (rank is None or reports.get(rank, {}).get("secondary")) and causes:
-        rank = min(causes, key=lambda r: reports[r]["time"])
-    if rank in reports:
-        return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
-                           details=reports[rank]["traceback"].rstrip())
-    if rank is not None:
+    """The error that best explains a failed launch: the rank that failed first, and why.
+
+    A rank that died without a report (killed, or ``os._exit``) is the cause: its peers only
+    raise afterwards, having lost their connection to it, and torchrun's agent ends the rest with
+    SIGTERM. Otherwise the first report is, as a rank reports before its peers notice it is gone;
+    ranks that stopped only because a peer failed (:class:`~ddpw.errors.PeerFailed`) never are.
+    """
+    died = {rank: when for rank, (status, when) in failures.items()
+            if rank not in reports and status != -signal.SIGTERM}
+    if died:
+        rank = min(died, key=died.__getitem__)
+        status = failures[rank][0]
         return WorkerError(f"rank {rank} of {world_size} died ({_describe_status(status)}) "
                            f"without a Python exception", rank=rank, status=status)
-    return WorkerError("the ranks ended without reporting a result")
+    raised = {rank: report["time"] for rank, report in reports.items()
+              if not report["secondary"]}
+    if not raised:
+        return WorkerError("the ranks ended without reporting a result")
+    rank = min(raised, key=raised.__getitem__)
+    return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
+                       details=reports[rank]["traceback"].rstrip())
 
 
-def _describe_status(status: int | None) -> str:
-    if status is not None and status < 0:
+def _describe_status(status: int) -> str:
+    if status < 0:
         try:
             return f"killed by {signal.Signals(-status).name}"
         except ValueError:

@@ -67,15 +67,17 @@ class LaunchPlan:
     :param mode: how the job runs (:class:`LaunchMode`).
     :param platform: the platform the plan was made for.
     :param world_size: total number of processes.
-    :param procs_per_node: processes on each node.
     :param threads_per_process: compute threads for each process, or ``None`` to leave torch's
         default.
     :param accelerator_kwargs: keyword arguments for :class:`accelerate.Accelerator` on every rank.
     :param env: variables added to the workers' environment.
     :param launch_args: ``accelerate launch`` options (``--config_file`` and the entry point are
-        added by :meth:`command`).
-    :param accelerate_config: the Accelerate config file that ddpw writes for the launch, so that a
-        leftover ``accelerate config`` default on the machine cannot change it.
+        added by :meth:`accelerate_args`).
+    :param accelerate_config: the Accelerate config file that ddpw writes for the launch. It
+        holds the settings without a command-line flag (mixed precision, CPU), and it keeps a
+        leftover ``accelerate config`` default on the machine from changing the launch.
+    :param standalone: let torchrun's agent bind a free port for the rendezvous itself (its
+        ``--standalone`` mode), so that jobs started at the same time cannot race for a port.
     :param srun_env: the caller is one task of a multi-task ``srun`` step, and the process-group
         variables are derived from SLURM's before the job runs in place.
     """
@@ -83,12 +85,12 @@ class LaunchPlan:
     mode: LaunchMode
     platform: Platform
     world_size: int
-    procs_per_node: int
     threads_per_process: int | None
     accelerator_kwargs: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
     launch_args: tuple[str, ...] = ()
     accelerate_config: dict[str, Any] = field(default_factory=dict)
+    standalone: bool = False
     srun_env: bool = False
 
     def accelerate_args(self, config_file: str, entry: list[str]) -> list[str]:
@@ -118,7 +120,6 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
     if all(name in env for name in TORCHRUN_VARIABLES) or _in_multi_task_srun(env):
         return LaunchPlan(mode=LaunchMode.IN_PLACE, platform=config.platform,
                           world_size=int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))),
-                          procs_per_node=config.procs_per_node,
                           threads_per_process=config.cpus_per_task,
                           accelerator_kwargs=accelerator_kwargs,
                           srun_env="WORLD_SIZE" not in env)
@@ -129,7 +130,7 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         threads = max(1, facts.cpu_count // procs)
     if procs == 1:
         return LaunchPlan(mode=LaunchMode.IN_PROCESS, platform=config.platform, world_size=1,
-                          procs_per_node=1, threads_per_process=config.cpus_per_task,
+                          threads_per_process=config.cpus_per_task,
                           accelerator_kwargs=accelerator_kwargs)
 
     port = config.master_port if config.master_port is not None else 0
@@ -138,11 +139,11 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         # With the CPU flag, torchrun's path gives one gloo world (MULTI_CPU); accelerate's own
         # `--cpu` would start a single process.
         worker_env["ACCELERATE_USE_CPU"] = "1"
+    # No --mixed_precision flag: with it, accelerate's checks initialise CUDA in the caller
+    # (is_bf16_available), which the config file's setting does not.
     launch_args = (
         "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
-        "--machine_rank", "0", "--main_process_ip", config.master_addr,
-        "--main_process_port", str(port), "--mixed_precision", config.mixed_precision,
-        "--dynamo_backend", "no",
+        "--machine_rank", "0", "--main_process_port", str(port), "--dynamo_backend", "no",
     )
     # Only the fields without a default: every other setting comes from the flags above or from
     # Accelerate's own defaults, never from a config file left on the machine.
@@ -152,9 +153,10 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         "debug": False,
     }
     return LaunchPlan(mode=LaunchMode.ACCELERATE, platform=config.platform, world_size=procs,
-                      procs_per_node=procs, threads_per_process=threads,
-                      accelerator_kwargs=accelerator_kwargs, env=worker_env,
-                      launch_args=launch_args, accelerate_config=accelerate_config)
+                      threads_per_process=threads, accelerator_kwargs=accelerator_kwargs,
+                      env=worker_env, launch_args=launch_args,
+                      accelerate_config=accelerate_config,
+                      standalone=config.master_port is None)
 
 
 def _check_devices(config: PlatformConfig, facts: MachineFacts) -> None:

@@ -57,15 +57,17 @@ class PlatformConfig:
     :param n_procs: processes per node on CPUs (CPU, and SLURM with ``n_gpus=0``). Defaults to 1.
         On GPUs the number of processes is ``n_gpus``; a different ``n_procs`` is an error.
     :param cpus_per_task: CPU cores, and so compute threads, per process. ``None`` splits this
-        machine's cores evenly among the processes of a CPU job and leaves GPU jobs alone.
+        machine's cores evenly among the processes of a CPU job; GPU jobs of several processes
+        then get torchrun's default of one thread each.
     :param partition: SLURM partition.
     :param timeout_min: SLURM time limit in minutes.
     :param mem_gb: SLURM memory per node in GiB; ``None`` leaves the partition's default.
     :param seed: seeds Python, NumPy and torch on every rank (offset by the rank, so that dropout
         differs across ranks) and the data order (the same on every rank, so shards never overlap).
-    :param master_addr: address of the rank-0 machine for the process group.
-    :param master_port: its port. ``None`` (the default) picks a free port, so two jobs on one
-        machine never collide; a fixed number is used as given.
+    :param master_addr: address of the rank-0 machine, for jobs on several nodes; a job on one
+        machine always meets on this machine.
+    :param master_port: the port of the rendezvous. ``None`` (the default) lets it bind a free
+        port, so two jobs on one machine never collide; a fixed number is used as given.
     :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
     :param verbose: print ddpw's own summary and progress bars; ``False`` silences them (the job's
         own output is untouched).

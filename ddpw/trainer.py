@@ -95,7 +95,9 @@ class Trainer:
         """Compute the loss of one batch (already on the device).
 
         Return the loss, or a dict with ``"loss"`` and any other scalar metrics to average over
-        the epoch. The base class does the backward pass and the optimiser step.
+        the epoch. The base class does the backward pass and the optimiser step. With mixed
+        precision, the model's forward pass runs under autocast (what follows it, such as the
+        loss, in full precision), as Accelerate arranges.
         """
         raise NotImplementedError(f"{type(self).__name__} must define train_step(batch) to train.")
 
@@ -439,7 +441,8 @@ class Trainer:
     def _write_checkpoint_files(self, staging: Path) -> dict[str, str]:
         acc = self.accelerator
         parts: dict[str, Any] = {f"rank-{self.global_rank}": {
-            "rng": checkpoint.rng_state(), "sums": self._sums, "sum_batches": self._sum_batches}}
+            "rng": checkpoint.rng_state(self.device), "sums": self._sums,
+            "sum_batches": self._sum_batches}}
         if not acc.is_main_process:
             return checkpoint.write_all(staging, parts)
         if self.optimiser is not None:
@@ -474,9 +477,10 @@ class Trainer:
         self.global_step, self.metrics = state["global_step"], state["metrics"]
         rank_file = f"rank-{self.global_rank}"
         if state["world_size"] == self.world_size:
-            rank_state = checkpoint.read_part(folder, rank_file, self.device)
-            checkpoint.set_rng_state(rank_state["rng"])
-            self._sums, self._sum_batches = rank_state["sums"], rank_state["sum_batches"]
+            rank_state = checkpoint.read_part(folder, rank_file)  # RNG states live on the CPU
+            checkpoint.set_rng_state(rank_state["rng"], self.device)
+            self._sums = {k: v.to(self.device) for k, v in rank_state["sums"].items()}
+            self._sum_batches = rank_state["sum_batches"]
             self.batch = state["batches"]
         else:
             # Another world size: no saved RNG stream belongs to this rank, so derive one from

@@ -10,6 +10,8 @@ import atexit
 import json
 import os
 import pickle
+import random
+import signal
 import sys
 import time
 import traceback
@@ -54,12 +56,12 @@ def run(job: Job) -> Any:
     if plan.mode is LaunchMode.IN_PLACE:
         # The caller's launch owns the process group, so it stays up after the job; but a gloo
         # group still alive at interpreter shutdown can abort the process (seen with torch 2.13
-        # after object collectives), so leave it at exit.
+        # after object collectives), so leave it at exit. (Registering twice is harmless.)
+        atexit.unregister(_leave_process_group)
         atexit.register(_leave_process_group)
     if plan.srun_env:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        _export_srun_env()
+    threads = torch.get_num_threads()
     if plan.threads_per_process is not None:
         torch.set_num_threads(plan.threads_per_process)
     trainer = job.target if isinstance(job.target, Trainer) else None
@@ -78,16 +80,37 @@ def run(job: Job) -> Any:
             # process (another platform, precision or accumulation) must begin from scratch.
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
+            torch.set_num_threads(threads)
+
+
+def _export_srun_env() -> None:
+    """Set torch.distributed's variables for one task of a multi-task ``srun`` step from SLURM's.
+
+    The rendezvous port derives from the job id (as submitit's does), so every task agrees on it
+    without talking; ``MASTER_ADDR`` and ``MASTER_PORT`` already set are kept.
+    """
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    slurm = SlurmJobEnvironment()
+    port = random.Random(slurm.job_id).randint(20000, 60000)
+    os.environ.setdefault("MASTER_ADDR", slurm.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.update({"RANK": str(slurm.global_rank), "WORLD_SIZE": str(slurm.num_tasks),
+                       "LOCAL_RANK": str(slurm.local_rank),
+                       "LOCAL_WORLD_SIZE": str(slurm.num_tasks // slurm.num_nodes)})
 
 
 def main(argv: list[str]) -> None:
     """Entry point of a launched process: ``python -m ddpw.entry JOB_DIR``.
 
     Reads the job that the launcher wrote to ``JOB_DIR``, runs it and writes the result (or the
-    traceback) to ``JOB_DIR/result-{rank}.pkl`` (or ``error-{rank}.json``) for the launcher.
+    traceback) to ``JOB_DIR/result-{rank}.pkl`` (or ``error-{rank}.json``) for the launcher, then
+    ends the process: with status 0, :data:`~ddpw.errors.PAUSED_EXIT_STATUS` after a pause, or 1
+    after an exception.
     """
     job_dir = Path(argv[0])
     rank = int(os.environ.get("RANK", "0"))
+    _end_with_parent()
     try:
         meta = json.loads((job_dir / "meta.json").read_text())
         # The caller's import path, so that its modules (a script's folder) import here too.
@@ -97,12 +120,43 @@ def main(argv: list[str]) -> None:
         result = run(job)
         _write_atomically(job_dir / f"result-{rank}.pkl", cloudpickle.dumps(result))
         _leave_process_group()
+        status = 0
     except BaseException as error:
         report = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc(),
                   "paused": error.checkpoint if isinstance(error, JobPaused) else None,
                   "secondary": isinstance(error, PeerFailed)}
         _write_atomically(job_dir / f"error-{rank}.json", json.dumps(report).encode())
-        raise
+        if isinstance(error, SystemExit):
+            status = error.code if isinstance(error.code, int) else 1
+        else:
+            traceback.print_exc()
+            status = 130 if isinstance(error, KeyboardInterrupt) else 1
+    _exit(status)
+
+
+def _end_with_parent() -> None:
+    """Have the kernel send SIGTERM (a pause signal) to this process when its launcher dies.
+
+    Without it, workers whose caller was killed (kill -9, the OOM killer) would run on unseen.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit(status: int) -> None:
+    # Finalising the interpreter after gloo collectives intermittently aborts the process
+    # (std::terminate in a C++ destructor, torch 2.13), which would turn a finished rank into a
+    # failed one: run the atexit handlers, flush, and leave without finalising.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _leave_process_group() -> None:

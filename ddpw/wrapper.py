@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -9,8 +11,8 @@ from typing import Any
 from accelerate.utils import gather_object
 
 from .artefacts import ArtefactsConfig
-from .errors import ConfigError
-from .launcher import launch
+from .errors import ConfigError, WorkerError
+from .launcher import launch, ship
 from .plan import LaunchMode, MachineFacts, resolve_plan
 from .platform import PlatformConfig
 from .trainer import Trainer
@@ -74,5 +76,20 @@ class Wrapper:
                               f"{self.p_config.world_size}.", stacklevel=2)
             results = gather_object([run(job)])
         else:
-            results = [run(job)]
+            results = [_run_here(job)]
         return results[0] if isinstance(target, Trainer) else results
+
+
+def _run_here(job: Job) -> Any:
+    """Run a world of one in this process, as a launched process would run it.
+
+    The job runs on a copy, as it does in launched processes, so the caller's model and trainer
+    come out of a job untouched whatever the world size; and a failure is a
+    :class:`~ddpw.errors.WorkerError` here too.
+    """
+    copy = pickle.loads(ship(job))
+    try:
+        return run(copy)
+    except Exception as error:
+        raise WorkerError("rank 0 of 1 raised an exception", rank=0,
+                          details=traceback.format_exc().rstrip()) from error

@@ -19,6 +19,8 @@ from jobs import BlobTrainer, InspectingTrainer, PausingTrainer, artefacts, job,
 from ddpw import ConfigError, JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
 from ddpw import checkpoint as ckpt
 from ddpw.errors import PAUSED_EXIT_STATUS
+from ddpw.plan import MachineFacts, resolve_plan
+from ddpw.worker import Job, run
 
 CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
@@ -134,6 +136,14 @@ def saved(tmp_path):
     return tmp_path / "checkpoint" / "ckpt_1"
 
 
+def run_without_copy(trainer, a_config):
+    """Check and run a world-of-one job here, without the pickled copy that start() makes, so
+    that a patched pickle sees only what the checkpoint code does."""
+    trainer.check(CPU1, a_config)
+    plan = resolve_plan(CPU1, MachineFacts.probe())
+    return run(Job(target=trainer, p_config=CPU1, a_config=a_config, plan=plan))
+
+
 def evaluate(path: Path, start_at=1):
     return Wrapper(CPU1, artefacts()).start(
         BlobTrainer(job(path, mode=JobMode.EVALUATE, start_at=start_at)))
@@ -192,7 +202,8 @@ def test_a_file_that_would_unpickle_is_never_unpickled(saved, tmp_path, monkeypa
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     with pytest.raises(Exception) as caught:
-        evaluate(saved.parent.parent)
+        run_without_copy(BlobTrainer(job(saved.parent.parent, mode=JobMode.EVALUATE, start_at=1)),
+                         artefacts())
     assert not isinstance(caught.value, AssertionError)
     assert not marker.exists()
 
@@ -206,8 +217,10 @@ def test_loading_a_good_checkpoint_unpickles_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    Wrapper(CPU1, artefacts(**EXACT)).start(
-        BlobTrainer(job(tmp_path, mode=JobMode.RESUME, start_at=1, epochs=2)))
+    metrics = run_without_copy(
+        BlobTrainer(job(tmp_path, mode=JobMode.RESUME, start_at=1, epochs=2)),
+        artefacts(**EXACT))
+    assert metrics["epoch"] == 2
 
 
 def test_a_two_process_pause_resumes_on_one_process_with_the_remaining_samples(tmp_path):

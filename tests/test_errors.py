@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,8 +146,10 @@ def test_evaluate_step_must_return_per_sample_values(tmp_path):
         def evaluate_step(self, batch):
             return {"loss": super().evaluate_step(batch)["loss"].mean()}
 
-    with pytest.raises(TypeError, match=r"'loss' of shape \(\).*one value per sample"):
+    with pytest.raises(WorkerError, match="rank 0 of 1 raised") as caught:
         Wrapper(CPU1, artefacts()).start(Averaging(job(tmp_path, mode=JobMode.EVALUATE)))
+    assert isinstance(caught.value.__cause__, TypeError)
+    assert re.search(r"'loss' of shape \(\).*one value per sample", caught.value.details)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import threading
 import torch
 
 from ddpw import Platform, PlatformConfig, Wrapper, world
+from ddpw.plan import MachineFacts
 
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
 
@@ -32,12 +34,55 @@ def test_function_results_come_back_in_rank_order_after_a_real_all_reduce(no_lef
     assert all(r["sum"] == 2 * (10 + 11) for r in results)
 
 
-def test_threads_are_split_among_processes():
-    results = Wrapper(CPU2).start(rank_report, 0)
-    cores = len(os.sched_getaffinity(0))
-    assert [r["threads"] for r in results] == [max(1, cores // 2)] * 2
+def test_threads_are_split_among_processes(monkeypatch):
+    # Pretend to have 8 cores, so that the split differs from every default.
+    probe = MachineFacts.probe
+    monkeypatch.setattr(MachineFacts, "probe",
+                        classmethod(lambda cls: dataclasses.replace(probe(), cpu_count=8)))
+    assert [r["threads"] for r in Wrapper(CPU2).start(rank_report, 0)] == [4, 4]
     pinned = PlatformConfig(platform=Platform.CPU, n_procs=2, cpus_per_task=3, verbose=False)
     assert [r["threads"] for r in Wrapper(pinned).start(rank_report, 0)] == [3, 3]
+
+
+def test_a_world_of_one_leaves_the_callers_thread_count_alone():
+    before = torch.get_num_threads()
+    pinned = PlatformConfig(platform=Platform.CPU, cpus_per_task=before + 1, verbose=False)
+    assert [r["threads"] for r in Wrapper(pinned).start(rank_report, 0)] == [before + 1]
+    assert torch.get_num_threads() == before
+
+
+def test_inside_a_multi_task_srun_step_the_job_runs_in_place(tmp_path):
+    """Two processes with the variables that `srun -n 2` gives its tasks (no SLURM needed)."""
+    script = tmp_path / "task.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        from ddpw import Platform, PlatformConfig, Wrapper, world
+
+        def who():
+            w = world()
+            return (w.global_rank, w.world_size, os.getpid())
+
+        results = Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=2)).start(who)
+        with open(f"result-{os.environ['SLURM_PROCID']}.txt", "w") as f:
+            f.write(repr((os.getpid(), results)))
+    """))
+    job_id = str(10_000 + os.getpid() % 50_000)  # the rendezvous port derives from the job id
+    common = {"SLURM_JOB_ID": job_id, "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
+              "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+              "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NODELIST": "localhost",
+              "SLURM_NODELIST": "localhost"}
+    tasks = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, text=True,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, **common, "SLURM_PROCID": str(rank),
+                                   "SLURM_LOCALID": str(rank)})
+             for rank in (0, 1)]
+    for task in tasks:
+        _, err = task.communicate(timeout=120)
+        assert task.returncode == 0, err
+    for rank in (0, 1):
+        pid, results = ast.literal_eval((tmp_path / f"result-{rank}.txt").read_text())
+        assert [r[:2] for r in results] == [(0, 2), (1, 2)]
+        assert results[rank][2] == pid
 
 
 def test_a_world_of_one_runs_in_the_calling_process():

@@ -41,3 +41,21 @@ def test_two_gpus_form_one_nccl_world(tmp_path):
     result = Wrapper(p_config, artefacts()).start(InspectingTrainer(job(tmp_path, epochs=1)))
     assert result["distributed_type"] == "DistributedType.MULTI_GPU"
     assert torch.equal(result["params"][0], result["params"][1])
+
+
+def test_a_gpu_pause_resumes_bitwise(tmp_path):
+    from jobs import PausingTrainer
+
+    from ddpw import JobPaused
+
+    gpu = PlatformConfig(platform=Platform.GPU, n_gpus=1, verbose=False)
+    Wrapper(gpu, artefacts()).start(BlobTrainer(job(tmp_path / "straight", epochs=3,
+                                                    save_every=3)))
+    with pytest.raises(JobPaused):
+        Wrapper(gpu, artefacts()).start(PausingTrainer(job(tmp_path, epochs=3, save_every=3),
+                                                       at=(2, 4), rank=0))
+    Wrapper(gpu, artefacts()).start(BlobTrainer(job(tmp_path, start_at="latest", epochs=3,
+                                                    save_every=3)))
+    for name in ("model.safetensors", "optimiser.safetensors"):
+        straight = (tmp_path / "straight" / "checkpoint" / "ckpt_3" / name).read_bytes()
+        assert (tmp_path / "checkpoint" / "ckpt_3" / name).read_bytes() == straight

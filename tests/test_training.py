@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from jobs import BlobTrainer, InspectingTrainer, artefacts, job, step_lr
+from jobs import BlobTrainer, InspectingTrainer, Net, artefacts, job, step_lr
 
 from ddpw import JobMode, Platform, PlatformConfig, Wrapper
 from ddpw import checkpoint as ckpt
@@ -99,10 +99,31 @@ def test_validation_set_is_evaluated_after_every_epoch(tmp_path):
     assert {"val_loss", "val_accuracy"} <= set(metrics)
 
 
-def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
-    p_config = PlatformConfig(platform=Platform.CPU, mixed_precision="bf16", verbose=False)
-    metrics = Wrapper(p_config, artefacts()).start(BlobTrainer(job(tmp_path, epochs=2)))
+class AutocastNet(Net):
+    def forward(self, x):
+        assert torch.is_autocast_enabled("cpu") and \
+            torch.get_autocast_dtype("cpu") == torch.bfloat16, "bf16 autocast is off"
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("p_config", [
+    PlatformConfig(platform=Platform.CPU, mixed_precision="bf16", verbose=False),
+    PlatformConfig(platform=Platform.CPU, n_procs=2, mixed_precision="bf16", verbose=False),
+])
+def test_bf16_mixed_precision_runs_the_forward_pass_under_autocast(tmp_path, p_config):
+    a_config = artefacts(model=AutocastNet())
+    metrics = Wrapper(p_config, a_config).start(BlobTrainer(job(tmp_path, epochs=1)))
     assert metrics["loss"] == metrics["loss"]  # not NaN
+
+
+def test_one_artefacts_config_serves_several_jobs_unchanged(tmp_path):
+    a_config = artefacts()
+    before = {k: v.clone() for k, v in a_config.model.state_dict().items()}
+    first = Wrapper(CPU1, a_config).start(BlobTrainer(job(tmp_path / "a", epochs=2)))
+    second = Wrapper(CPU1, a_config).start(BlobTrainer(job(tmp_path / "b", epochs=2)))
+    assert first == second, "the second job started from the first one's trained model"
+    after = a_config.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_verbose_false_silences_ddpw(tmp_path, capfd):
