@@ -36,11 +36,16 @@ def variants(epochs: int) -> dict[str, tuple[list[str], dict[str, str]]]:
             "ddpw Wrapper.start": (ddpw, {})}
 
 
-def run_once(command: list[str], env: dict[str, str]) -> float:
+def run_once(command: list[str], env: dict[str, str]) -> float | None:
+    """Wall seconds of one run, or ``None`` if it failed (its output's end is printed)."""
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        subprocess.run(command, cwd=folder, env={**os.environ, **env}, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(command, cwd=folder, env={**os.environ, **env}, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done.returncode != 0:
+            print(f"FAILED ({done.returncode}): {' '.join(command[:4])} ...\n"
+                  + "\n".join(done.stderr.splitlines()[-8:]), file=sys.stderr)
+            return None
         return time.perf_counter() - started
 
 
@@ -54,18 +59,24 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in runs}
     for command, env in runs.values():
         run_once(command, env)  # warm-up: page cache, bytecode
+    failed = {name: 0 for name in runs}
     for _ in range(args.repeats):
         for name, (command, env) in runs.items():
-            times[name].append(run_once(command, env))
+            seconds = run_once(command, env)
+            if seconds is None:
+                failed[name] += 1
+            else:
+                times[name].append(seconds)
     baseline = statistics.median(times["accelerate launch (by hand)"])
     rows = []
-    print(f"{'variant':30} {'median s':>9} {'min':>7} {'max':>7} {'ratio':>6}")
+    print(f"{'variant':30} {'median s':>9} {'min':>7} {'max':>7} {'ratio':>6} {'failed':>7}")
     for name, values in times.items():
         median = statistics.median(values)
         rows.append({"variant": name, "median_s": median, "min_s": min(values),
-                     "max_s": max(values), "ratio": median / baseline, "runs": values})
+                     "max_s": max(values), "ratio": median / baseline, "runs": values,
+                     "failed": failed[name]})
         print(f"{name:30} {median:9.2f} {min(values):7.2f} {max(values):7.2f} "
-              f"{median / baseline:6.3f}")
+              f"{median / baseline:6.3f} {failed[name]:7d}")
     if args.json:
         args.json.write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=1))
 
