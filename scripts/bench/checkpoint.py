@@ -4,8 +4,8 @@
 
 A model of about ``--params`` million parameters (a stack of square linear layers) with its Adam
 state, in one process on the CPU. Each row saves to and loads from a fresh folder in the same
-file system; files are in the page cache (a second run of a save overwrites nothing). Loading
-includes putting the tensors back into the model and optimiser. ddpw's save includes hashing and
+file system, each run after an ``os.sync()``; loads read from the page cache. Loading includes
+putting the tensors back into the model and optimiser. ddpw's save includes hashing and
 fsync; its load includes checking every file's SHA-256 against the manifest.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -78,6 +79,7 @@ def measure(action: Callable[[], None], repeats: int, reset: Callable[[], None])
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         reset()
+        os.sync()  # start every run with no dirty pages waiting to be written back
         started = time.perf_counter()
         action()
         times.append(time.perf_counter() - started)
