@@ -1,17 +1,20 @@
 """Carry out a :class:`~ddpw.plan.LaunchPlan` of several processes with ``accelerate launch``.
 
-The job is pickled (with cloudpickle, so classes and functions from the caller's ``__main__``
-travel by value) into a private temporary folder. ``accelerate launch`` runs through its Python
-API in the calling process, which has already imported torch, and starts
-``python -m ddpw.entry FOLDER`` on every process; each rank writes its result or traceback back
-into the folder, and the results come back in rank order.
+``accelerate launch`` runs through its Python API in the calling process, which has already
+imported torch. :func:`run_accelerate` starts any entry point: ddpw's own, or a user's script
+for ``ddpw-launch``. For :func:`launch`, the job is pickled (with cloudpickle, so classes and
+functions from the caller's ``__main__`` travel by value) into a private temporary folder and
+``python -m ddpw.entry FOLDER`` runs on every process; each rank writes its result or
+traceback back into the folder, and the results come back in rank order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -20,25 +23,72 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import psutil
 from accelerate.utils import patch_environment
 
 from .errors import ConfigError, JobPaused, WorkerError
+from .plan import LaunchPlan
 from .trainer import Trainer
 from .worker import Job
 
 #: ``accelerate launch`` changes the process's environment while it runs: one launch at a time.
 _LAUNCH_LOCK = threading.Lock()
 
-#: The signals that torchrun's agent takes over while it runs (and that ddpw gives back after).
-_AGENT_SIGNALS = tuple(getattr(signal, name) for name in
-                       ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+#: Signals that ddpw passes on to every process of a job while it runs: the pause signals. The
+#: agent is told to leave them alone (it would stop monitoring the job at the first one, and a
+#: second one would interrupt its wait for the processes to end).
+_FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+                   if hasattr(signal, name))
+#: Signals that torchrun's agent handles itself, by ending the job.
+_AGENT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGHUP", "SIGQUIT")
                        if hasattr(signal, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a launch ended.
+
+    :param failures: ``{rank: (exit status, time)}`` of the processes that failed.
+    :param stopped_by: the signal that stopped the job, or ``None``.
+    """
+
+    failures: dict[int, tuple[int, float]]
+    stopped_by: signal.Signals | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Logs:
+    """Where every rank's output goes: ``{folder}/rank-{r}.stdout.log`` and ``.stderr.log``.
+
+    :param folder: the job's log folder.
+    :param all_ranks: show every rank's output on the console rather than the main rank's
+        alone; each line is prefixed with its rank.
+    """
+
+    folder: Path
+    all_ranks: bool = False
+
+
+def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None) -> Outcome:
+    """Start ``entry`` (a script and its arguments, or ``--module NAME ...``) on every process
+    of ``plan`` with ``accelerate launch``, in this process, and wait for them all.
+
+    torchrun's agent ends every process of the job when one fails, and passes a signal that it
+    receives on to them. Launches from several threads of one process run one after the other.
+    """
+    with tempfile.TemporaryDirectory(prefix="ddpw-launch-") as tmp, _LAUNCH_LOCK:
+        config_file = Path(tmp) / "accelerate.json"
+        config_file.write_text(json.dumps(plan.accelerate_config))
+        args = plan.accelerate_args(str(config_file), entry)
+        outcome = _run(args, _launch_env(plan.env), plan.standalone,
+                       Path(tmp) / "torchrun-logs" if logs else None, logs)
+        if logs is not None:
+            _collect_logs(Path(tmp) / "torchrun-logs", logs.folder)
+        return outcome
 
 
 def launch(job: Job) -> list[Any]:
     """Run ``job`` on ``job.plan.world_size`` processes; return their results in rank order.
-
-    Launches from several threads of one process run one after the other.
 
     :raises ConfigError: when the job cannot be pickled, naming the object at fault.
     :raises WorkerError: when a rank raises or dies, with its rank and traceback.
@@ -47,26 +97,24 @@ def launch(job: Job) -> list[Any]:
     """
     plan = job.plan
     payload = ship(job)
-    with tempfile.TemporaryDirectory(prefix="ddpw-job-") as tmp, _LAUNCH_LOCK:
+    with tempfile.TemporaryDirectory(prefix="ddpw-job-") as tmp:
         job_dir = Path(tmp)
         (job_dir / "job.pkl").write_bytes(payload)
         (job_dir / "meta.json").write_text(json.dumps({"sys_path": [p for p in sys.path if p]}))
-        config_file = job_dir / "accelerate.json"
-        config_file.write_text(json.dumps(plan.accelerate_config))
-        args = plan.accelerate_args(str(config_file), ["--module", "ddpw.entry", str(job_dir)])
-        failures, stopped_by = _run(args, _launch_env(plan.env), plan.standalone)
+        outcome = run_accelerate(plan, ["--module", "ddpw.entry", str(job_dir)])
         reports = _reports(job_dir, plan.world_size)
-        paused = {r["paused"] for r in reports.values() if r["paused"]}
-        if len(reports) == plan.world_size and len(paused) == 1:
-            raise JobPaused(paused.pop())
-        if stopped_by == signal.SIGINT:
+        # A rank pauses only once every rank has written its part of the checkpoint.
+        paused = [r["paused"] for r in reports.values() if r["paused"]]
+        if paused:
+            raise JobPaused(paused[0])
+        if outcome.stopped_by == signal.SIGINT:
             raise KeyboardInterrupt
-        if stopped_by is not None:
-            raise WorkerError(f"the job was stopped by {stopped_by.name}; every process of it "
-                              f"has ended")
+        if outcome.stopped_by is not None:
+            raise WorkerError(f"the job was stopped by {outcome.stopped_by.name}; every "
+                              f"process of it has ended")
         results = [job_dir / f"result-{rank}.pkl" for rank in range(plan.world_size)]
-        if failures or not all(path.is_file() for path in results):
-            raise _explain(reports, failures, plan.world_size)
+        if outcome.failures or not all(path.is_file() for path in results):
+            raise _explain(reports, outcome.failures, plan.world_size)
         return [cloudpickle.loads(path.read_bytes()) for path in results]
 
 
@@ -79,8 +127,6 @@ def _launch_env(plan_env: dict[str, str]) -> dict[str, str]:
         # standard library.) The caller's other import paths follow in the job's meta.json.
         paths = [str(package_root), *filter(None, [os.environ.get("PYTHONPATH")])]
         env["PYTHONPATH"] = os.pathsep.join(paths)
-    # The agent passes the signals it handles on to every process (the pause signals included).
-    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(sig.name for sig in _AGENT_SIGNALS)
     return env
 
 
@@ -119,16 +165,8 @@ def _unpicklable_part(job: Job) -> str | None:
     return None
 
 
-def _run(args: list[str], env: dict[str, str], standalone: bool
-         ) -> tuple[dict[int, tuple[int, float]], signal.Signals | None]:
-    """Run ``accelerate launch ARGS`` here.
-
-    torchrun's agent ends every process of the job when one fails, and passes a signal that it
-    receives on to them.
-
-    :returns: ``{rank: (exit status, time)}`` of the processes that failed, and the signal that
-        stopped the job (or ``None``).
-    """
+def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path | None,
+         logs: Logs | None) -> Outcome:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -137,19 +175,69 @@ def _run(args: list[str], env: dict[str, str], standalone: bool
     # accelerate's own fallback when a port is busy, taken from the start: the agent binds a free
     # port for the rendezvous itself, so there is no window in which another job can take it.
     parsed.standalone = standalone
-    main_thread = threading.current_thread() is threading.main_thread()
-    handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS} if main_thread else {}
+    parsed.signals_to_handle = ",".join(sig.name for sig in _AGENT_SIGNALS)
+    if logs is not None:
+        # torchrun's own options (accelerate's parser lacks the last two): every rank's output
+        # to files, and to the console for the main rank or, prefixed, for all.
+        parsed.log_dir, parsed.tee = str(log_dir), "3"
+        parsed.local_ranks_filter = "" if logs.all_ranks else "0"
+        env = {**env, "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]: "}
+    received: list[signal.Signals] = []
+    handlers = _forward_signals(received)
     try:
         with patch_environment(**env):
             launch_command(parsed)
-        return {}, None
+        failures = {}
     except ChildFailedError as error:
-        return {rank: (f.exitcode, f.timestamp) for rank, f in error.failures.items()}, None
+        failures = {rank: (f.exitcode, f.timestamp) for rank, f in error.failures.items()}
     except SignalException as error:
-        return {}, signal.Signals(error.sigval)
+        failures, received[:0] = {}, [signal.Signals(error.sigval)]
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    return Outcome(failures, received[0] if received else None)
+
+
+def _forward_signals(received: list[signal.Signals]) -> dict[signal.Signals, Any]:
+    """Until the handlers returned are restored, pass the :data:`_FORWARDED` signals on to the
+    processes that this process starts from now on (the job's), recording them in ``received``.
+
+    Signal handlers belong to the main thread: from another thread, nothing is forwarded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    me = psutil.Process()
+    earlier = {child.pid for child in me.children()}
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum))
+        for child in me.children():
+            if child.pid not in earlier:
+                with contextlib.suppress(psutil.Error):
+                    child.send_signal(signum)
+
+    handlers = {sig: signal.getsignal(sig) for sig in _FORWARDED + _AGENT_SIGNALS}
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    return handlers
+
+
+def _collect_logs(torchrun_dir: Path, folder: Path) -> None:
+    """Move torchrun's ``{run}/attempt_0/{local rank}/std*.log`` to ``folder/rank-{r}.std*.log``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for log in sorted(torchrun_dir.glob("*/attempt_*/*/std*.log")):
+        shutil.move(log, folder / f"rank-{log.parent.name}.{log.name}")
+
+
+def first_failure(failures: dict[int, tuple[int, float]]) -> tuple[int, int] | None:
+    """``(rank, exit status)`` of the process that failed first, not counting those that
+    torchrun's agent ended with SIGTERM because another had failed."""
+    causes = {rank: when for rank, (status, when) in failures.items()
+              if status != -signal.SIGTERM}
+    if not causes:
+        return None
+    rank = min(causes, key=causes.__getitem__)
+    return rank, failures[rank][0]
 
 
 def _reports(job_dir: Path, world_size: int) -> dict[int, dict[str, Any]]:

@@ -70,7 +70,8 @@ class LaunchPlan:
     :param threads_per_process: compute threads for each process, or ``None`` to leave torch's
         default.
     :param accelerator_kwargs: keyword arguments for :class:`accelerate.Accelerator` on every rank.
-    :param env: variables added to the workers' environment.
+    :param env: variables added to the environment of the processes that run the job (for a
+        world of one that ``ddpw-launch`` runs in its own process, the script's).
     :param launch_args: ``accelerate launch`` options (``--config_file`` and the entry point are
         added by :meth:`accelerate_args`).
     :param accelerate_config: the Accelerate config file that ddpw writes for the launch. It
@@ -129,9 +130,14 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
     if threads is None and config.platform is Platform.CPU and procs > 1:
         threads = max(1, facts.cpu_count // procs)
     if procs == 1:
+        # The environment matters only to a script that ddpw-launch runs in this process, whose
+        # own Accelerator() must then take the platform's settings.
+        script_env = {"ACCELERATE_MIXED_PRECISION": config.mixed_precision}
+        if config.platform is Platform.CPU:
+            script_env["ACCELERATE_USE_CPU"] = "1"
         return LaunchPlan(mode=LaunchMode.IN_PROCESS, platform=config.platform, world_size=1,
                           threads_per_process=config.cpus_per_task,
-                          accelerator_kwargs=accelerator_kwargs)
+                          accelerator_kwargs=accelerator_kwargs, env=script_env)
 
     port = config.master_port if config.master_port is not None else 0
     worker_env = {"OMP_NUM_THREADS": str(threads)} if threads is not None else {}
@@ -157,6 +163,16 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
                       env=worker_env, launch_args=launch_args,
                       accelerate_config=accelerate_config,
                       standalone=config.master_port is None)
+
+
+def auto_platform(facts: MachineFacts) -> dict[str, Any]:
+    """The :class:`~ddpw.platform.PlatformConfig` fields that ``--platform auto`` stands for:
+    every CUDA GPU if there are any, else the MPS device, else one CPU process per core."""
+    if facts.cuda_devices:
+        return {"platform": Platform.GPU, "n_gpus": facts.cuda_devices}
+    if facts.mps_available:
+        return {"platform": Platform.MPS}
+    return {"platform": Platform.CPU, "n_procs": facts.cpu_count}
 
 
 def _check_devices(config: PlatformConfig, facts: MachineFacts) -> None:

@@ -122,6 +122,11 @@ def main(argv: list[str]) -> None:
         _leave_process_group()
         status = 0
     except BaseException as error:
+        if isinstance(error, JobPaused):
+            # The checkpoint is written: let no further signal (the agent ends the other ranks
+            # with SIGTERM as soon as one exits) turn this clean pause into a kill.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
         report = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc(),
                   "paused": error.checkpoint if isinstance(error, JobPaused) else None,
                   "secondary": isinstance(error, PeerFailed)}

@@ -1,0 +1,210 @@
+"""``ddpw-launch``: run any script on any platform, an unmodified Accelerate script included.
+
+The command turns its options into a :class:`~ddpw.platform.PlatformConfig`, resolves it into a
+:class:`~ddpw.plan.LaunchPlan` as :class:`~ddpw.wrapper.Wrapper` does, and starts the script on
+every process with ``accelerate launch`` (or, for a world of one, in its own process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import PAUSED_EXIT_STATUS, ConfigError
+from .launcher import Logs, first_failure, run_accelerate
+from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
+from .platform import MIXED_PRECISION, Platform, PlatformConfig
+
+EXAMPLES = """\b
+Examples:
+  ddpw-launch --platform cpu --n-procs 2 train.py --lr 0.1
+  ddpw-launch --platform gpu --n-gpus 4 --mixed-precision bf16 train.py
+  ddpw-launch -m my_package.train --epochs 3          (run a module)
+  ddpw-launch --config cluster.toml train.py           (settings from a file)
+  ddpw-launch --platform cpu --n-procs 4 --dry-run train.py
+
+\b
+Exit status: the job's; 0 on success, the first failing rank's status otherwise,
+75 when a ddpw Trainer paused, 128+N when signal N stopped the job.
+"""
+
+#: The settings a --config file may hold, with the options that set them.
+FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partition",
+          "timeout_min", "mem_gb", "name", "mixed_precision", "seed", "master_port")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"],
+                                 "allow_interspersed_args": False},
+               epilog=EXAMPLES)
+@click.option("--platform", type=click.Choice(["cpu", "gpu", "mps", "slurm", "auto"],
+                                              case_sensitive=False),
+              help="Where to run [default: auto: every CUDA GPU, else MPS, else one CPU "
+                   "process per core].")
+@click.option("--n-procs", type=click.IntRange(min=1), help="CPU processes per node.")
+@click.option("--n-gpus", type=click.IntRange(min=0), help="GPUs per node, one process each.")
+@click.option("--n-nodes", type=click.IntRange(min=1), help="Nodes (SLURM).")
+@click.option("--cpus-per-task", type=click.IntRange(min=1),
+              help="CPU cores (threads) per process [default: the cores split evenly].")
+@click.option("--partition", help="SLURM partition.")
+@click.option("--timeout-min", type=click.IntRange(min=1), help="SLURM time limit, minutes.")
+@click.option("--mem-gb", type=click.FloatRange(min=0, min_open=True),
+              help="SLURM memory per node, GiB.")
+@click.option("--name", help="The job's name (log folder, SLURM job name) [default: DDPW].")
+@click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION),
+              help="Mixed precision for Accelerate [default: no].")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for ddpw Trainers.")
+@click.option("--master-port", type=click.IntRange(1, 65535),
+              help="Rendezvous port [default: a free one].")
+@click.option("-m", "--module", is_flag=True,
+              help="SCRIPT is a module name, run as with python -m.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML or YAML file with any of the settings above (underscores or dashes "
+                   "in names); options given on the command line win.")
+@click.option("--log-dir", default="./logs/console_logs", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Every rank's output is kept in LOG_DIR/NAME-TIME/rank-R.std{out,err}.log.")
+@click.option("--all-ranks", is_flag=True,
+              help="Show every rank's output on the console, each line prefixed with its rank "
+                   "(by default, the main rank's alone).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (the accelerate launch command line, its environment and "
+                   "config) as JSON and run nothing.")
+@click.argument("script")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def main(script: str, script_args: tuple[str, ...], module: bool, config_file: str | None,
+         log_dir: str, all_ranks: bool, dry_run: bool, **options: Any) -> None:
+    """Run SCRIPT (with SCRIPT_ARGS) on every process of a platform.
+
+    SCRIPT may be any Python script: one that uses ddpw's Wrapper, or a plain Accelerate
+    script, which gets a real distributed world (on CPUs, one gloo world of all the
+    processes). A leftover `accelerate config` file on this machine is ignored.
+    """
+    facts = MachineFacts.probe()
+    settings = _settings(options, config_file, facts)
+    try:
+        plan = resolve_plan(PlatformConfig(**settings), facts)
+    except ConfigError as error:
+        raise click.UsageError(_as_option_names(str(error))) from None
+    program = ["-m", script] if module else [script]
+    if dry_run:
+        click.echo(json.dumps(_describe(plan, program, list(script_args)), indent=2))
+        return
+    if plan.mode is not LaunchMode.ACCELERATE:
+        # A world of one, or already inside a launch: the script becomes this process.
+        env = {**os.environ, **plan.env}
+        os.execve(sys.executable, [sys.executable, *program, *script_args], env)
+    name = settings.get("name", "DDPW")
+    folder = Path(log_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    entry = ["--module", script, *script_args] if module else [script, *script_args]
+    click.echo(f"[ddpw] {plan.world_size} processes; every rank's output in {folder}",
+               err=True)
+    outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))
+    sys.exit(_exit_status(outcome.failures, outcome.stopped_by, folder, all_ranks))
+
+
+def _settings(options: dict[str, Any], config_file: str | None,
+              facts: MachineFacts) -> dict[str, Any]:
+    """The PlatformConfig fields: the config file's, overridden by the options given."""
+    settings = _read_config(Path(config_file)) if config_file else {}
+    settings.update({k: v for k, v in options.items() if v is not None})
+    platform = str(settings.get("platform", "auto")).lower()
+    if platform == "auto":
+        settings = {**auto_platform(facts), **{k: v for k, v in settings.items()
+                                               if k != "platform"}}
+    else:
+        settings["platform"] = Platform.parse(platform)
+    return settings
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise click.BadParameter(f"{path} is neither .toml nor .yaml/.yml",
+                                     param_hint="--config")
+    except (ValueError, ImportError) as error:  # both parsers' errors are ValueErrors
+        raise click.BadParameter(f"cannot read {path}: {error}", param_hint="--config") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} must hold a table of settings",
+                                 param_hint="--config")
+    settings = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(settings) - set(FIELDS))
+    if unknown:
+        raise click.BadParameter(f"{path} has unknown settings {unknown}; valid: "
+                                 f"{', '.join(FIELDS)}", param_hint="--config")
+    return settings
+
+
+def _as_option_names(message: str) -> str:
+    """Speak of ``--n-procs`` where the configuration's message says ``PlatformConfig.n_procs``."""
+    return re.sub(r"PlatformConfig\.(\w+)",
+                  lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def _describe(plan: LaunchPlan, program: list[str], args: list[str]) -> dict[str, Any]:
+    """The plan as data, for --dry-run."""
+    if plan.mode is LaunchMode.ACCELERATE:
+        entry = (["--module", program[1]] if program[0] == "-m" else program) + args
+        command = plan.command("ACCELERATE_CONFIG.json", entry)
+    else:
+        command = [sys.executable, *program, *args]
+    return {"mode": plan.mode.value, "platform": plan.platform.name,
+            "world_size": plan.world_size, "command": command,
+            "shell": shlex.join(command), "env": plan.env,
+            "accelerate_config": plan.accelerate_config,
+            "standalone_rendezvous": plan.standalone,
+            "plan": {k: v for k, v in dataclasses.asdict(plan).items()
+                     if k in ("threads_per_process", "accelerator_kwargs")}}
+
+
+_LOST_PEER = re.compile(r"Connection (closed|reset) by peer|NCCL communicator was aborted|"
+                        r"remote process exited")
+
+
+def _lost_a_peer(stderr_log: Path) -> bool:
+    return stderr_log.is_file() and bool(_LOST_PEER.search(stderr_log.read_text(errors="replace")))
+
+
+def _exit_status(failures: dict[int, tuple[int, float]], stopped_by: signal.Signals | None,
+                 folder: Path, all_ranks: bool) -> int:
+    statuses = {status for status, _ in failures.values()}
+    if PAUSED_EXIT_STATUS in statuses and statuses <= {PAUSED_EXIT_STATUS, -signal.SIGTERM}:
+        return PAUSED_EXIT_STATUS  # paused (a rank may be ended by the agent as it leaves)
+    if stopped_by is not None:
+        return 128 + stopped_by.value
+    # A rank that lost its connection to a failed peer failed second: leave it out if the
+    # first one is among the others.
+    causes = {rank: failure for rank, failure in failures.items()
+              if not _lost_a_peer(folder / f"rank-{rank}.stderr.log")} or failures
+    failed = first_failure(causes)
+    if failed is None:
+        return 0
+    rank, status = failed
+    if rank != 0 and not all_ranks:
+        # The console showed rank 0 alone: show what the failing rank said last.
+        err = folder / f"rank-{rank}.stderr.log"
+        tail = err.read_text(errors="replace").splitlines()[-30:] if err.is_file() else []
+        click.echo("\n".join(f"[rank{rank}]: {line}" for line in tail), err=True)
+    how = f"signal {-status}" if status < 0 else f"status {status}"
+    click.echo(f"[ddpw] rank {rank} failed ({how}); logs in {folder}", err=True)
+    return status if status > 0 else 128 - status

@@ -1,0 +1,239 @@
+"""ddpw-launch: real scripts on 2 CPU processes, dry-run plans for every platform, bad flags."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ddpw import checkpoint as ckpt
+from ddpw.cli import main
+from ddpw.errors import PAUSED_EXIT_STATUS
+from ddpw.plan import MachineFacts
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+TRAIN = str(SCRIPTS / "accelerate_train.py")
+
+
+def ddpw_launch(*args: str, cwd: Path, env: dict[str, str] | None = None):
+    return subprocess.run([sys.executable, "-m", "ddpw", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_a_plain_accelerate_script_gets_one_synchronised_world_of_two(tmp_path):
+    out = ddpw_launch("--platform", "cpu", "--n-procs", "2", TRAIN, "--epochs", "1",
+                      cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert result["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert result["params_equal"], "gradients were not synchronised"
+    first, second = (set(seen) for seen in result["seen"])
+    assert len(first) == len(second) == 48 and first | second == set(range(96))
+    (folder,) = (tmp_path / "logs" / "console_logs").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "rank-0.stderr.log", "rank-0.stdout.log", "rank-1.stderr.log", "rank-1.stdout.log"]
+
+
+def test_a_leftover_accelerate_config_changes_nothing(tmp_path):
+    home = tmp_path / "hf"
+    (home / "accelerate").mkdir(parents=True)
+    (home / "accelerate" / "default_config.yaml").write_text(textwrap.dedent("""
+        compute_environment: LOCAL_MACHINE
+        distributed_type: 'NO'
+        mixed_precision: bf16
+        num_processes: 1
+        use_cpu: false
+        debug: true
+        gpu_ids: '0'
+    """))
+    out = ddpw_launch("--platform", "cpu", "--n-procs", "2", TRAIN, "--epochs", "1",
+                      cwd=tmp_path, env={"HF_HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["world_size"], result["params_equal"]) == (2, True)
+
+
+def test_a_failing_rank_gives_its_status_and_traceback(tmp_path):
+    out = ddpw_launch("--platform", "cpu", "--n-procs", "2", TRAIN, "--fail-on-rank", "1",
+                      cwd=tmp_path)
+    assert out.returncode == 1
+    assert "RuntimeError: rank 1 fails on purpose" in out.stderr
+    assert "[ddpw] rank 1 failed (status 1)" in out.stderr
+
+
+def test_a_script_using_wrapper_runs_in_place_under_ddpw_launch(tmp_path):
+    script = tmp_path / "wrapped.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        from ddpw import Platform, PlatformConfig, Wrapper, world
+
+        def who():
+            return (world().global_rank, world().world_size, os.getpid())
+
+        results = Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=2)).start(who)
+        with open(f"result-{os.environ['RANK']}.txt", "w") as f:
+            f.write(repr((os.getpid(), results)))
+    """))
+    out = ddpw_launch("--platform", "cpu", "--n-procs", "2", str(script), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for rank in (0, 1):
+        pid, results = ast.literal_eval((tmp_path / f"result-{rank}.txt").read_text())
+        assert [r[:2] for r in results] == [(0, 2), (1, 2)]
+        assert results[rank][2] == pid, "the job was launched a second time"
+
+
+def test_one_process_runs_the_script_in_the_commands_own_process(tmp_path):
+    script = tmp_path / "one.py"
+    script.write_text("import os, sys; print(os.environ['ACCELERATE_USE_CPU'], sys.argv[1:])")
+    out = ddpw_launch("--platform", "cpu", "--n-procs", "1", str(script), "a", "--b",
+                      cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1 ['a', '--b']"
+
+
+# --- the plan as data, with the machine faked ------------------------------------------------
+
+def machine(monkeypatch, cuda: int = 0, mps: bool = False, cpus: int = 8) -> None:
+    facts = MachineFacts(cuda_devices=cuda, mps_available=mps, cpu_count=cpus,
+                         env={k: v for k, v in os.environ.items()
+                              if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")})
+    monkeypatch.setattr(MachineFacts, "probe", classmethod(lambda cls: facts))
+
+
+def dry_run(*args: str) -> dict:
+    result = CliRunner().invoke(main, ["--dry-run", *args, "train.py", "--lr", "1"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_dry_run_cpu(monkeypatch):
+    machine(monkeypatch, cpus=8)
+    plan = dry_run("--platform", "cpu", "--n-procs", "4")
+    assert plan["mode"] == "accelerate" and plan["world_size"] == 4
+    assert plan["command"][1:3] == ["-m", "accelerate.commands.launch"]
+    assert option(plan["command"], "--num_processes") == "4"
+    assert "--multi_gpu" in plan["command"]
+    assert plan["command"][-3:] == ["train.py", "--lr", "1"]
+    assert plan["env"] == {"OMP_NUM_THREADS": "2", "ACCELERATE_USE_CPU": "1"}
+    assert plan["accelerate_config"]["use_cpu"] is True
+
+
+def test_dry_run_gpu(monkeypatch):
+    machine(monkeypatch, cuda=4)
+    plan = dry_run("--platform", "gpu", "--n-gpus", "4", "--mixed-precision", "bf16")
+    assert (plan["mode"], plan["world_size"], plan["platform"]) == ("accelerate", 4, "GPU")
+    assert "ACCELERATE_USE_CPU" not in plan["env"]
+    assert plan["accelerate_config"]["mixed_precision"] == "bf16"
+    assert plan["accelerate_config"]["use_cpu"] is False
+
+
+def test_dry_run_mps(monkeypatch):
+    machine(monkeypatch, mps=True)
+    plan = dry_run("--platform", "mps")
+    assert (plan["mode"], plan["world_size"], plan["platform"]) == ("in_process", 1, "MPS")
+    assert plan["command"] == [sys.executable, "train.py", "--lr", "1"]
+
+
+@pytest.mark.parametrize(("cuda", "mps", "platform", "world"), [
+    (4, False, "GPU", 4), (0, True, "MPS", 1), (0, False, "CPU", 8),
+])
+def test_dry_run_auto_picks_gpus_then_mps_then_every_core(monkeypatch, cuda, mps, platform,
+                                                          world):
+    machine(monkeypatch, cuda=cuda, mps=mps, cpus=8)
+    plan = dry_run("--platform", "auto")
+    assert (plan["platform"], plan["world_size"]) == (platform, world)
+    assert dry_run()["platform"] == platform  # auto is the default
+
+
+def test_dry_run_module(monkeypatch):
+    machine(monkeypatch)
+    result = CliRunner().invoke(main, ["--dry-run", "--platform", "cpu", "--n-procs", "2", "-m",
+                                       "pkg.train", "--x"])
+    plan = json.loads(result.output)
+    assert plan["command"][-3:] == ["--module", "pkg.train", "--x"]
+
+
+def test_settings_come_from_a_config_file_and_flags_win(monkeypatch, tmp_path):
+    machine(monkeypatch, cpus=8)
+    toml = tmp_path / "c.toml"
+    toml.write_text('platform = "cpu"\nn-procs = 4\ncpus_per_task = 3\n')
+    plan = dry_run("--config", str(toml))
+    assert plan["world_size"] == 4 and plan["env"]["OMP_NUM_THREADS"] == "3"
+    assert dry_run("--config", str(toml), "--n-procs", "2")["world_size"] == 2
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("platform: cpu\nn_procs: 3\n")
+    assert dry_run("--config", str(yaml))["world_size"] == 3
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--platform", "tpu"], "Invalid value for '--platform': 'tpu' is not one of 'cpu', "
+                            "'gpu', 'mps', 'slurm', 'auto'"),
+    (["--n-procs", "0"], "Invalid value for '--n-procs': 0 is not in the range x>=1"),
+    (["--mixed-precision", "fp8"], "Invalid value for '--mixed-precision'"),
+    (["--platform", "gpu"], "--platform=Platform.GPU needs CUDA GPUs"),
+    (["--platform", "cpu", "--mixed-precision", "fp16"],
+     "--mixed-precision='fp16' is not valid: 'no' or 'bf16' on Platform.CPU"),
+    (["--platform", "cpu", "--n-nodes", "2"], "--n-nodes=2 is not valid"),
+    (["--master-port", "70000"], "Invalid value for '--master-port'"),
+    (["--config", "missing.toml"], "Invalid value for '--config'"),
+])
+def test_bad_flags_name_the_flag_and_what_is_valid(monkeypatch, args, message):
+    machine(monkeypatch)
+    result = CliRunner().invoke(main, [*args, "train.py"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_a_config_file_with_unknown_settings_is_refused(monkeypatch, tmp_path):
+    machine(monkeypatch)
+    bad = tmp_path / "c.toml"
+    bad.write_text("n_proc = 2\n")
+    result = CliRunner().invoke(main, ["--config", str(bad), "train.py"])
+    assert result.exit_code == 2
+    assert "unknown settings ['n_proc']; valid: platform, n_procs" in result.output
+
+
+def test_help_has_examples():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "ddpw-launch --platform cpu --n-procs 2 train.py" in result.output
+    assert "Exit status" in result.output
+
+
+def test_sigterm_to_ddpw_launch_pauses_a_ddpw_trainer_and_exits_75(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from pathlib import Path
+        from jobs import SlowTrainer, artefacts, job
+        from ddpw import Platform, PlatformConfig, Wrapper
+
+        p = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+        Wrapper(p, artefacts()).start(SlowTrainer(job(Path("."), epochs=4)))
+    """))
+    launcher = subprocess.Popen([sys.executable, "-m", "ddpw", "--platform", "cpu",
+                                 "--n-procs", "2", str(script)], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "mid-epoch").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == PAUSED_EXIT_STATUS, err
+    assert ckpt.latest(tmp_path / "checkpoint", "ckpt").startswith("ckpt_1_batch")
