@@ -88,7 +88,7 @@ def latest(checkpoint_path: str | Path, prefix: str) -> str | None:
     """The most recently written complete checkpoint, or ``None``.
 
     The marker file ``{prefix}_latest`` names it; if the marker is missing or names a checkpoint
-    that is gone, the furthest position on disk is taken.
+    that is gone, the one written last (its manifest's ``sequence``) is taken.
     """
     marker = Path(checkpoint_path) / f"{prefix}_{LATEST}"
     names = available(checkpoint_path, prefix)
@@ -96,7 +96,19 @@ def latest(checkpoint_path: str | Path, prefix: str) -> str | None:
         named = marker.read_text().strip()
         if named in names:
             return named
-    return names[-1] if names else None
+    return by_write_order(checkpoint_path, names)[-1] if names else None
+
+
+def by_write_order(checkpoint_path: str | Path, names: list[str]) -> list[str]:
+    """``names`` sorted from the first written to the last (manifest ``sequence``)."""
+    return sorted(names, key=lambda name: _sequence(Path(checkpoint_path) / name))
+
+
+def _sequence(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / MANIFEST).read_text()).get("sequence", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def resolve(checkpoint_path: str | Path, prefix: str, start_at: int | str) -> str | None:
@@ -177,7 +189,8 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
     """Write ``tensors`` as a safetensors file, streaming; return the file's SHA-256.
 
     Unlike ``safetensors.torch.save_file``, the file is written tensor by tensor from the
-    tensors' own memory, with no copy of the whole file in memory, and hashed while it is written.
+    tensors' own memory (CPU tensors are not copied; device tensors are copied to the host
+    first), with no buffer of the whole file, and hashed while it is written.
     """
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -276,14 +289,34 @@ def staging_path(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.partial")
 
 
+def tidy(checkpoint_path: str | Path, prefix: str) -> None:
+    """Clean up after writes that a crash interrupted: delete hidden partial folders, and put
+    back a checkpoint that :func:`publish` had moved aside when the crash came."""
+    root = Path(checkpoint_path)
+    if not root.is_dir():
+        return
+    for entry in root.glob(f".{prefix}_*"):
+        if entry.name.endswith(".partial") and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.endswith(".old"):
+            original = root / entry.name[1:-len(".old")]
+            if original.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                os.replace(entry, original)
+
+
 def publish(staging: Path, folder: Path, digests: dict[str, str],
             manifest: dict[str, Any]) -> None:
     """Write the manifest into ``staging``, flush it all to disk and rename it to ``folder``.
 
-    Files whose digest is not in ``digests`` (written by other ranks) are hashed here. A folder
-    already at ``folder`` (the same position, from an earlier run) is moved aside first and
-    deleted once the new one is in place. Then the ``latest`` marker names the new checkpoint.
+    Files whose digest is not in ``digests`` (written by other ranks) are hashed here. The
+    manifest's ``sequence`` orders checkpoints by when they were written. A folder already at
+    ``folder`` (the same position, from an earlier run) is moved aside first and deleted once
+    the new one is in place (:func:`tidy` puts it back if a crash comes in between). Then the
+    ``latest`` marker names the new checkpoint.
     """
+    prefix = manifest["prefix"]
     files = sorted(p.name for p in staging.iterdir() if p.is_file())
     missing = [name for name in files if name not in digests]
     with ThreadPoolExecutor() as pool:
@@ -292,8 +325,10 @@ def publish(staging: Path, folder: Path, digests: dict[str, str],
         list(pool.map(lambda n: _fsync(staging / n), files))
     entries = {name: {"bytes": (staging / name).stat().st_size, "sha256": digests[name]}
                for name in files}
+    done = available(folder.parent, prefix)
+    sequence = 1 + max((_sequence(folder.parent / name) for name in done), default=0)
     write_json(staging / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest,
-                                    "files": entries})
+                                    "sequence": sequence, "files": entries})
     _fsync(staging / MANIFEST)
     _fsync(staging)
     old = folder.with_name(f".{folder.name}.old")
@@ -303,7 +338,6 @@ def publish(staging: Path, folder: Path, digests: dict[str, str],
     os.replace(staging, folder)
     _fsync(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
-    prefix = manifest["prefix"]
     marker = folder.parent / f".{prefix}_{LATEST}.partial"
     marker.write_text(folder.name + "\n")
     _fsync(marker)
@@ -311,11 +345,12 @@ def publish(staging: Path, folder: Path, digests: dict[str, str],
     _fsync(folder.parent)
 
 
-def prune(checkpoint_path: str | Path, prefix: str, keep_last: int, protect: str | None) -> None:
-    """Delete all but the ``keep_last`` furthest checkpoints, never ``protect``."""
-    names = available(checkpoint_path, prefix)
+def prune(checkpoint_path: str | Path, prefix: str, keep_last: int,
+          protect: tuple[str | None, ...]) -> None:
+    """Delete all but the ``keep_last`` most recently written checkpoints, never ``protect``."""
+    names = by_write_order(checkpoint_path, available(checkpoint_path, prefix))
     for name in names[:-keep_last]:
-        if name != protect:
+        if name not in protect:
             shutil.rmtree(Path(checkpoint_path) / name, ignore_errors=True)
 
 

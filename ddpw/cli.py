@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from .errors import PAUSED_EXIT_STATUS, ConfigError
-from .launcher import Logs, first_failure, run_accelerate
+from .launcher import LOST_PEER, Logs, describe_status, root_cause, run_accelerate
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
 from .platform import MIXED_PRECISION, Platform, PlatformConfig
 
@@ -40,7 +40,7 @@ Exit status: the job's; 0 on success, the first failing rank's status otherwise,
 
 #: The settings a --config file may hold, with the options that set them.
 FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partition",
-          "timeout_min", "mem_gb", "name", "mixed_precision", "seed", "master_port")
+          "timeout_min", "mem_gb", "name", "mixed_precision", "master_port")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"],
@@ -62,7 +62,6 @@ FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partitio
 @click.option("--name", help="The job's name (log folder, SLURM job name) [default: DDPW].")
 @click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION),
               help="Mixed precision for Accelerate [default: no].")
-@click.option("--seed", type=click.IntRange(min=0), help="Seed for ddpw Trainers.")
 @click.option("--master-port", type=click.IntRange(1, 65535),
               help="Rendezvous port [default: a free one].")
 @click.option("-m", "--module", is_flag=True,
@@ -95,17 +94,17 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
         plan = resolve_plan(PlatformConfig(**settings), facts)
     except ConfigError as error:
         raise click.UsageError(_as_option_names(str(error))) from None
-    program = ["-m", script] if module else [script]
+    # ddpw's entry point runs the script in every process, and ends each one cleanly.
+    entry = ["--module", "ddpw.entry", "--module" if module else "--script", script,
+             *script_args]
     if dry_run:
-        click.echo(json.dumps(_describe(plan, program, list(script_args)), indent=2))
+        click.echo(json.dumps(_describe(plan, entry), indent=2))
         return
     if plan.mode is not LaunchMode.ACCELERATE:
         # A world of one, or already inside a launch: the script becomes this process.
-        env = {**os.environ, **plan.env}
-        os.execve(sys.executable, [sys.executable, *program, *script_args], env)
+        os.execve(sys.executable, [sys.executable, "-m", *entry[1:]], {**os.environ, **plan.env})
     name = settings.get("name", "DDPW")
     folder = Path(log_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    entry = ["--module", script, *script_args] if module else [script, *script_args]
     click.echo(f"[ddpw] {plan.world_size} processes; every rank's output in {folder}",
                err=True)
     outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))
@@ -161,13 +160,12 @@ def _as_option_names(message: str) -> str:
                   lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
-def _describe(plan: LaunchPlan, program: list[str], args: list[str]) -> dict[str, Any]:
+def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
     """The plan as data, for --dry-run."""
     if plan.mode is LaunchMode.ACCELERATE:
-        entry = (["--module", program[1]] if program[0] == "-m" else program) + args
         command = plan.command("ACCELERATE_CONFIG.json", entry)
     else:
-        command = [sys.executable, *program, *args]
+        command = [sys.executable, "-m", *entry[1:]]
     return {"mode": plan.mode.value, "platform": plan.platform.name,
             "world_size": plan.world_size, "command": command,
             "shell": shlex.join(command), "env": plan.env,
@@ -177,34 +175,27 @@ def _describe(plan: LaunchPlan, program: list[str], args: list[str]) -> dict[str
                      if k in ("threads_per_process", "accelerator_kwargs")}}
 
 
-_LOST_PEER = re.compile(r"Connection (closed|reset) by peer|NCCL communicator was aborted|"
-                        r"remote process exited")
-
-
-def _lost_a_peer(stderr_log: Path) -> bool:
-    return stderr_log.is_file() and bool(_LOST_PEER.search(stderr_log.read_text(errors="replace")))
-
-
 def _exit_status(failures: dict[int, tuple[int, float]], stopped_by: signal.Signals | None,
                  folder: Path, all_ranks: bool) -> int:
+    if not failures:
+        return 0  # every rank finished, even if a signal came along
     statuses = {status for status, _ in failures.values()}
     if PAUSED_EXIT_STATUS in statuses and statuses <= {PAUSED_EXIT_STATUS, -signal.SIGTERM}:
         return PAUSED_EXIT_STATUS  # paused (a rank may be ended by the agent as it leaves)
     if stopped_by is not None:
         return 128 + stopped_by.value
-    # A rank that lost its connection to a failed peer failed second: leave it out if the
-    # first one is among the others.
-    causes = {rank: failure for rank, failure in failures.items()
-              if not _lost_a_peer(folder / f"rank-{rank}.stderr.log")} or failures
-    failed = first_failure(causes)
-    if failed is None:
-        return 0
-    rank, status = failed
+    secondary = {rank for rank in failures if _lost_a_peer(folder / f"rank-{rank}.stderr.log")}
+    rank = root_cause(failures, secondary, {})
+    status = failures[rank][0]
     if rank != 0 and not all_ranks:
         # The console showed rank 0 alone: show what the failing rank said last.
         err = folder / f"rank-{rank}.stderr.log"
         tail = err.read_text(errors="replace").splitlines()[-30:] if err.is_file() else []
         click.echo("\n".join(f"[rank{rank}]: {line}" for line in tail), err=True)
-    how = f"signal {-status}" if status < 0 else f"status {status}"
-    click.echo(f"[ddpw] rank {rank} failed ({how}); logs in {folder}", err=True)
+    click.echo(f"[ddpw] rank {rank} failed ({describe_status(status)}); logs in {folder}",
+               err=True)
     return status if status > 0 else 128 - status
+
+
+def _lost_a_peer(stderr_log: Path) -> bool:
+    return stderr_log.is_file() and bool(LOST_PEER.search(stderr_log.read_text(errors="replace")))

@@ -1,12 +1,18 @@
-"""Command line of every launched ddpw process: ``python -m ddpw.entry JOB_DIR``.
+"""Command line of every process that ddpw launches, on every platform.
 
-Kept apart from :mod:`ddpw.worker` (which the package imports) so that running it as a module
-does not import it twice.
+``python -m ddpw.entry JOB_DIR`` runs a job that :class:`~ddpw.wrapper.Wrapper` wrote to
+``JOB_DIR`` (:func:`ddpw.worker.main`); ``python -m ddpw.entry --script PATH ARGS...`` or
+``--module NAME ARGS...`` runs a user's script for ``ddpw-launch``
+(:func:`ddpw.worker.run_script`). Kept apart from :mod:`ddpw.worker` (which the package
+imports) so that running it as a module does not import it twice.
 """
 
 import sys
 
-from ddpw.worker import main
+from ddpw.worker import main, run_script
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] in (["--script"], ["--module"]):
+        run_script(sys.argv[2], sys.argv[3:], module=sys.argv[1] == "--module")
+    else:
+        main(sys.argv[1:])

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -80,10 +81,11 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None)
         config_file = Path(tmp) / "accelerate.json"
         config_file.write_text(json.dumps(plan.accelerate_config))
         args = plan.accelerate_args(str(config_file), entry)
-        outcome = _run(args, _launch_env(plan.env), plan.standalone,
-                       Path(tmp) / "torchrun-logs" if logs else None, logs)
-        if logs is not None:
-            _collect_logs(Path(tmp) / "torchrun-logs", logs.folder)
+        # torchrun writes into a folder of its own inside the job's, flattened at the end.
+        torchrun_logs = logs.folder / ".torchrun" if logs else None
+        outcome = _run(args, _launch_env(plan.env), plan.standalone, torchrun_logs, logs)
+        if torchrun_logs is not None:
+            _collect_logs(torchrun_logs, logs.folder)
         return outcome
 
 
@@ -107,15 +109,15 @@ def launch(job: Job) -> list[Any]:
         paused = [r["paused"] for r in reports.values() if r["paused"]]
         if paused:
             raise JobPaused(paused[0])
+        results = [job_dir / f"result-{rank}.pkl" for rank in range(plan.world_size)]
+        if not outcome.failures and all(path.is_file() for path in results):
+            return [cloudpickle.loads(path.read_bytes()) for path in results]
         if outcome.stopped_by == signal.SIGINT:
             raise KeyboardInterrupt
         if outcome.stopped_by is not None:
             raise WorkerError(f"the job was stopped by {outcome.stopped_by.name}; every "
                               f"process of it has ended")
-        results = [job_dir / f"result-{rank}.pkl" for rank in range(plan.world_size)]
-        if outcome.failures or not all(path.is_file() for path in results):
-            raise _explain(reports, outcome.failures, plan.world_size)
-        return [cloudpickle.loads(path.read_bytes()) for path in results]
+        raise _explain(reports, outcome.failures, plan.world_size)
 
 
 def _launch_env(plan_env: dict[str, str]) -> dict[str, str]:
@@ -211,6 +213,8 @@ def _forward_signals(received: list[signal.Signals]) -> dict[signal.Signals, Any
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signal.Signals(signum))
+        # The third signal means it: a rank that does not stop by itself is killed.
+        signum = signal.SIGKILL if len(received) >= 3 else signum
         for child in me.children():
             if child.pid not in earlier:
                 with contextlib.suppress(psutil.Error):
@@ -224,20 +228,34 @@ def _forward_signals(received: list[signal.Signals]) -> dict[signal.Signals, Any
 
 def _collect_logs(torchrun_dir: Path, folder: Path) -> None:
     """Move torchrun's ``{run}/attempt_0/{local rank}/std*.log`` to ``folder/rank-{r}.std*.log``."""
-    folder.mkdir(parents=True, exist_ok=True)
     for log in sorted(torchrun_dir.glob("*/attempt_*/*/std*.log")):
         shutil.move(log, folder / f"rank-{log.parent.name}.{log.name}")
+    shutil.rmtree(torchrun_dir, ignore_errors=True)
 
 
-def first_failure(failures: dict[int, tuple[int, float]]) -> tuple[int, int] | None:
-    """``(rank, exit status)`` of the process that failed first, not counting those that
-    torchrun's agent ended with SIGTERM because another had failed."""
-    causes = {rank: when for rank, (status, when) in failures.items()
-              if status != -signal.SIGTERM}
-    if not causes:
-        return None
-    rank = min(causes, key=causes.__getitem__)
-    return rank, failures[rank][0]
+#: What a rank says when it fails only because a peer is gone (gloo, NCCL).
+LOST_PEER = re.compile(r"Connection (closed|reset) by peer|NCCL communicator was aborted|"
+                       r"remote process exited")
+
+
+def root_cause(failures: dict[int, tuple[int, float]], secondary: set[int],
+               reported: dict[int, float]) -> int | None:
+    """The rank that failed first, from what torchrun's agent saw and what the ranks reported.
+
+    :param failures: ``{rank: (exit status, time the agent saw it)}``.
+    :param secondary: ranks that failed only because a peer had (lost connection, PeerFailed).
+    :param reported: ``{rank: time of its exception}`` for the ranks that raised.
+
+    A rank that raised counts from the time of its exception; one that died without a report
+    (killed, ``os._exit``) from the agent's time; ranks that the agent itself ended with SIGTERM
+    count only when nothing else failed.
+    """
+    events = {rank: reported[rank] for rank in reported if rank not in secondary}
+    events |= {rank: when for rank, (status, when) in failures.items()
+               if rank not in reported and rank not in secondary and status != -signal.SIGTERM}
+    if not events:
+        events = {rank: when for rank, (_, when) in failures.items()}
+    return min(events, key=events.__getitem__) if events else None
 
 
 def _reports(job_dir: Path, world_size: int) -> dict[int, dict[str, Any]]:
@@ -252,30 +270,22 @@ def _reports(job_dir: Path, world_size: int) -> dict[int, dict[str, Any]]:
 
 def _explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, float]],
              world_size: int) -> WorkerError:
-    """The error that best explains a failed launch: the rank that failed first, and why.
-
-    A rank that died without a report (killed, or ``os._exit``) is the cause: its peers only
-    raise afterwards, having lost their connection to it, and torchrun's agent ends the rest with
-    SIGTERM. Otherwise the first report is, as a rank reports before its peers notice it is gone;
-    ranks that stopped only because a peer failed (:class:`~ddpw.errors.PeerFailed`) never are.
-    """
-    died = {rank: when for rank, (status, when) in failures.items()
-            if rank not in reports and status != -signal.SIGTERM}
-    if died:
-        rank = min(died, key=died.__getitem__)
-        status = failures[rank][0]
-        return WorkerError(f"rank {rank} of {world_size} died ({_describe_status(status)}) "
-                           f"without a Python exception", rank=rank, status=status)
-    raised = {rank: report["time"] for rank, report in reports.items()
-              if not report["secondary"]}
-    if not raised:
+    """The error that best explains a failed launch: the rank that failed first, and why."""
+    secondary = {rank for rank, report in reports.items()
+                 if report["secondary"] or LOST_PEER.search(report["traceback"])}
+    rank = root_cause(failures, secondary, {r: report["time"] for r, report in reports.items()})
+    if rank is None:
         return WorkerError("the ranks ended without reporting a result")
-    rank = min(raised, key=raised.__getitem__)
-    return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
-                       details=reports[rank]["traceback"].rstrip())
+    if rank in reports:
+        return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
+                           details=reports[rank]["traceback"].rstrip())
+    status = failures[rank][0]
+    return WorkerError(f"rank {rank} of {world_size} died ({describe_status(status)}) "
+                       f"without a Python exception", rank=rank, status=status)
 
 
-def _describe_status(status: int) -> str:
+def describe_status(status: int) -> str:
+    """An exit status in words: ``exit status 3`` or ``killed by SIGKILL``."""
     if status < 0:
         try:
             return f"killed by {signal.Signals(-status).name}"

@@ -27,7 +27,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,7 @@ class Trainer:
         self._sums: dict[str, torch.Tensor] = {}
         self._sum_batches = 0
         self._pause_requested = False
+        self._flag_group: Any = None
 
     # --- what a subclass writes ----------------------------------------------------------------
 
@@ -114,12 +115,15 @@ class Trainer:
 
     # --- checks made before any process starts ------------------------------------------------
 
-    def check(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None) -> None:
+    def check(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None,
+              world_size: int | None = None) -> None:
         """Check that the configs and the checkpoints on disk allow this job to run, and choose
         the checkpoint to start from (:attr:`resume_from`), verifying every file of it.
 
         Called by :class:`~ddpw.wrapper.Wrapper` before it starts any process.
 
+        :param world_size: the number of processes the job will have (the launch's, when it runs
+            inside one); ``p_config.world_size`` by default.
         :raises ConfigError: naming the field or file and what would be valid.
         """
         j = self.j_config
@@ -148,10 +152,9 @@ class Trainer:
         checkpoint.verify(folder)
         checkpoint.check_fits(folder, a_config.model)
         if training:
-            self._check_position(folder, p_config, a_config)
+            self._check_position(folder, a_config, world_size or p_config.world_size)
 
-    def _check_position(self, folder: Path, p_config: PlatformConfig,
-                        a_config: ArtefactsConfig) -> None:
+    def _check_position(self, folder: Path, a_config: ArtefactsConfig, world_size: int) -> None:
         state = json.loads((folder / "state.json").read_text())
         position = Position(state["epochs_done"], state["batches"])
         if position.epochs > self.j_config.epochs:
@@ -159,12 +162,12 @@ class Trainer:
                               f"{folder.name}, which has {position.epochs} epochs done: ask for "
                               f"at least {position.epochs}.")
         consumed = position.batches * state["batch_size"] * state["world_size"]
-        per_batch = a_config.batch_size * p_config.world_size
+        per_batch = a_config.batch_size * world_size
         if consumed % per_batch:
             raise ConfigError(
                 f"checkpoint {folder.name} paused after {consumed} samples of epoch "
                 f"{position.epochs + 1}, which is no whole number of this job's batches of "
-                f"{a_config.batch_size} x {p_config.world_size} processes: resume it with "
+                f"{a_config.batch_size} x {world_size} processes: resume it with "
                 f"batch_size x world size dividing {consumed} (it was written with "
                 f"{state['batch_size']} x {state['world_size']}), or from an end-of-epoch "
                 f"checkpoint.")
@@ -265,19 +268,18 @@ class Trainer:
             across batches and ranks, and ``val_*`` metrics when there is a validation set.
         """
         j = self.j_config
-        with self._pause_on_signals():
-            while self.epochs_done < j.epochs:
-                self.epoch = self.epochs_done + 1
-                self.metrics = {"epoch": self.epoch, **self.train_epoch()}
-                self.epochs_done, self.batch = self.epoch, 0
-                if self.validation_loader is not None:
-                    validation = self.evaluate(self.validation_loader)
-                    self.metrics.update({f"val_{k}": v for k, v in validation.items()})
-                self.log_metrics(self.metrics)
-                if j.saves_after(self.epoch):
-                    self.save_checkpoint()
-                if self.epochs_done < j.epochs and self._pause_agreed():
-                    self._pause(saved=j.saves_after(self.epoch))
+        while self.epochs_done < j.epochs:
+            self.epoch = self.epochs_done + 1
+            self.metrics = {"epoch": self.epoch, **self.train_epoch()}
+            self.epochs_done, self.batch = self.epoch, 0
+            if self.validation_loader is not None:
+                validation = self.evaluate(self.validation_loader)
+                self.metrics.update({f"val_{k}": v for k, v in validation.items()})
+            self.log_metrics(self.metrics)
+            if j.saves_after(self.epoch):
+                self.save_checkpoint()
+            if self.epochs_done < j.epochs and self._pause_agreed():
+                self._pause(saved=j.saves_after(self.epoch))
         return dict(self.metrics)
 
     def train_epoch(self) -> dict[str, float]:
@@ -294,7 +296,8 @@ class Trainer:
             self._sums, self._sum_batches = {}, 0
         samples_per_batch = self.a_config.batch_size * self.world_size
         started, first = time.perf_counter(), self.batch
-        batches_in_epoch = first + len(loader)
+        # Loaders of iterable data sets have no length: any step boundary may then pause.
+        batches_in_epoch = first + len(loader) if hasattr(loader, "__len__") else math.inf
         bar = self._progress(loader, f"epoch {self.epoch}/{self.j_config.epochs}",
                              initial=self.batch)
         for batch in bar:
@@ -357,10 +360,16 @@ class Trainer:
         self._pause_requested = True
 
     @contextlib.contextmanager
-    def _pause_on_signals(self) -> Iterator[None]:
+    def pause_on_signals(self) -> Iterator[None]:
+        """While the block runs, each of ``j_config.pause_signals`` asks for a pause.
+
+        :func:`ddpw.worker.run` wraps the whole job (set-up included) in it. Signal handlers
+        belong to the main thread: elsewhere the signals keep their own handlers.
+        """
         if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
+            yield
             return
+
         def handler(signum: int, frame: Any) -> None:
             # Only a flag: the work happens at the next step boundary, where all ranks agree.
             self._pause_requested = True
@@ -377,10 +386,23 @@ class Trainer:
 
     def _pause_agreed(self) -> bool:
         """Whether any rank has been asked to pause: one all-reduce, so all ranks agree."""
-        flag = torch.tensor(float(self._pause_requested), device=self.device)
-        if self.world_size > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        return self._any_rank(self._pause_requested)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank must call it at the same point).
+
+        The flag travels on the CPU, through a gloo group when the job's own backend is another,
+        so that asking costs no device synchronisation.
+        """
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        if self._flag_group is None and dist.get_backend() != "gloo":
+            self._flag_group = dist.new_group(backend="gloo")
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, group=self._flag_group)
+        return bool(value.item() > 0)
 
     def _pause(self, saved: bool) -> None:
         folder = (Path(self.j_config.checkpoint_path) /
@@ -397,46 +419,56 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current position; every rank must call it at the same point.
 
-        Between epochs it is the checkpoint of ``epochs_done``; within an epoch, of
-        ``epochs_done`` and ``batch`` batches (``{prefix}_{k}_batch{b}``).
+        Between epochs it is the checkpoint of ``epochs_done`` (replacing one of that position);
+        within an epoch, of ``epochs_done`` and ``batch`` batches (``{prefix}_{k}_batch{b}``).
+        Resuming is exact only from a position right after an optimiser step, which is where
+        ddpw itself saves.
 
         :returns: the checkpoint's folder.
+        :raises PeerFailed: on the ranks whose own part went well when another rank's failed.
         """
-        acc, j = self.accelerator, self.j_config
+        j = self.j_config
         folder = (Path(j.checkpoint_path) /
                   Position(self.epochs_done, self.batch).name(j.checkpoint_name_prefix))
         staging = checkpoint.staging_path(folder)
-        if acc.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        acc.wait_for_everyone()
-        digests, error = {}, None
-        try:
-            digests = self._write_checkpoint_files(staging)
-        except Exception as caught:
-            error = caught
-        # Agree on success before going on, so that a rank whose write failed (a full disk, say)
-        # does not leave the others waiting at the next collective.
-        failed = torch.tensor(float(error is not None), device=self.device)
-        if self.world_size > 1:
-            failed = acc.reduce(failed, reduction="sum")
-        if failed.item() > 0:
-            if acc.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
+        # Three steps, each ending with every rank learning whether any rank failed, so that a
+        # failure (a full disk, say) never leaves the others waiting at a barrier.
+        self._agree(folder, lambda: self._begin_checkpoint(staging), main_only=True)
+        digests = self._agree(folder, lambda: self._write_checkpoint_files(staging))
+        self._agree(folder, lambda: self._publish_checkpoint(staging, folder, digests),
+                    main_only=True)
+        return folder
+
+    def _agree(self, folder: Path, step: Callable[[], Any], main_only: bool = False) -> Any:
+        result, error = None, None
+        if self.accelerator.is_main_process or not main_only:
+            try:
+                result = step()
+            except Exception as caught:
+                error = caught
+        if self._any_rank(error is not None):
+            if self.accelerator.is_main_process:
+                shutil.rmtree(checkpoint.staging_path(folder), ignore_errors=True)
             if error is not None:
                 raise error
             raise PeerFailed(f"another rank failed to write checkpoint {folder}")
-        if acc.is_main_process:
-            checkpoint.publish(staging, folder, digests, {
-                "prefix": j.checkpoint_name_prefix, "epochs_done": self.epochs_done,
-                "batches": self.batch, "world_size": self.world_size,
-                "platform": self.p_config.platform.name,
-                "mixed_precision": self.p_config.mixed_precision})
-            if j.keep_last:
-                checkpoint.prune(j.checkpoint_path, j.checkpoint_name_prefix, j.keep_last,
-                                 protect=self.resume_from)
-        acc.wait_for_everyone()
-        return folder
+        return result
+
+    def _begin_checkpoint(self, staging: Path) -> None:
+        j = self.j_config
+        checkpoint.tidy(j.checkpoint_path, j.checkpoint_name_prefix)
+        staging.mkdir(parents=True)
+
+    def _publish_checkpoint(self, staging: Path, folder: Path, digests: dict[str, str]) -> None:
+        j = self.j_config
+        checkpoint.publish(staging, folder, digests, {
+            "prefix": j.checkpoint_name_prefix, "epochs_done": self.epochs_done,
+            "batches": self.batch, "world_size": self.world_size,
+            "platform": self.p_config.platform.name,
+            "mixed_precision": self.p_config.mixed_precision})
+        if j.keep_last:
+            checkpoint.prune(j.checkpoint_path, j.checkpoint_name_prefix, j.keep_last,
+                             protect=(self.resume_from, folder.name))
 
     def _write_checkpoint_files(self, staging: Path) -> dict[str, str]:
         acc = self.accelerator
@@ -455,13 +487,15 @@ class Trainer:
             "epochs_done": self.epochs_done, "batches": self.batch,
             "global_step": self.global_step, "batch_size": self.a_config.batch_size,
             "world_size": self.world_size, "data_seed": self.p_config.seed,
+            "gradient_accumulation_steps": self.j_config.gradient_accumulation_steps,
             "metrics": self.metrics}
         return checkpoint.write_all(staging, parts, model=acc.unwrap_model(self.model))
 
     def restore_checkpoint(self, name: str) -> None:
         """Load checkpoint ``name`` into the model, optimiser, scheduler, RNGs and position.
 
-        Its files were verified against the manifest by :meth:`check` before the job started.
+        Its files are verified against the manifest by :meth:`check`, which
+        :class:`~ddpw.wrapper.Wrapper` calls before the job starts.
         """
         acc, j = self.accelerator, self.j_config
         folder = Path(j.checkpoint_path) / name
@@ -476,15 +510,18 @@ class Trainer:
         self.epochs_done = self.epoch = state["epochs_done"]
         self.global_step, self.metrics = state["global_step"], state["metrics"]
         rank_file = f"rank-{self.global_rank}"
-        if state["world_size"] == self.world_size:
+        same_run_shape = (
+            (state["world_size"], state["batch_size"], state.get("gradient_accumulation_steps"))
+            == (self.world_size, self.a_config.batch_size, j.gradient_accumulation_steps))
+        if same_run_shape:
             rank_state = checkpoint.read_part(folder, rank_file)  # RNG states live on the CPU
             checkpoint.set_rng_state(rank_state["rng"], self.device)
             self._sums = {k: v.to(self.device) for k, v in rank_state["sums"].items()}
             self._sum_batches = rank_state["sum_batches"]
             self.batch = state["batches"]
         else:
-            # Another world size: no saved RNG stream belongs to this rank, so derive one from
-            # the seed and the position; the same samples remain to be seen in the epoch.
+            # Another world size or batch size: the saved RNG streams do not fit, so derive one
+            # from the seed and the position; the same samples remain to be seen in the epoch.
             consumed = state["batches"] * state["batch_size"] * state["world_size"]
             self.batch = consumed // (self.a_config.batch_size * self.world_size)
             set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import random
+import runpy
 import signal
 import sys
 import time
@@ -70,8 +71,9 @@ def run(job: Job) -> Any:
     try:
         with current_world(World.of(accelerator)):
             if trainer is not None:
-                trainer.setup(accelerator, job.p_config, job.a_config)
-                return trainer.run()
+                with trainer.pause_on_signals():
+                    trainer.setup(accelerator, job.p_config, job.a_config)
+                    return trainer.run()
             set_seed(job.p_config.seed, device_specific=True)
             return job.target(*job.args, **job.kwargs)
     finally:
@@ -105,8 +107,8 @@ def main(argv: list[str]) -> None:
 
     Reads the job that the launcher wrote to ``JOB_DIR``, runs it and writes the result (or the
     traceback) to ``JOB_DIR/result-{rank}.pkl`` (or ``error-{rank}.json``) for the launcher, then
-    ends the process: with status 0, :data:`~ddpw.errors.PAUSED_EXIT_STATUS` after a pause, or 1
-    after an exception.
+    ends the process: with status 0, :data:`~ddpw.errors.PAUSED_EXIT_STATUS` after a pause, 130
+    after Ctrl-C, or 1 after an exception.
     """
     job_dir = Path(argv[0])
     rank = int(os.environ.get("RANK", "0"))
@@ -125,8 +127,9 @@ def main(argv: list[str]) -> None:
         if isinstance(error, JobPaused):
             # The checkpoint is written: let no further signal (the agent ends the other ranks
             # with SIGTERM as soon as one exits) turn this clean pause into a kill.
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_IGN)
+            pause_signals = job.target.j_config.pause_signals
+            for name in {"SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", *pause_signals}:
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
         report = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc(),
                   "paused": error.checkpoint if isinstance(error, JobPaused) else None,
                   "secondary": isinstance(error, PeerFailed)}
@@ -136,6 +139,37 @@ def main(argv: list[str]) -> None:
         else:
             traceback.print_exc()
             status = 130 if isinstance(error, KeyboardInterrupt) else 1
+    _exit(status)
+
+
+def run_script(target: str, args: list[str], module: bool = False) -> None:
+    """Entry point of a process that runs a user's script for ``ddpw-launch``:
+    ``python -m ddpw.entry --script PATH ARGS...`` (or ``--module NAME ARGS...``).
+
+    The script runs as ``python PATH ARGS...`` would run it (as ``__main__``, with its folder
+    first on the import path and ``sys.argv`` set); then the process ends as ddpw's own workers
+    do, with the script's exit status.
+    """
+    _end_with_parent()
+    sys.argv = [target, *args]
+    try:
+        if module:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            sys.path.insert(0, str(Path(target).resolve().parent))
+            runpy.run_path(target, run_name="__main__")
+        status = 0
+    except SystemExit as error:
+        if error.code is None or isinstance(error.code, int):
+            status = error.code or 0
+        else:  # as Python itself does with sys.exit("message")
+            print(error.code, file=sys.stderr)
+            status = 1
+    except BaseException as error:
+        traceback.print_exc()
+        status = 130 if isinstance(error, KeyboardInterrupt) else 1
+    if status == 0:
+        _leave_process_group()
     _exit(status)
 
 

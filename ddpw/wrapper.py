@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import traceback
 import warnings
@@ -61,7 +62,7 @@ class Wrapper:
             if args or kwargs:
                 raise ConfigError("Wrapper.start(trainer, ...): a Trainer takes no arguments; "
                                   "put what it needs in its own attributes.")
-            target.check(self.p_config, self.a_config)
+            target.check(self.p_config, self.a_config, world_size=plan.world_size)
         elif not callable(target):
             raise ConfigError(f"Wrapper.start({target!r}): the target must be a ddpw Trainer or "
                               f"a function.")
@@ -74,6 +75,11 @@ class Wrapper:
                 warnings.warn(f"ddpw runs in place, in the existing launch's world of "
                               f"{plan.world_size} processes; PlatformConfig asks for "
                               f"{self.p_config.world_size}.", stacklevel=2)
+            launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+            if launched_precision not in (None, self.p_config.mixed_precision):
+                warnings.warn(f"the launch asks for mixed precision {launched_precision!r}; "
+                              f"this job uses PlatformConfig.mixed_precision="
+                              f"{self.p_config.mixed_precision!r}.", stacklevel=2)
             results = gather_object([run(job)])
         else:
             results = [_run_here(job)]

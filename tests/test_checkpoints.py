@@ -180,20 +180,15 @@ def test_a_checkpoint_from_a_newer_ddpw_is_refused(saved):
         evaluate(saved.parent.parent)
 
 
-def test_a_file_that_would_unpickle_is_never_unpickled(saved, tmp_path, monkeypatch):
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimiser.safetensors"])
+def test_a_file_that_would_unpickle_is_never_unpickled(saved, tmp_path, monkeypatch, victim):
     marker = tmp_path / "pwned"
 
     class Exploit:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    # An attacker who controls the files controls the manifest too: make it consistent.
-    (saved / "model.safetensors").write_bytes(pickle.dumps(Exploit()))
-    manifest = json.loads((saved / "manifest.json").read_text())
-    manifest["files"]["model.safetensors"] = {
-        "bytes": (saved / "model.safetensors").stat().st_size,
-        "sha256": ckpt._sha256(saved / "model.safetensors")}
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    (saved / victim).write_bytes(pickle.dumps(Exploit()))
 
     def refuse(*args, **kwargs):
         raise AssertionError("a checkpoint file was unpickled")
@@ -201,9 +196,12 @@ def test_a_file_that_would_unpickle_is_never_unpickled(saved, tmp_path, monkeypa
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
+    # The loaders themselves, past the manifest check (an attacker can rewrite the manifest).
     with pytest.raises(Exception) as caught:
-        run_without_copy(BlobTrainer(job(saved.parent.parent, mode=JobMode.EVALUATE, start_at=1)),
-                         artefacts())
+        if victim == "model.safetensors":
+            ckpt.read_model(saved, artefacts().model, "cpu")
+        else:
+            ckpt.read_part(saved, "optimiser")
     assert not isinstance(caught.value, AssertionError)
     assert not marker.exists()
 
@@ -235,6 +233,13 @@ def test_a_two_process_pause_resumes_on_one_process_with_the_remaining_samples(t
         InspectingTrainer(job(tmp_path, start_at=paused_at, epochs=2, save_every=0)))
     order = straight["seen_order"]
     assert resumed["seen_order"] == order[len(order) // 2 + 64:]  # epoch 2, after 64 samples
+    # Another batch size on the same world size: the position is re-derived, not copied.
+    rebatched = Wrapper(CPU2, artefacts(batch_size=16)).start(
+        InspectingTrainer(job(tmp_path, start_at=paused_at, epochs=2, save_every=0)))
+    # The last uneven batch is padded with samples from the start of the epoch's order.
+    seen = set(rebatched["seen"][0] + rebatched["seen"][1])
+    remaining = set(order[len(order) // 2 + 64:])
+    assert remaining <= seen and len(seen - remaining) < 2 * 16
     with pytest.raises(ConfigError, match=r"paused after 64 samples of epoch 2.*no whole number"):
         Wrapper(CPU1, artefacts(batch_size=48)).start(
             BlobTrainer(job(tmp_path, start_at=paused_at, epochs=2)))
@@ -253,6 +258,16 @@ def test_keep_last_prunes_but_never_the_checkpoint_resumed_from(tmp_path):
     Wrapper(CPU1, artefacts()).start(
         BlobTrainer(job(tmp_path, start_at=1, epochs=4, save_every=1, keep_last=1)))
     assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1", "ckpt_4"]
+
+
+def test_keep_last_keeps_the_most_recently_written_not_the_furthest(tmp_path):
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=4, save_every=2)))
+    # Go back to epoch 2 and train to 3: ckpt_3 is the newest, though ckpt_4 is further.
+    Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(tmp_path, start_at=2, epochs=3, save_every=1, keep_last=1)))
+    root = tmp_path / "checkpoint"
+    assert ckpt.available(root, "ckpt") == ["ckpt_2", "ckpt_3"]  # ckpt_2: resumed from
+    assert ckpt.latest(root, "ckpt") == "ckpt_3"
 
 
 def test_tied_weights_are_stored_once_and_come_back_tied(tmp_path):

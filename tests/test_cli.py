@@ -61,6 +61,7 @@ def test_a_leftover_accelerate_config_changes_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["world_size"], result["params_equal"]) == (2, True)
+    assert result["mixed_precision"] == "no", "the leftover config's bf16 was used"
 
 
 def test_a_failing_rank_gives_its_status_and_traceback(tmp_path):
@@ -68,7 +69,7 @@ def test_a_failing_rank_gives_its_status_and_traceback(tmp_path):
                       cwd=tmp_path)
     assert out.returncode == 1
     assert "RuntimeError: rank 1 fails on purpose" in out.stderr
-    assert "[ddpw] rank 1 failed (status 1)" in out.stderr
+    assert "[ddpw] rank 1 failed (exit status 1)" in out.stderr
 
 
 def test_a_script_using_wrapper_runs_in_place_under_ddpw_launch(tmp_path):
@@ -94,11 +95,28 @@ def test_a_script_using_wrapper_runs_in_place_under_ddpw_launch(tmp_path):
 
 def test_one_process_runs_the_script_in_the_commands_own_process(tmp_path):
     script = tmp_path / "one.py"
-    script.write_text("import os, sys; print(os.environ['ACCELERATE_USE_CPU'], sys.argv[1:])")
-    out = ddpw_launch("--platform", "cpu", "--n-procs", "1", str(script), "a", "--b",
-                      cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1 ['a', '--b']"
+    script.write_text("import os, sys; print(os.getpid(), os.environ['ACCELERATE_USE_CPU'], "
+                      "sys.argv[1:])")
+    command = subprocess.Popen([sys.executable, "-m", "ddpw", "--platform", "cpu", "--n-procs",
+                                "1", str(script), "a", "--b"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = command.communicate(timeout=120)
+    assert command.returncode == 0, err
+    assert out.strip() == f"{command.pid} 1 ['a', '--b']"
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ("os.kill(os.getpid(), signal.SIGTERM) if rank == 1 else time.sleep(30)", 143),
+    ("os.kill(os.getpid(), signal.SIGKILL) if rank == 1 else time.sleep(30)", 137),
+    ("sys.exit(4) if rank == 1 else None", 4),
+    ("None", 0),
+])
+def test_the_exit_status_is_the_failing_ranks(tmp_path, body, status):
+    script = tmp_path / "s.py"
+    script.write_text("import os, signal, sys, time\nrank = int(os.environ['RANK'])\n"
+                      f"{body}\n")
+    out = ddpw_launch("--platform", "cpu", "--n-procs", "2", str(script), cwd=tmp_path)
+    assert out.returncode == status, out.stderr
 
 
 # --- the plan as data, with the machine faked ------------------------------------------------
@@ -127,7 +145,8 @@ def test_dry_run_cpu(monkeypatch):
     assert plan["command"][1:3] == ["-m", "accelerate.commands.launch"]
     assert option(plan["command"], "--num_processes") == "4"
     assert "--multi_gpu" in plan["command"]
-    assert plan["command"][-3:] == ["train.py", "--lr", "1"]
+    assert plan["command"][-6:] == ["--module", "ddpw.entry", "--script", "train.py", "--lr",
+                                    "1"]
     assert plan["env"] == {"OMP_NUM_THREADS": "2", "ACCELERATE_USE_CPU": "1"}
     assert plan["accelerate_config"]["use_cpu"] is True
 
@@ -145,7 +164,8 @@ def test_dry_run_mps(monkeypatch):
     machine(monkeypatch, mps=True)
     plan = dry_run("--platform", "mps")
     assert (plan["mode"], plan["world_size"], plan["platform"]) == ("in_process", 1, "MPS")
-    assert plan["command"] == [sys.executable, "train.py", "--lr", "1"]
+    assert plan["command"] == [sys.executable, "-m", "ddpw.entry", "--script", "train.py",
+                               "--lr", "1"]
 
 
 @pytest.mark.parametrize(("cuda", "mps", "platform", "world"), [
@@ -164,7 +184,7 @@ def test_dry_run_module(monkeypatch):
     result = CliRunner().invoke(main, ["--dry-run", "--platform", "cpu", "--n-procs", "2", "-m",
                                        "pkg.train", "--x"])
     plan = json.loads(result.output)
-    assert plan["command"][-3:] == ["--module", "pkg.train", "--x"]
+    assert plan["command"][-5:] == ["--module", "ddpw.entry", "--module", "pkg.train", "--x"]
 
 
 def test_settings_come_from_a_config_file_and_flags_win(monkeypatch, tmp_path):

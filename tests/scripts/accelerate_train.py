@@ -51,6 +51,7 @@ def main():
             json.dump({"world_size": accelerator.num_processes,
                        "distributed_type": str(accelerator.distributed_type),
                        "params_equal": bool((all_params == all_params[0]).all()),
+                       "mixed_precision": accelerator.mixed_precision,
                        "seen": all_seen, "loss": loss.item()}, f)
     accelerator.end_training()
 
