@@ -123,3 +123,14 @@ class SlowTrainer(BlobTrainer):
 
 def evaluate_job(path, start_at) -> JobConfig:
     return job(path, mode=JobMode.EVALUATE, start_at=start_at)
+
+
+def wait_for_mid_epoch(folder, process, timeout: float = 120) -> None:
+    """Wait until a SlowTrainer run in ``process`` (started in ``folder``) is inside epoch 2."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while not (Path(folder) / "mid-epoch").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)

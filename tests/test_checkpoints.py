@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from jobs import BlobTrainer, InspectingTrainer, PausingTrainer, artefacts, job, step_lr
+from jobs import (
+    BlobTrainer,
+    InspectingTrainer,
+    PausingTrainer,
+    artefacts,
+    job,
+    step_lr,
+    wait_for_mid_epoch,
+)
 
 from ddpw import ConfigError, JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
 from ddpw import checkpoint as ckpt
@@ -79,10 +87,7 @@ def test_sigterm_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_exact(
     """))
     caller = subprocess.Popen([sys.executable, str(script), "0"], cwd=tmp_path, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "mid-epoch").exists():
-        assert caller.poll() is None and time.monotonic() < deadline, caller.communicate()
-        time.sleep(0.05)
+    wait_for_mid_epoch(tmp_path, caller)
     caller.send_signal(signal.SIGTERM)
     time.sleep(0.1)
     caller.send_signal(signal.SIGTERM)  # a second signal must not spoil the checkpoint

@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from jobs import wait_for_mid_epoch
 
 from ddpw import checkpoint as ckpt
 from ddpw.cli import main
@@ -249,10 +249,7 @@ def test_sigterm_to_ddpw_launch_pauses_a_ddpw_trainer_and_exits_75(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-m", "ddpw", "--platform", "cpu",
                                  "--n-procs", "2", str(script)], cwd=tmp_path, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "mid-epoch").exists():
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-        time.sleep(0.05)
+    wait_for_mid_epoch(tmp_path, launcher)
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == PAUSED_EXIT_STATUS, err
