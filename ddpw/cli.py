@@ -100,6 +100,10 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     if dry_run:
         click.echo(json.dumps(_describe(plan, entry), indent=2))
         return
+    if plan.mode is LaunchMode.SLURM:
+        raise click.UsageError("--platform slurm runs scripts in a later version (--dry-run "
+                               "shows the plan); a script written with ddpw's Wrapper can "
+                               "submit itself with PlatformConfig(platform=Platform.SLURM).")
     if plan.mode is not LaunchMode.ACCELERATE:
         # A world of one, or already inside a launch: the script becomes this process.
         os.execve(sys.executable, [sys.executable, "-m", *entry[1:]], {**os.environ, **plan.env})
@@ -162,7 +166,8 @@ def _as_option_names(message: str) -> str:
 
 def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
     """The plan as data, for --dry-run."""
-    if plan.mode is LaunchMode.ACCELERATE:
+    if plan.mode in (LaunchMode.ACCELERATE, LaunchMode.SLURM):
+        # On SLURM, each node adds its --machine_rank, --main_process_ip and --main_process_port.
         command = plan.command("ACCELERATE_CONFIG.json", entry)
     else:
         command = [sys.executable, "-m", *entry[1:]]
@@ -170,7 +175,7 @@ def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
             "world_size": plan.world_size, "command": command,
             "shell": shlex.join(command), "env": plan.env,
             "accelerate_config": plan.accelerate_config,
-            "standalone_rendezvous": plan.standalone,
+            "standalone_rendezvous": plan.standalone, "slurm": plan.slurm,
             "plan": {k: v for k, v in dataclasses.asdict(plan).items()
                      if k in ("threads_per_process", "accelerator_kwargs")}}
 

@@ -97,27 +97,39 @@ def launch(job: Job) -> list[Any]:
     :raises JobPaused: when the training job paused and saved a checkpoint.
     :raises KeyboardInterrupt: on Ctrl-C, once every process of the job has ended.
     """
-    plan = job.plan
-    payload = ship(job)
     with tempfile.TemporaryDirectory(prefix="ddpw-job-") as tmp:
         job_dir = Path(tmp)
-        (job_dir / "job.pkl").write_bytes(payload)
-        (job_dir / "meta.json").write_text(json.dumps({"sys_path": [p for p in sys.path if p]}))
-        outcome = run_accelerate(plan, ["--module", "ddpw.entry", str(job_dir)])
-        reports = _reports(job_dir, plan.world_size)
-        # A rank pauses only once every rank has written its part of the checkpoint.
-        paused = [r["paused"] for r in reports.values() if r["paused"]]
-        if paused:
-            raise JobPaused(paused[0])
-        results = [job_dir / f"result-{rank}.pkl" for rank in range(plan.world_size)]
-        if not outcome.failures and all(path.is_file() for path in results):
-            return [cloudpickle.loads(path.read_bytes()) for path in results]
-        if outcome.stopped_by == signal.SIGINT:
-            raise KeyboardInterrupt
-        if outcome.stopped_by is not None:
-            raise WorkerError(f"the job was stopped by {outcome.stopped_by.name}; every "
-                              f"process of it has ended")
-        raise _explain(reports, outcome.failures, plan.world_size)
+        write_job(job, job_dir)
+        outcome = run_accelerate(job.plan, ["--module", "ddpw.entry", str(job_dir)])
+        return collect(job_dir, job.plan.world_size, outcome)
+
+
+def write_job(job: Job, job_dir: Path) -> None:
+    """Write ``job`` where ``python -m ddpw.entry JOB_DIR`` reads it."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "job.pkl").write_bytes(ship(job))
+    (job_dir / "meta.json").write_text(json.dumps({"sys_path": [p for p in sys.path if p]}))
+
+
+def collect(job_dir: Path, world_size: int, outcome: Outcome) -> list[Any]:
+    """The ranks' results from ``job_dir`` in rank order, or the error that explains why not.
+
+    :raises JobPaused, KeyboardInterrupt, WorkerError: as :func:`launch`.
+    """
+    reports = _reports(job_dir, world_size)
+    # A rank pauses only once every rank has written its part of the checkpoint.
+    paused = [r["paused"] for r in reports.values() if r["paused"]]
+    if paused:
+        raise JobPaused(paused[0])
+    results = [job_dir / f"result-{rank}.pkl" for rank in range(world_size)]
+    if not outcome.failures and all(path.is_file() for path in results):
+        return [cloudpickle.loads(path.read_bytes()) for path in results]
+    if outcome.stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt
+    if outcome.stopped_by is not None:
+        raise WorkerError(f"the job was stopped by {outcome.stopped_by.name}; every process "
+                          f"of it has ended")
+    raise _explain(reports, outcome.failures, world_size)
 
 
 def _launch_env(plan_env: dict[str, str]) -> dict[str, str]:

@@ -58,6 +58,8 @@ class LaunchMode(Enum):
     IN_PLACE = "in_place"
     #: ``accelerate launch`` starts ``world_size`` worker processes on this machine.
     ACCELERATE = "accelerate"
+    #: A SLURM job (through submitit) runs one ``accelerate launch`` on each of its nodes.
+    SLURM = "slurm"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class LaunchPlan:
         ``--standalone`` mode), so that jobs started at the same time cannot race for a port.
     :param srun_env: the caller is one task of a multi-task ``srun`` step, and the process-group
         variables are derived from SLURM's before the job runs in place.
+    :param slurm: for :attr:`LaunchMode.SLURM`, the parameters of submitit's executor (one task
+        per node, whose ``accelerate launch`` adds ``--machine_rank``, ``--main_process_ip``
+        and ``--main_process_port`` on the node).
     """
 
     mode: LaunchMode
@@ -93,6 +98,7 @@ class LaunchPlan:
     accelerate_config: dict[str, Any] = field(default_factory=dict)
     standalone: bool = False
     srun_env: bool = False
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     def accelerate_args(self, config_file: str, entry: list[str]) -> list[str]:
         """The arguments of ``accelerate launch`` that start ``entry`` on every process."""
@@ -109,10 +115,8 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
 
     :raises ConfigError: when the machine cannot run what ``config`` asks for, with what to change.
     """
-    if config.platform is Platform.SLURM:
-        raise ConfigError("PlatformConfig.platform=Platform.SLURM cannot be launched by this "
-                          "version of ddpw yet; use Platform.CPU, Platform.GPU or Platform.MPS.")
-    _check_devices(config, facts)
+    if config.platform is not Platform.SLURM:
+        _check_devices(config, facts)
     accelerator_kwargs: dict[str, Any] = {
         "cpu": config.platform is Platform.CPU,
         "mixed_precision": config.mixed_precision,
@@ -125,6 +129,8 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
                           accelerator_kwargs=accelerator_kwargs,
                           srun_env="WORLD_SIZE" not in env)
 
+    if config.platform is Platform.SLURM:
+        return _slurm_plan(config, accelerator_kwargs)
     procs = config.procs_per_node
     threads = config.cpus_per_task
     if threads is None and config.platform is Platform.CPU and procs > 1:
@@ -163,6 +169,35 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
                       env=worker_env, launch_args=launch_args,
                       accelerate_config=accelerate_config,
                       standalone=config.master_port is None)
+
+
+def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> LaunchPlan:
+    """One SLURM task per node, holding a core per thread of each of its processes."""
+    procs, threads = config.procs_per_node, config.cpus_per_task or 1
+    slurm: dict[str, Any] = {
+        "name": config.name, "nodes": config.n_nodes, "tasks_per_node": 1,
+        "cpus_per_task": procs * threads, "timeout_min": config.timeout_min,
+        "slurm_partition": config.partition,
+    }
+    if config.uses_gpus:
+        slurm["gpus_per_node"] = config.n_gpus
+    if config.mem_gb is not None:
+        slurm["mem_gb"] = config.mem_gb
+    env = {"OMP_NUM_THREADS": str(threads)}
+    if not config.uses_gpus:
+        accelerator_kwargs = {**accelerator_kwargs, "cpu": True}
+        env["ACCELERATE_USE_CPU"] = "1"
+    launch_args = ("--multi_gpu", "--num_processes", str(config.world_size),
+                   "--num_machines", str(config.n_nodes), "--dynamo_backend", "no")
+    accelerate_config = {
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
+        "mixed_precision": config.mixed_precision, "use_cpu": not config.uses_gpus,
+        "debug": False,
+    }
+    return LaunchPlan(mode=LaunchMode.SLURM, platform=Platform.SLURM,
+                      world_size=config.world_size, threads_per_process=threads,
+                      accelerator_kwargs=accelerator_kwargs, env=env, launch_args=launch_args,
+                      accelerate_config=accelerate_config, slurm=slurm)
 
 
 def auto_platform(facts: MachineFacts) -> dict[str, Any]:

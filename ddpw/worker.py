@@ -110,9 +110,13 @@ def main(argv: list[str]) -> None:
     ends the process: with status 0, :data:`~ddpw.errors.PAUSED_EXIT_STATUS` after a pause, 130
     after Ctrl-C, or 1 after an exception.
     """
-    job_dir = Path(argv[0])
-    rank = int(os.environ.get("RANK", "0"))
     _end_with_parent()
+    _exit(execute(Path(argv[0])))
+
+
+def execute(job_dir: Path) -> int:
+    """Run the job in ``job_dir`` as this process's rank and report; return the exit status."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         meta = json.loads((job_dir / "meta.json").read_text())
         # The caller's import path, so that its modules (a script's folder) import here too.
@@ -139,7 +143,7 @@ def main(argv: list[str]) -> None:
         else:
             traceback.print_exc()
             status = 130 if isinstance(error, KeyboardInterrupt) else 1
-    _exit(status)
+    return status
 
 
 def run_script(target: str, args: list[str], module: bool = False) -> None:

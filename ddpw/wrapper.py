@@ -70,6 +70,10 @@ class Wrapper:
                   args=args, kwargs=kwargs)
         if plan.mode is LaunchMode.ACCELERATE:
             results = launch(job)
+        elif plan.mode is LaunchMode.SLURM:
+            from .slurm import submit
+
+            results = submit(job)
         elif plan.mode is LaunchMode.IN_PLACE:
             if plan.world_size != self.p_config.world_size:
                 warnings.warn(f"ddpw runs in place, in the existing launch's world of "

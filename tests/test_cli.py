@@ -254,3 +254,16 @@ def test_sigterm_to_ddpw_launch_pauses_a_ddpw_trainer_and_exits_75(tmp_path):
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == PAUSED_EXIT_STATUS, err
     assert ckpt.latest(tmp_path / "checkpoint", "ckpt").startswith("ckpt_1_batch")
+
+
+def test_dry_run_slurm_shows_the_sbatch_parameters(monkeypatch):
+    machine(monkeypatch)
+    plan = dry_run("--platform", "slurm", "--n-nodes", "2", "--n-gpus", "4", "--partition",
+                   "gpu", "--mem-gb", "64")
+    assert plan["mode"] == "slurm" and plan["world_size"] == 8
+    assert plan["slurm"] == {"name": "DDPW", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 4,
+                             "gpus_per_node": 4, "mem_gb": 64.0, "timeout_min": 2880,
+                             "slurm_partition": "gpu"}
+    assert option(plan["command"], "--num_machines") == "2"
+    refused = CliRunner().invoke(main, ["--platform", "slurm", "train.py"])
+    assert refused.exit_code == 2 and "--platform slurm runs scripts in a later" in refused.output

@@ -211,11 +211,27 @@ def test_mps_available_runs_in_process():
     assert plan.accelerator_kwargs["cpu"] is False
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"n_gpus": 0, "n_procs": 2}, {"n_nodes": 2}])
-def test_slurm_not_launchable_yet(kwargs):
-    config = PlatformConfig(platform=Platform.SLURM, **kwargs)
-    with pytest.raises(ConfigError, match=r"PlatformConfig\.platform=Platform\.SLURM"):
-        resolve_plan(config, machine(cuda=8, cpus=64))
+@pytest.mark.parametrize(("kwargs", "expected", "world"), [
+    # A GPU partition: one task per node holding a core per GPU process, the GPUs, the memory.
+    ({"n_nodes": 2, "n_gpus": 4, "cpus_per_task": 8, "mem_gb": 256, "partition": "gpu",
+      "timeout_min": 60, "name": "big"},
+     {"name": "big", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 32, "gpus_per_node": 4,
+      "mem_gb": 256, "timeout_min": 60, "slurm_partition": "gpu"}, 8),
+    # A CPU-only partition: n_procs processes per node, one core each by default.
+    ({"n_nodes": 3, "n_gpus": 0, "n_procs": 2},
+     {"name": "DDPW", "nodes": 3, "tasks_per_node": 1, "cpus_per_task": 2, "timeout_min": 2880,
+      "slurm_partition": "general"}, 6),
+])
+def test_slurm_parameters_as_data(kwargs, expected, world):
+    # The submitting machine needs no GPU: the nodes have them.
+    plan = resolve_plan(PlatformConfig(platform=Platform.SLURM, **kwargs), machine(cuda=0))
+    assert plan.mode is LaunchMode.SLURM and plan.world_size == world
+    assert plan.slurm == expected
+    assert option(plan, "--num_processes") == str(world)
+    assert option(plan, "--num_machines") == str(kwargs["n_nodes"])
+    uses_cpu = kwargs["n_gpus"] == 0
+    assert plan.accelerator_kwargs["cpu"] is uses_cpu
+    assert ("ACCELERATE_USE_CPU" in plan.env) is uses_cpu
 
 
 # ------------------------------------------------------------------------------------------------

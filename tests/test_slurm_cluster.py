@@ -6,32 +6,9 @@ the tests are skipped with the script's reason, shown by `pytest -ra`.
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
-import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm-cluster"
-UNAVAILABLE = 3
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """A two-node cluster under the script's default root (the munge and mysql users must be
-    able to reach it, which pytest's private temporary folders do not allow); yields the
-    environment its clients need."""
-    started = subprocess.run([str(SCRIPT), "start", "--nodes", "2"], capture_output=True,
-                             text=True, timeout=600)
-    if started.returncode == UNAVAILABLE:
-        pytest.skip(f"no SLURM cluster here: {started.stderr.strip()}")
-    assert started.returncode == 0, started.stderr
-    export = started.stdout.strip().splitlines()[-1]
-    name, _, value = export.removeprefix("export ").partition("=")
-    yield {**os.environ, name: value}
-    stopped = subprocess.run([str(SCRIPT), "stop"], capture_output=True, text=True,
-                             timeout=120)
-    assert stopped.returncode == 0, stopped.stderr
+from conftest import SLURM_CLUSTER as SCRIPT
 
 
 def run(env, *command: str) -> subprocess.CompletedProcess:
