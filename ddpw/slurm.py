@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from .errors import WorkerError
+from .errors import ConfigError, WorkerError
 from .launcher import Outcome, collect, run_accelerate, write_job
 from .plan import LaunchPlan
 from .trainer import Trainer
@@ -34,6 +35,7 @@ def submit(job: Job) -> list[Any]:
     """
     import submitit
 
+    check_cluster(job.plan)
     logs = Path(job.target.j_config.console_logs_path if isinstance(job.target, Trainer)
                 else "./logs/console_logs")
     folder = (logs / f"{job.p_config.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
@@ -51,6 +53,34 @@ def submit(job: Job) -> list[Any]:
                               details=str(error)) from error
     # The ranks' reports in the job folder say more than submitit can.
     return collect(folder / "job", job.plan.world_size, Outcome({}, None))
+
+
+def check_cluster(plan: LaunchPlan) -> None:
+    """Check, before submitting, that the cluster can run ``plan`` at all.
+
+    :raises ConfigError: for missing SLURM tools, an unknown partition, or more nodes or cores
+        per node than the partition has.
+    """
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        raise ConfigError("PlatformConfig.platform=Platform.SLURM needs SLURM's sbatch and sinfo "
+                          "on this machine's PATH; submit from a login node of the cluster.")
+    partition = plan.slurm["slurm_partition"]
+    shown = subprocess.run(["sinfo", "-h", "-o", "%R %D %c"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise ConfigError(f"sinfo cannot reach the cluster: {shown.stderr.strip()}")
+    partitions = {name: (int(nodes), int(cpus.rstrip("+")))
+                  for name, nodes, cpus in (line.split() for line in shown.stdout.splitlines())}
+    if partition not in partitions:
+        raise ConfigError(f"PlatformConfig.partition={partition!r} is not a partition of this "
+                          f"cluster: one of {', '.join(sorted(partitions))}.")
+    nodes, cpus = partitions[partition]
+    if plan.slurm["nodes"] > nodes:
+        raise ConfigError(f"PlatformConfig.n_nodes={plan.slurm['nodes']} is more than partition "
+                          f"{partition!r} has ({nodes}).")
+    if plan.slurm["cpus_per_task"] > cpus:
+        raise ConfigError(f"PlatformConfig: {plan.slurm['cpus_per_task']} cores per node "
+                          f"(processes x cpus_per_task) is more than the {cpus} of a node of "
+                          f"partition {partition!r}.")
 
 
 def run_on_node(job_dir: str, plan: LaunchPlan) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from jobs import InspectingTrainer, artefacts, job
 
-from ddpw import Platform, PlatformConfig, WorkerError, Wrapper, world
+from ddpw import ConfigError, Platform, PlatformConfig, WorkerError, Wrapper, world
 
 
 @pytest.fixture
@@ -48,3 +50,23 @@ def test_a_failing_rank_surfaces_its_traceback(cluster):
     with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
         Wrapper(p_config).start(fail_on_node_one)
     assert "ValueError: node one is unhappy" in caught.value.details
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"partition": "nope"}, r"PlatformConfig\.partition='nope' is not a partition of this "
+                            r"cluster: one of debug, urgent"),
+    ({"n_nodes": 3}, r"PlatformConfig\.n_nodes=3 is more than partition 'debug' has \(2\)"),
+    ({"n_procs": 2, "cpus_per_task": 2}, r"4 cores per node .* more than the 2"),
+])
+def test_what_the_cluster_cannot_run_is_refused_before_submission(cluster, fields, message):
+    p_config = PlatformConfig(**{"platform": Platform.SLURM, "n_gpus": 0, "partition": "debug",
+                                 **fields})
+    with pytest.raises(ConfigError, match=message):
+        Wrapper(p_config).start(where, 0)
+    assert not list((Path("logs")).glob("*/job")), "a job was written"
+
+
+def test_slurm_tools_missing_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="needs SLURM's sbatch and sinfo"):
+        Wrapper(PlatformConfig(platform=Platform.SLURM, n_gpus=0)).start(where, 0)
