@@ -8,6 +8,7 @@ platform's plan can be tested as data, including GPU and MPS plans on a machine 
 from __future__ import annotations
 
 import os
+import random
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -198,6 +199,12 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
                       world_size=config.world_size, threads_per_process=threads,
                       accelerator_kwargs=accelerator_kwargs, env=env, launch_args=launch_args,
                       accelerate_config=accelerate_config, slurm=slurm)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The rendezvous port of a SLURM job: derived from its id, so every node and task agrees
+    on it without talking, and jobs sharing a node rarely collide."""
+    return random.Random(job_id).randint(20000, 60000)
 
 
 def auto_platform(facts: MachineFacts) -> dict[str, Any]:

@@ -20,12 +20,9 @@ from typing import Any
 
 from .errors import ConfigError, WorkerError
 from .launcher import Outcome, collect, run_accelerate, write_job
-from .plan import LaunchPlan
+from .plan import LaunchPlan, rendezvous_port
 from .trainer import Trainer
 from .worker import Job, execute
-
-#: Ports for the rendezvous are derived from the job id in this range, the same on every node.
-PORTS = (20000, 60000)
 
 
 def submit(job: Job) -> list[Any]:
@@ -93,8 +90,7 @@ def run_on_node(job_dir: str, plan: LaunchPlan) -> None:
         if execute(Path(job_dir)):
             raise RuntimeError("the job's only process failed")
         return
-    job_id = int(os.environ["SLURM_JOB_ID"])
-    port = PORTS[0] + job_id % (PORTS[1] - PORTS[0])
+    port = rendezvous_port(os.environ["SLURM_JOB_ID"])
     node_plan = dataclasses.replace(plan, launch_args=(
         *plan.launch_args, "--machine_rank", str(node), "--main_process_ip", main_address(),
         "--main_process_port", str(port)))
@@ -109,13 +105,9 @@ def main_address() -> str:
     SLURM knows each node's address (``NodeAddr``); a name that only SLURM knows (several
     nodes on one machine, as in tests) would not resolve through DNS.
     """
-    first = _first_host(os.environ["SLURM_JOB_NODELIST"])
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    first = SlurmJobEnvironment().hostnames[0]
     shown = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True)
     match = re.search(r"NodeAddr=(\S+)", shown.stdout)
     return match.group(1) if match else socket.gethostbyname(first)
-
-
-def _first_host(node_list: str) -> str:
-    from submitit.slurm.slurm import _parse_node_list
-
-    return _parse_node_list(node_list)[0]

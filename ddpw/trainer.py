@@ -405,10 +405,7 @@ class Trainer:
         return bool(value.item() > 0)
 
     def _pause(self, saved: bool) -> None:
-        folder = (Path(self.j_config.checkpoint_path) /
-                  Position(self.epochs_done, self.batch).name(self.j_config.checkpoint_name_prefix))
-        if not saved:
-            folder = self.save_checkpoint()
+        folder = self._position_folder() if saved else self.save_checkpoint()
         if self.verbose:
             self.accelerator.print(f"\n[ddpw] paused at epoch {self.epoch}, batch {self.batch}: "
                                    f"saved {folder}")
@@ -427,9 +424,7 @@ class Trainer:
         :returns: the checkpoint's folder.
         :raises PeerFailed: on the ranks whose own part went well when another rank's failed.
         """
-        j = self.j_config
-        folder = (Path(j.checkpoint_path) /
-                  Position(self.epochs_done, self.batch).name(j.checkpoint_name_prefix))
+        folder = self._position_folder()
         staging = checkpoint.staging_path(folder)
         # Three steps, each ending with every rank learning whether any rank failed, so that a
         # failure (a full disk, say) never leaves the others waiting at a barrier.
@@ -438,6 +433,12 @@ class Trainer:
         self._agree(folder, lambda: self._publish_checkpoint(staging, folder, digests),
                     main_only=True)
         return folder
+
+    def _position_folder(self) -> Path:
+        """The folder of the checkpoint of the current position."""
+        j = self.j_config
+        return (Path(j.checkpoint_path) /
+                Position(self.epochs_done, self.batch).name(j.checkpoint_name_prefix))
 
     def _agree(self, folder: Path, step: Callable[[], Any], main_only: bool = False) -> Any:
         result, error = None, None

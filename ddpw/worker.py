@@ -10,7 +10,6 @@ import atexit
 import json
 import os
 import pickle
-import random
 import runpy
 import signal
 import sys
@@ -29,7 +28,7 @@ from accelerate.utils import set_seed
 
 from .artefacts import ArtefactsConfig
 from .errors import JobPaused, PeerFailed
-from .plan import LaunchMode, LaunchPlan
+from .plan import LaunchMode, LaunchPlan, rendezvous_port
 from .platform import PlatformConfig
 from .trainer import Trainer
 from .utils import World, current_world
@@ -88,15 +87,14 @@ def run(job: Job) -> Any:
 def _export_srun_env() -> None:
     """Set torch.distributed's variables for one task of a multi-task ``srun`` step from SLURM's.
 
-    The rendezvous port derives from the job id (as submitit's does), so every task agrees on it
-    without talking; ``MASTER_ADDR`` and ``MASTER_PORT`` already set are kept.
+    The rendezvous port derives from the job id (:func:`~ddpw.plan.rendezvous_port`);
+    ``MASTER_ADDR`` and ``MASTER_PORT`` already set are kept.
     """
     from submitit.slurm.slurm import SlurmJobEnvironment
 
     slurm = SlurmJobEnvironment()
-    port = random.Random(slurm.job_id).randint(20000, 60000)
     os.environ.setdefault("MASTER_ADDR", slurm.hostnames[0])
-    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("MASTER_PORT", str(rendezvous_port(slurm.job_id)))
     os.environ.update({"RANK": str(slurm.global_rank), "WORLD_SIZE": str(slurm.num_tasks),
                        "LOCAL_RANK": str(slurm.local_rank),
                        "LOCAL_WORLD_SIZE": str(slurm.num_tasks // slurm.num_nodes)})
