@@ -89,8 +89,11 @@ def test_sigterm_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_exact(
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_mid_epoch(tmp_path, caller)
     caller.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
-    caller.send_signal(signal.SIGTERM)  # a second signal must not spoil the checkpoint
+    # A second signal while the ranks finish their step and save must not spoil the
+    # checkpoint. It follows at once: the pause takes at least one 50 ms step, so it lands
+    # during the pause (0.1 s later it could land after the job, and end the caller itself).
+    time.sleep(0.005)
+    caller.send_signal(signal.SIGTERM)
     _, err = caller.communicate(timeout=120)
     assert caller.returncode == PAUSED_EXIT_STATUS, err
     paused_at = ckpt.latest(tmp_path / "checkpoint", "ckpt")
