@@ -5,13 +5,17 @@ The seed's API lives in its own modules (``ddpw.platform``, ``ddpw.artefacts``, 
 ``ddpw.wrapper``); the names are also importable from ``ddpw`` itself.
 """
 
-from .artefacts import ArtefactsConfig
-from .errors import ConfigError, JobPaused, WorkerError
-from .job import JobConfig, JobMode
-from .platform import Platform, PlatformConfig
-from .trainer import Trainer
-from .utils import World, world
-from .wrapper import Wrapper
+from . import _requeue_signal
+
+_requeue_signal.install()  # first, before torch is imported (see the module)
+
+from .artefacts import ArtefactsConfig  # noqa: E402
+from .errors import ConfigError, JobPaused, WorkerError  # noqa: E402
+from .job import JobConfig, JobMode  # noqa: E402
+from .platform import Platform, PlatformConfig  # noqa: E402
+from .trainer import Trainer  # noqa: E402
+from .utils import World, restartable, world  # noqa: E402
+from .wrapper import Wrapper  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,5 +32,6 @@ __all__ = [
     "World",
     "Wrapper",
     "__version__",
+    "restartable",
     "world",
 ]

@@ -20,10 +20,11 @@ from typing import Any
 
 import click
 
-from .errors import PAUSED_EXIT_STATUS, ConfigError
+from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
 from .launcher import LOST_PEER, Logs, describe_status, root_cause, run_accelerate
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
-from .platform import MIXED_PRECISION, Platform, PlatformConfig
+from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
+from .slurm import ON_INTERRUPT, submit
 
 EXAMPLES = """\b
 Examples:
@@ -32,15 +33,20 @@ Examples:
   ddpw-launch -m my_package.train --epochs 3          (run a module)
   ddpw-launch --config cluster.toml train.py           (settings from a file)
   ddpw-launch --platform cpu --n-procs 4 --dry-run train.py
+  ddpw-launch --platform slurm --n-nodes 2 --n-gpus 4 --partition gpu \
+      --account proj --slurm-parameter mail_type=END train.py
 
 \b
 Exit status: the job's; 0 on success, the first failing rank's status otherwise,
 75 when a ddpw Trainer paused, 128+N when signal N stopped the job.
+On SLURM: 143 when the job was cancelled, 124 when it ran out of time.
 """
 
 #: The settings a --config file may hold, with the options that set them.
 FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partition",
-          "timeout_min", "mem_gb", "name", "mixed_precision", "master_port")
+          "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
+          "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit", "name",
+          "mixed_precision", "master_port")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"],
@@ -59,6 +65,26 @@ FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partitio
 @click.option("--timeout-min", type=click.IntRange(min=1), help="SLURM time limit, minutes.")
 @click.option("--mem-gb", type=click.FloatRange(min=0, min_open=True),
               help="SLURM memory per node, GiB.")
+@click.option("--account", help="SLURM account to charge.")
+@click.option("--qos", help="SLURM quality of service.")
+@click.option("--constraint", help="SLURM node features required.")
+@click.option("--exclusive", is_flag=True, default=None, help="SLURM nodes not shared.")
+@click.option("--slurm-parameter", "slurm_parameters", multiple=True, metavar="KEY=VALUE",
+              help="Any other sbatch option, such as mail_type=END (repeatable; a bare KEY "
+                   "gives a flag).")
+@click.option("--requeue-signal", type=click.Choice(REQUEUE_SIGNALS),
+              help="Signal SLURM sends ahead of a preemption or the time limit [default: "
+                   "SIGUSR2]; a ddpw Trainer pauses on it and the job requeues itself.")
+@click.option("--signal-delay-s", type=click.IntRange(min=1),
+              help="Seconds before the time limit that SLURM sends it [default: 90].")
+@click.option("--requeue-limit", type=click.IntRange(min=0),
+              help="Times the job may requeue itself [default: 10].")
+@click.option("--no-wait", is_flag=True,
+              help="SLURM: print the job id and log folder and return once submitted.")
+@click.option("--on-interrupt", type=click.Choice(ON_INTERRUPT), default="ask",
+              show_default=True,
+              help="SLURM: what Ctrl-C does while waiting (ask: cancel the job when there is "
+                   "no terminal to ask on).")
 @click.option("--name", help="The job's name (log folder, SLURM job name) [default: DDPW].")
 @click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION),
               help="Mixed precision for Accelerate [default: no].")
@@ -81,7 +107,8 @@ FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partitio
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def main(script: str, script_args: tuple[str, ...], module: bool, config_file: str | None,
-         log_dir: str, all_ranks: bool, dry_run: bool, **options: Any) -> None:
+         log_dir: str, all_ranks: bool, dry_run: bool, no_wait: bool, on_interrupt: str,
+         **options: Any) -> None:
     """Run SCRIPT (with SCRIPT_ARGS) on every process of a platform.
 
     SCRIPT may be any Python script: one that uses ddpw's Wrapper, or a plain Accelerate
@@ -89,9 +116,11 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     processes). A leftover `accelerate config` file on this machine is ignored.
     """
     facts = MachineFacts.probe()
+    options["slurm_parameters"] = _slurm_parameters(options["slurm_parameters"])
     settings = _settings(options, config_file, facts)
     try:
-        plan = resolve_plan(PlatformConfig(**settings), facts)
+        p_config = PlatformConfig(**settings)
+        plan = resolve_plan(p_config, facts)
     except ConfigError as error:
         raise click.UsageError(_as_option_names(str(error))) from None
     # ddpw's entry point runs the script in every process, and ends each one cleanly.
@@ -101,9 +130,9 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
         click.echo(json.dumps(_describe(plan, entry), indent=2))
         return
     if plan.mode is LaunchMode.SLURM:
-        raise click.UsageError("--platform slurm runs scripts in a later version (--dry-run "
-                               "shows the plan); a script written with ddpw's Wrapper can "
-                               "submit itself with PlatformConfig(platform=Platform.SLURM).")
+        if not module:  # the nodes may start elsewhere than here
+            entry[3] = str(Path(script).resolve())
+        sys.exit(_submit(p_config, plan, entry, log_dir, no_wait, on_interrupt, all_ranks))
     if plan.mode is not LaunchMode.ACCELERATE:
         # A world of one, or already inside a launch: the script becomes this process.
         os.execve(sys.executable, [sys.executable, "-m", *entry[1:]], {**os.environ, **plan.env})
@@ -115,10 +144,50 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     sys.exit(_exit_status(outcome.failures, outcome.stopped_by, folder, all_ranks))
 
 
+def _submit(p_config: PlatformConfig, plan: LaunchPlan, entry: list[str], log_dir: str,
+            no_wait: bool, on_interrupt: str, all_ranks: bool) -> int:
+    """Submit the script to SLURM; wait for it unless ``no_wait``; return the exit status."""
+    try:
+        submission = submit(p_config, plan, log_dir, script=entry[2:])
+    except ConfigError as error:
+        raise click.UsageError(_as_option_names(str(error))) from None
+    if no_wait:
+        click.echo(json.dumps({"job_id": submission.job_id, "folder": str(submission.folder),
+                               "console_log": str(submission.console_log)}))
+        return 0
+    try:
+        submission.wait(on_interrupt)
+    except KeyboardInterrupt:
+        return 130
+    except WorkerError as error:
+        click.echo(f"[ddpw] {error}", err=True)
+    status, failures = submission.exit_status()
+    if status == 1 and failures:
+        return _exit_status(failures, None, submission.folder, all_ranks)
+    if status:
+        click.echo(f"[ddpw] SLURM job {submission.job_id} ended with status {status}; logs in "
+                   f"{submission.folder}", err=True)
+    return status
+
+
+def _slurm_parameters(given: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--slurm-parameter KEY=VALUE`` options as a dict (``KEY`` alone is a flag)."""
+    if not given:
+        return None
+    parameters: dict[str, Any] = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        parameters[key.strip().replace("-", "_")] = value if sep else True
+    return parameters
+
+
 def _settings(options: dict[str, Any], config_file: str | None,
               facts: MachineFacts) -> dict[str, Any]:
     """The PlatformConfig fields: the config file's, overridden by the options given."""
     settings = _read_config(Path(config_file)) if config_file else {}
+    if options.get("slurm_parameters") and settings.get("slurm_parameters"):
+        options["slurm_parameters"] = {**settings["slurm_parameters"],
+                                       **options["slurm_parameters"]}
     settings.update({k: v for k, v in options.items() if v is not None})
     platform = str(settings.get("platform", "auto")).lower()
     if platform == "auto":
@@ -171,13 +240,18 @@ def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
         command = plan.command("ACCELERATE_CONFIG.json", entry)
     else:
         command = [sys.executable, "-m", *entry[1:]]
+    per_node = {}
+    if plan.mode is LaunchMode.SLURM:
+        per_node = {"per_node_args": [
+            "--machine_rank", "<SLURM_NODEID>", "--main_process_ip", "<the first node's address>",
+            "--main_process_port", "<a port from 20000 to 60000 derived from the job id>"]}
     return {"mode": plan.mode.value, "platform": plan.platform.name,
             "world_size": plan.world_size, "command": command,
             "shell": shlex.join(command), "env": plan.env,
             "accelerate_config": plan.accelerate_config,
             "standalone_rendezvous": plan.standalone, "slurm": plan.slurm,
             "plan": {k: v for k, v in dataclasses.asdict(plan).items()
-                     if k in ("threads_per_process", "accelerator_kwargs")}}
+                     if k in ("threads_per_process", "accelerator_kwargs")}, **per_node}
 
 
 def _exit_status(failures: dict[int, tuple[int, float]], stopped_by: signal.Signals | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ _LAUNCH_LOCK = threading.Lock()
 #: Signals that ddpw passes on to every process of a job while it runs: the pause signals. The
 #: agent is told to leave them alone (it would stop monitoring the job at the first one, and a
 #: second one would interrupt its wait for the processes to end).
-_FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
                    if hasattr(signal, name))
 #: Signals that torchrun's agent handles itself, by ending the job.
 _AGENT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGHUP", "SIGQUIT")
@@ -51,10 +53,12 @@ class Outcome:
 
     :param failures: ``{rank: (exit status, time)}`` of the processes that failed.
     :param stopped_by: the signal that stopped the job, or ``None``.
+    :param received: every signal passed on to the processes, in order.
     """
 
     failures: dict[int, tuple[int, float]]
     stopped_by: signal.Signals | None
+    received: tuple[signal.Signals, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,28 +68,36 @@ class Logs:
     :param folder: the job's log folder.
     :param all_ranks: show every rank's output on the console rather than the main rank's
         alone; each line is prefixed with its rank.
+    :param first_rank: the global rank of this node's first process (``r`` counts from it).
     """
 
     folder: Path
     all_ranks: bool = False
+    first_rank: int = 0
 
 
-def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None) -> Outcome:
+def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
+                   forward: tuple[signal.Signals, ...] = FORWARDED) -> Outcome:
     """Start ``entry`` (a script and its arguments, or ``--module NAME ...``) on every process
     of ``plan`` with ``accelerate launch``, in this process, and wait for them all.
 
-    torchrun's agent ends every process of the job when one fails, and passes a signal that it
-    receives on to them. Launches from several threads of one process run one after the other.
+    torchrun's agent ends every process of the job when one fails. The ``forward`` signals are
+    passed on to the job's processes while it runs. Launches from several threads of one
+    process run one after the other; logs of a later launch into the same folder are appended.
     """
     with tempfile.TemporaryDirectory(prefix="ddpw-launch-") as tmp, _LAUNCH_LOCK:
         config_file = Path(tmp) / "accelerate.json"
         config_file.write_text(json.dumps(plan.accelerate_config))
         args = plan.accelerate_args(str(config_file), entry)
         # torchrun writes into a folder of its own inside the job's, flattened at the end.
-        torchrun_logs = logs.folder / ".torchrun" if logs else None
-        outcome = _run(args, _launch_env(plan.env), plan.standalone, torchrun_logs, logs)
+        torchrun_logs = logs.folder / f".torchrun-{logs.first_rank}" if logs else None
+        if torchrun_logs is not None and torchrun_logs.exists():
+            # An earlier attempt was killed before it could collect its logs: collect them now.
+            _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
+        outcome = _run(args, launch_env(plan.env), plan.standalone, torchrun_logs, logs,
+                       forward)
         if torchrun_logs is not None:
-            _collect_logs(torchrun_logs, logs.folder)
+            _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
         return outcome
 
 
@@ -102,6 +114,20 @@ def launch(job: Job) -> list[Any]:
         write_job(job, job_dir)
         outcome = run_accelerate(job.plan, ["--module", "ddpw.entry", str(job_dir)])
         return collect(job_dir, job.plan.world_size, outcome)
+
+
+def new_job_folder(root: str | Path, name: str) -> Path:
+    """Make and return a new folder ``root/NAME-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... when jobs of
+    that name start within one second)."""
+    base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def write_job(job: Job, job_dir: Path) -> None:
@@ -132,7 +158,9 @@ def collect(job_dir: Path, world_size: int, outcome: Outcome) -> list[Any]:
     raise _explain(reports, outcome.failures, world_size)
 
 
-def _launch_env(plan_env: dict[str, str]) -> dict[str, str]:
+def launch_env(plan_env: dict[str, str]) -> dict[str, str]:
+    """The environment that ddpw's processes get on top of the caller's: the plan's, and an
+    import path that finds this ddpw."""
     env = dict(plan_env)
     package_root = Path(__file__).resolve().parent.parent
     if package_root.name not in ("site-packages", "dist-packages"):
@@ -180,7 +208,7 @@ def _unpicklable_part(job: Job) -> str | None:
 
 
 def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path | None,
-         logs: Logs | None) -> Outcome:
+         logs: Logs | None, forward: tuple[signal.Signals, ...]) -> Outcome:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -197,7 +225,7 @@ def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path |
         parsed.local_ranks_filter = "" if logs.all_ranks else "0"
         env = {**env, "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]: "}
     received: list[signal.Signals] = []
-    handlers = _forward_signals(received)
+    handlers = forward_signals(received, forward)
     try:
         with patch_environment(**env):
             launch_command(parsed)
@@ -209,11 +237,12 @@ def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path |
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return Outcome(failures, received[0] if received else None)
+    return Outcome(failures, received[0] if received else None, tuple(received))
 
 
-def _forward_signals(received: list[signal.Signals]) -> dict[signal.Signals, Any]:
-    """Until the handlers returned are restored, pass the :data:`_FORWARDED` signals on to the
+def forward_signals(received: list[signal.Signals],
+                    signals: tuple[signal.Signals, ...] = FORWARDED) -> dict[signal.Signals, Any]:
+    """Until the handlers returned are restored, pass the ``signals`` on to the
     processes that this process starts from now on (the job's), recording them in ``received``.
 
     Signal handlers belong to the main thread: from another thread, nothing is forwarded.
@@ -232,16 +261,19 @@ def _forward_signals(received: list[signal.Signals]) -> dict[signal.Signals, Any
                 with contextlib.suppress(psutil.Error):
                     child.send_signal(signum)
 
-    handlers = {sig: signal.getsignal(sig) for sig in _FORWARDED + _AGENT_SIGNALS}
-    for sig in _FORWARDED:
+    handlers = {sig: signal.getsignal(sig) for sig in signals + _AGENT_SIGNALS}
+    for sig in signals:
         signal.signal(sig, forward)
     return handlers
 
 
-def _collect_logs(torchrun_dir: Path, folder: Path) -> None:
-    """Move torchrun's ``{run}/attempt_0/{local rank}/std*.log`` to ``folder/rank-{r}.std*.log``."""
+def _collect_logs(torchrun_dir: Path, folder: Path, first_rank: int) -> None:
+    """Append torchrun's ``{run}/attempt_0/{local rank}/std*.log`` to
+    ``folder/rank-{first_rank + local rank}.std*.log``."""
     for log in sorted(torchrun_dir.glob("*/attempt_*/*/std*.log")):
-        shutil.move(log, folder / f"rank-{log.parent.name}.{log.name}")
+        rank = first_rank + int(log.parent.name)
+        with open(folder / f"rank-{rank}.{log.name}", "ab") as out, open(log, "rb") as f:
+            shutil.copyfileobj(f, out)
     shutil.rmtree(torchrun_dir, ignore_errors=True)
 
 

@@ -184,6 +184,17 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
         slurm["gpus_per_node"] = config.n_gpus
     if config.mem_gb is not None:
         slurm["mem_gb"] = config.mem_gb
+    for name in ("account", "qos", "constraint"):
+        if getattr(config, name) is not None:
+            slurm[f"slurm_{name}"] = getattr(config, name)
+    if config.exclusive:
+        slurm["slurm_exclusive"] = True
+    # submitit asks for SIGUSR2 unless told otherwise, on both sides of the job.
+    sig = config.requeue_signal.removeprefix("SIG")
+    slurm["slurm_signal_delay_s"] = config.signal_delay_s
+    slurm["slurm_additional_parameters"] = {"signal": f"{sig}@{config.signal_delay_s}",
+                                            **config.slurm_parameters}
+    slurm["slurm_setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={sig}"]
     env = {"OMP_NUM_THREADS": str(threads)}
     if not config.uses_gpus:
         accelerator_kwargs = {**accelerator_kwargs, "cpu": True}

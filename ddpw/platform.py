@@ -8,8 +8,10 @@ out by :func:`ddpw.plan.resolve_plan`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from ._checks import check_choice, check_int, check_type, fail
 from .errors import ConfigError
@@ -44,6 +46,21 @@ class Platform(Enum):
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
+#: Signals SLURM may send ahead of the end of a job; SIGTERM and SIGINT also stop it for good
+#: (``scancel``, Ctrl-C), so they cannot mean "requeue".
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+
+#: sbatch options that PlatformConfig fields set: ``slurm_parameters`` may not set them again.
+_SLURM_OWN = {
+    "job_name": "name", "nodes": "n_nodes", "ntasks_per_node": "n_procs / n_gpus",
+    "cpus_per_task": "cpus_per_task", "gpus_per_node": "n_gpus", "partition": "partition",
+    "time": "timeout_min", "mem": "mem_gb", "account": "account", "qos": "qos",
+    "constraint": "constraint", "exclusive": "exclusive",
+    "signal": "requeue_signal / signal_delay_s", "output": "the job's log folder",
+    "error": "the job's log folder", "requeue": "ddpw (from the kind of job)",
+    "no_requeue": "ddpw (from the kind of job)",
+}
+
 
 @dataclass
 class PlatformConfig:
@@ -62,10 +79,26 @@ class PlatformConfig:
     :param partition: SLURM partition.
     :param timeout_min: SLURM time limit in minutes.
     :param mem_gb: SLURM memory per node in GiB; ``None`` leaves the partition's default.
+    :param account: SLURM account to charge (``sbatch --account``).
+    :param qos: SLURM quality of service (``sbatch --qos``).
+    :param constraint: SLURM node features required (``sbatch --constraint``).
+    :param exclusive: SLURM nodes not shared with other jobs (``sbatch --exclusive``).
+    :param slurm_parameters: any other ``sbatch`` option, ``{"mail_type": "END"}`` for
+        ``--mail-type=END``; ``True`` gives a bare flag. An option that a field above sets, or
+        that ddpw sets itself (``requeue``), is refused.
+    :param requeue_signal: the signal SLURM sends ahead of a preemption or the time limit
+        (``sbatch --signal``): a :class:`~ddpw.trainer.Trainer` pauses at the next step boundary
+        and the job requeues itself and resumes from that checkpoint. It must be one of the
+        Trainer's ``pause_signals``.
+    :param signal_delay_s: how many seconds before the time limit SLURM sends
+        ``requeue_signal``: enough to finish a step and write a checkpoint.
+    :param requeue_limit: how many times a job may requeue itself; one more preemption or time
+        limit ends it with an error naming its last checkpoint.
     :param seed: seeds Python, NumPy and torch on every rank (offset by the rank, so that dropout
         differs across ranks) and the data order (the same on every rank, so shards never overlap).
-    :param master_addr: address of the rank-0 machine, for jobs on several nodes; a job on one
-        machine always meets on this machine.
+    :param master_addr: kept from the seed's API, and checked, but not needed: a job on one
+        machine meets on this machine, and a SLURM job on its first node, whose address ddpw
+        asks SLURM for.
     :param master_port: the port of the rendezvous. ``None`` (the default) lets it bind a free
         port, so two jobs on one machine never collide; a fixed number is used as given.
     :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
@@ -82,6 +115,14 @@ class PlatformConfig:
     partition: str = "general"
     timeout_min: int = 2880
     mem_gb: float | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    slurm_parameters: dict[str, Any] = field(default_factory=dict)
+    requeue_signal: str = "SIGUSR2"
+    signal_delay_s: int = 90
+    requeue_limit: int = 10
     seed: int = 1889
     master_addr: str = "localhost"
     master_port: int | None = None
@@ -102,12 +143,40 @@ class PlatformConfig:
                                         or not isinstance(self.mem_gb, (int, float))
                                         or not 0 < self.mem_gb < math.inf):
             fail(owner, "mem_gb", self.mem_gb, "a positive number of GiB or None")
+        for name in ("account", "qos", "constraint"):
+            check_type(owner, name, getattr(self, name), (str, type(None)), "a string or None")
+        check_type(owner, "exclusive", self.exclusive, bool, "True or False")
+        self._check_slurm_parameters()
+        if self.requeue_signal not in REQUEUE_SIGNALS:
+            fail(owner, "requeue_signal", self.requeue_signal, "one of " + ", ".join(
+                repr(name) for name in REQUEUE_SIGNALS))
+        check_int(owner, "signal_delay_s", self.signal_delay_s, 1)
+        if self.platform is Platform.SLURM and self.signal_delay_s >= self.timeout_min * 60:
+            fail(owner, "timeout_min", self.timeout_min,
+                 f"more than signal_delay_s={self.signal_delay_s} seconds: SLURM sends "
+                 f"{self.requeue_signal} that long before the time limit, to pause the job")
+        check_int(owner, "requeue_limit", self.requeue_limit, 0)
         check_int(owner, "seed", self.seed, 0)
         check_type(owner, "master_addr", self.master_addr, str, "a host name or IP address")
         check_int(owner, "master_port", self.master_port, 1, optional=True, maximum=65535)
         check_choice(owner, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_type(owner, "verbose", self.verbose, bool, "True or False")
         self._check_shape()
+
+    def _check_slurm_parameters(self) -> None:
+        owner, given = "PlatformConfig", self.slurm_parameters
+        valid = ("a dict of sbatch options without their dashes, such as {'mail_type': 'END'}, "
+                 "with str, int, float or True values")
+        if not isinstance(given, dict):
+            fail(owner, "slurm_parameters", given, valid)
+        for key, value in given.items():
+            if not (isinstance(key, str) and re.fullmatch(r"[a-z][a-z0-9_-]*", key)
+                    and isinstance(value, (str, int, float)) and value is not False):
+                fail(owner, "slurm_parameters", given, valid)
+            if key.replace("-", "_") in _SLURM_OWN:
+                fail(owner, "slurm_parameters", given,
+                     f"options other than ddpw's own ({key!r} comes from "
+                     f"{_SLURM_OWN[key.replace('-', '_')]})")
 
     def _check_shape(self) -> None:
         owner, p = "PlatformConfig", self.platform

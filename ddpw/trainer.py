@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -37,12 +38,18 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import _requeue_signal, checkpoint
 from .artefacts import ArtefactsConfig
 from .checkpoint import Position
 from .errors import ConfigError, JobPaused, PeerFailed
 from .job import JobConfig, JobMode
-from .platform import PlatformConfig
+from .platform import Platform, PlatformConfig
+
+#: Set by ddpw's SLURM node runner: the file where the main rank notes each checkpoint that it
+#: publishes, so that a requeued job knows where to resume.
+CHECKPOINT_RECORD_ENV = "DDPW_CHECKPOINT_RECORD"
+#: Set by ddpw's SLURM node runner in a requeued job: the newest checkpoint noted.
+RESUME_ENV = "DDPW_RESUME_FROM"
 
 
 class Trainer:
@@ -132,6 +139,11 @@ class Trainer:
         if a_config.model is None:
             raise ConfigError("ArtefactsConfig.model=None: a Trainer needs a torch.nn.Module.")
         training = j.job_type is not JobMode.EVALUATE
+        if (p_config.platform is Platform.SLURM and training
+                and p_config.requeue_signal not in j.pause_signals):
+            raise ConfigError(f"JobConfig.pause_signals={j.pause_signals} lacks "
+                              f"PlatformConfig.requeue_signal={p_config.requeue_signal!r}: the "
+                              f"job could not pause and requeue before SLURM ends it.")
         if training and a_config.train_set is None:
             raise ConfigError(f"ArtefactsConfig.train_set=None: JobMode.{j.job_type.name} needs "
                               f"a training set.")
@@ -140,8 +152,10 @@ class Trainer:
                               f"needs a callable model -> torch.optim.Optimizer.")
         if not training and a_config.test_set is None:
             raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
-        self.resume_from = (checkpoint.resolve(j.checkpoint_path, j.checkpoint_name_prefix,
-                                               j.start_at) if j.restores else None)
+        self.resume_from = self._requeued_from() if training else None
+        if self.resume_from is None and j.restores:
+            self.resume_from = checkpoint.resolve(j.checkpoint_path, j.checkpoint_name_prefix,
+                                                  j.start_at)
         if self.resume_from is None:
             if not training and j.start_at == checkpoint.LATEST:
                 raise ConfigError(f"JobConfig.start_at='latest': there is no checkpoint with "
@@ -153,6 +167,17 @@ class Trainer:
         checkpoint.check_fits(folder, a_config.model)
         if training:
             self._check_position(folder, a_config, world_size or p_config.world_size)
+
+    def _requeued_from(self) -> str | None:
+        """In a SLURM job that requeued itself: the newest checkpoint that this trainer wrote
+        before, which the job resumes from whatever ``start_at`` says."""
+        j, noted = self.j_config, os.environ.get(RESUME_ENV)
+        if not noted:
+            return None
+        folder = Path(noted)
+        mine = folder.parent == Path(j.checkpoint_path).resolve()
+        return folder.name if mine and Position.parse(folder.name, j.checkpoint_name_prefix) \
+            else None
 
     def _check_position(self, folder: Path, a_config: ArtefactsConfig, world_size: int) -> None:
         state = json.loads((folder / "state.json").read_text())
@@ -374,6 +399,9 @@ class Trainer:
             # Only a flag: the work happens at the next step boundary, where all ranks agree.
             self._pause_requested = True
 
+        if _requeue_signal.take():  # SLURM's warning came while the process started
+            self._pause_requested = True
+
         previous = {}
         for name in self.j_config.pause_signals:
             sig = getattr(signal, name)
@@ -467,6 +495,10 @@ class Trainer:
             "batches": self.batch, "world_size": self.world_size,
             "platform": self.p_config.platform.name,
             "mixed_precision": self.p_config.mixed_precision})
+        record = os.environ.get(CHECKPOINT_RECORD_ENV)
+        if record:
+            with open(record, "a") as f:
+                f.write(f"{folder.resolve()}\n")
         if j.keep_last:
             checkpoint.prune(j.checkpoint_path, j.checkpoint_name_prefix, j.keep_last,
                              protect=(self.resume_from, folder.name))

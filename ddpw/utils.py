@@ -8,16 +8,18 @@ others::
 
     def count_samples(shard: list[int]) -> int:
         w = world()
-        total = w.accelerator.reduce(torch.tensor(len(shard)), reduction="sum")
+        total = w.accelerator.reduce(torch.tensor(len(shard), device=w.device),
+                                     reduction="sum")
         return int(total)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -84,3 +86,27 @@ def current_world(w: World) -> Iterator[World]:
         yield w
     finally:
         _current = previous
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def restartable(fn: F) -> F:
+    """Mark a function as safe to start again from its beginning.
+
+    On SLURM, a preemption or the time limit then ends the job's processes and requeues it, and
+    the function runs again (it may look for work it saved itself). An unmarked function runs on
+    after the warning signal, and its job is never requeued: SLURM ends it.
+
+    ::
+
+        @restartable
+        def embed_corpus(shard_folder: str) -> int: ...
+    """
+    fn.__ddpw_restartable__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_restartable(fn: Any) -> bool:
+    """Whether ``fn`` was marked with :func:`restartable`."""
+    return bool(getattr(fn, "__ddpw_restartable__", False))

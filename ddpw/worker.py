@@ -30,7 +30,7 @@ from .artefacts import ArtefactsConfig
 from .errors import JobPaused, PeerFailed
 from .plan import LaunchMode, LaunchPlan, rendezvous_port
 from .platform import PlatformConfig
-from .trainer import Trainer
+from .trainer import RESUME_ENV, Trainer
 from .utils import World, current_world
 
 
@@ -65,6 +65,9 @@ def run(job: Job) -> Any:
     if plan.threads_per_process is not None:
         torch.set_num_threads(plan.threads_per_process)
     trainer = job.target if isinstance(job.target, Trainer) else None
+    if trainer is not None and os.environ.get(RESUME_ENV):
+        # A requeued SLURM job: choose again, now that the job has checkpoints of its own.
+        trainer.check(job.p_config, job.a_config, world_size=plan.world_size)
     extra = trainer.accelerator_kwargs(job.p_config) if trainer is not None else {}
     accelerator = Accelerator(**plan.accelerator_kwargs, **extra)
     try:

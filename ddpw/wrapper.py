@@ -15,7 +15,8 @@ from .artefacts import ArtefactsConfig
 from .errors import ConfigError, WorkerError
 from .launcher import launch, ship
 from .plan import LaunchMode, MachineFacts, resolve_plan
-from .platform import PlatformConfig
+from .platform import Platform, PlatformConfig
+from .slurm import ON_INTERRUPT, submit
 from .trainer import Trainer
 from .worker import Job, run
 
@@ -26,17 +27,34 @@ class Wrapper:
     :param p_config: where to run.
     :param a_config: the model and data, for :class:`~ddpw.trainer.Trainer` jobs; functions need
         none.
+    :param wait: SLURM only: ``False`` makes :meth:`start` return a
+        :class:`~ddpw.slurm.Submission` as soon as the job is submitted, rather than wait for
+        its result.
+    :param on_interrupt: SLURM only: on Ctrl-C while :meth:`start` waits, ``"ask"`` whether to
+        cancel the job (cancel it when there is no terminal to ask on), ``"cancel"`` it, or
+        ``"keep"`` it running.
     """
 
-    def __init__(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None = None) -> None:
+    def __init__(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None = None, *,
+                 wait: bool = True, on_interrupt: str = "ask") -> None:
         if not isinstance(p_config, PlatformConfig):
             raise ConfigError(f"Wrapper(p_config={p_config!r}): needs a "
                               f"ddpw.platform.PlatformConfig.")
         if a_config is not None and not isinstance(a_config, ArtefactsConfig):
             raise ConfigError(f"Wrapper(a_config={type(a_config).__name__}): needs a "
                               f"ddpw.artefacts.ArtefactsConfig or None.")
+        if not isinstance(wait, bool):
+            raise ConfigError(f"Wrapper(wait={wait!r}): needs True or False.")
+        if not wait and p_config.platform is not Platform.SLURM:
+            raise ConfigError(f"Wrapper(wait=False): only SLURM jobs run on without the caller; "
+                              f"PlatformConfig.platform is {p_config.platform}.")
+        if on_interrupt not in ON_INTERRUPT:
+            raise ConfigError(f"Wrapper(on_interrupt={on_interrupt!r}): one of "
+                              f"{', '.join(map(repr, ON_INTERRUPT))}.")
         self.p_config = p_config
         self.a_config = a_config
+        self.wait = wait
+        self.on_interrupt = on_interrupt
 
     def start(self, target: Trainer | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``target`` on every process of the platform and wait for it to finish.
@@ -47,13 +65,20 @@ class Wrapper:
         ``ddpw-launch``, a multi-task ``srun``), the job runs in place, on every rank, and
         nothing more is launched.
 
+        On SLURM, the job is submitted (its folder is under ``JobConfig.console_logs_path``, or
+        ``./logs/console_logs`` for a function) and, unless ``wait=False``, waited for: its state
+        changes and main rank's output are shown as they come (with
+        ``PlatformConfig.verbose``). A preemption or the time limit pauses a Trainer, and the
+        job requeues itself and resumes from that checkpoint.
+
         :param target: a :class:`~ddpw.trainer.Trainer`, or a function to run on every rank
             (:func:`ddpw.utils.world` tells it its rank).
         :param args: positional arguments for a function target.
         :param kwargs: keyword arguments for a function target.
         :returns: for a Trainer, the main process's metrics as plain floats (the evaluation
             metrics for ``EVALUATE``, the last epoch's for ``TRAIN`` and ``RESUME``); for a
-            function, the list of what it returned on each rank, in rank order.
+            function, the list of what it returned on each rank, in rank order; with
+            ``wait=False``, the :class:`~ddpw.slurm.Submission`.
         :raises ConfigError: for anything that cannot run, before any process starts.
         :raises WorkerError: when a rank raises or dies; the job's processes are all ended.
         """
@@ -71,9 +96,10 @@ class Wrapper:
         if plan.mode is LaunchMode.ACCELERATE:
             results = launch(job)
         elif plan.mode is LaunchMode.SLURM:
-            from .slurm import submit
-
-            results = submit(job)
+            logs = (target.j_config.console_logs_path if isinstance(target, Trainer)
+                    else "./logs/console_logs")
+            submission = submit(self.p_config, plan, logs, job=job)
+            return submission.wait(self.on_interrupt) if self.wait else submission
         elif plan.mode is LaunchMode.IN_PLACE:
             if plan.world_size != self.p_config.world_size:
                 warnings.warn(f"ddpw runs in place, in the existing launch's world of "

@@ -121,6 +121,12 @@ class SlowTrainer(BlobTrainer):
         return super().train_step(batch)
 
 
+def final_files(folder) -> dict[str, bytes]:
+    """The files of a checkpoint that an exact resume must reproduce bit for bit."""
+    return {name: (folder / name).read_bytes()
+            for name in ("model.safetensors", "optimiser.safetensors", "scheduler.json")}
+
+
 def evaluate_job(path, start_at) -> JobConfig:
     return job(path, mode=JobMode.EVALUATE, start_at=start_at)
 

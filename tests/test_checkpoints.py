@@ -19,6 +19,7 @@ from jobs import (
     InspectingTrainer,
     PausingTrainer,
     artefacts,
+    final_files,
     job,
     step_lr,
     wait_for_mid_epoch,
@@ -35,11 +36,6 @@ CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
 TESTS = Path(__file__).resolve().parent
 EXACT = {"scheduler_loader": step_lr}  # with shuffling and dropout, always on in these tests
 ACCUMULATE = {"gradient_accumulation_steps": 2}
-
-
-def final_files(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes()
-            for name in ("model.safetensors", "optimiser.safetensors", "scheduler.json")}
 
 
 @pytest.fixture(scope="module")

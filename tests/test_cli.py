@@ -263,7 +263,31 @@ def test_dry_run_slurm_shows_the_sbatch_parameters(monkeypatch):
     assert plan["mode"] == "slurm" and plan["world_size"] == 8
     assert plan["slurm"] == {"name": "DDPW", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 4,
                              "gpus_per_node": 4, "mem_gb": 64.0, "timeout_min": 2880,
-                             "slurm_partition": "gpu"}
+                             "slurm_partition": "gpu", "slurm_signal_delay_s": 90,
+                             "slurm_additional_parameters": {"signal": "USR2@90"},
+                             "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR2"]}
     assert option(plan["command"], "--num_machines") == "2"
-    refused = CliRunner().invoke(main, ["--platform", "slurm", "train.py"])
-    assert refused.exit_code == 2 and "--platform slurm runs scripts in a later" in refused.output
+    assert plan["per_node_args"][0::2] == ["--machine_rank", "--main_process_ip",
+                                           "--main_process_port"]
+
+
+def test_slurm_pass_through_options(monkeypatch):
+    machine(monkeypatch)
+    plan = dry_run("--platform", "slurm", "--n-gpus", "0", "--account", "proj", "--qos", "low",
+                   "--constraint", "avx512", "--exclusive", "--slurm-parameter", "mail_type=END",
+                   "--slurm-parameter", "hint", "--requeue-signal", "SIGUSR1",
+                   "--signal-delay-s", "120", "--requeue-limit", "3")
+    slurm = plan["slurm"]
+    assert (slurm["slurm_account"], slurm["slurm_qos"], slurm["slurm_constraint"]) == (
+        "proj", "low", "avx512")
+    assert slurm["slurm_exclusive"] is True
+    assert slurm["slurm_additional_parameters"] == {"signal": "USR1@120", "mail_type": "END",
+                                                    "hint": True}
+
+
+def test_a_signal_delay_longer_than_the_time_limit_is_refused(monkeypatch):
+    machine(monkeypatch)
+    refused = CliRunner().invoke(main, ["--platform", "slurm", "--n-gpus", "0", "--timeout-min",
+                                        "1", "--dry-run", "train.py"])
+    assert refused.exit_code == 2
+    assert "--timeout-min=1 is not valid: more than signal_delay_s=90" in refused.output

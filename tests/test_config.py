@@ -512,3 +512,28 @@ def test_split_keeps_tensors_whose_paths_look_alike():
 def test_a_path_is_not_a_dataset(value):
     with pytest.raises(ConfigError, match=r"ArtefactsConfig\.train_set=.*map-style dataset"):
         ArtefactsConfig(train_set=value)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"timeout_min": 1}, r"PlatformConfig\.timeout_min=1 is not valid: more than "
+                         r"signal_delay_s=90 seconds"),
+    ({"timeout_min": 10, "signal_delay_s": 600}, r"PlatformConfig\.timeout_min=10 is not valid"),
+    ({"requeue_signal": "SIGTERM"}, r"requeue_signal='SIGTERM' is not valid: one of 'SIGUSR1', "
+                                    r"'SIGUSR2'"),
+    ({"requeue_limit": -1}, r"requeue_limit=-1 is not valid: an integer >= 0"),
+    ({"signal_delay_s": 0}, r"signal_delay_s=0 is not valid"),
+    ({"exclusive": "yes"}, r"exclusive='yes' is not valid: True or False"),
+    ({"account": 7}, r"account=7 is not valid: a string or None"),
+    ({"slurm_parameters": {"time": 5}}, r"'time' comes from timeout_min"),
+    ({"slurm_parameters": {"job-name": "x"}}, r"'job-name' comes from name"),
+    ({"slurm_parameters": {"mail_type": None}}, r"slurm_parameters=.* with str, int, float or "
+                                                r"True values"),
+    ({"slurm_parameters": ["mail_type=END"]}, r"a dict of sbatch options"),
+])
+def test_slurm_fields_are_checked(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        PlatformConfig(platform=Platform.SLURM, n_gpus=0, **fields)
+
+
+def test_a_short_timeout_is_fine_off_slurm():
+    assert PlatformConfig(platform=Platform.CPU, timeout_min=1).timeout_min == 1

@@ -211,16 +211,30 @@ def test_mps_available_runs_in_process():
     assert plan.accelerator_kwargs["cpu"] is False
 
 
+SIGNAL_90 = {"slurm_signal_delay_s": 90, "slurm_additional_parameters": {"signal": "USR2@90"},
+             "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR2"]}
+
+
 @pytest.mark.parametrize(("kwargs", "expected", "world"), [
     # A GPU partition: one task per node holding a core per GPU process, the GPUs, the memory.
     ({"n_nodes": 2, "n_gpus": 4, "cpus_per_task": 8, "mem_gb": 256, "partition": "gpu",
       "timeout_min": 60, "name": "big"},
      {"name": "big", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 32, "gpus_per_node": 4,
-      "mem_gb": 256, "timeout_min": 60, "slurm_partition": "gpu"}, 8),
+      "mem_gb": 256, "timeout_min": 60, "slurm_partition": "gpu", **SIGNAL_90}, 8),
     # A CPU-only partition: n_procs processes per node, one core each by default.
     ({"n_nodes": 3, "n_gpus": 0, "n_procs": 2},
      {"name": "DDPW", "nodes": 3, "tasks_per_node": 1, "cpus_per_task": 2, "timeout_min": 2880,
-      "slurm_partition": "general"}, 6),
+      "slurm_partition": "general", **SIGNAL_90}, 6),
+    # Account, QoS, constraint, exclusive, another signal, and any other sbatch option.
+    ({"n_nodes": 1, "n_gpus": 8, "account": "proj42", "qos": "high", "constraint": "a100",
+      "exclusive": True, "requeue_signal": "SIGUSR1", "signal_delay_s": 300,
+      "slurm_parameters": {"mail_type": "END", "mail-user": "me@example.org", "hint": True}},
+     {"name": "DDPW", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 8, "gpus_per_node": 8,
+      "timeout_min": 2880, "slurm_partition": "general", "slurm_account": "proj42",
+      "slurm_qos": "high", "slurm_constraint": "a100", "slurm_exclusive": True,
+      "slurm_signal_delay_s": 300, "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR1"],
+      "slurm_additional_parameters": {"signal": "USR1@300", "mail_type": "END",
+                                      "mail-user": "me@example.org", "hint": True}}, 8),
 ])
 def test_slurm_parameters_as_data(kwargs, expected, world):
     # The submitting machine needs no GPU: the nodes have them.
@@ -319,3 +333,27 @@ def test_probe_this_machine():
     assert 1 <= facts.cpu_count <= (os.cpu_count() or 1)
     assert isinstance(facts.mps_available, bool)
     assert dict(facts.env) == dict(os.environ)
+
+
+def test_the_sbatch_script_that_submitit_writes_from_the_plan(tmp_path):
+    """The parameters as sbatch sees them: submitit's own rendering of the plan."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_gpus=4, cpus_per_task=6,
+                            mem_gb=128, account="proj42", exclusive=True, timeout_min=90,
+                            slurm_parameters={"mail_type": "END"})
+    slurm = resolve_plan(config, machine(cuda=0)).slurm
+    parameters = {"job_name": slurm["name"], "nodes": slurm["nodes"],
+                  "ntasks_per_node": slurm["tasks_per_node"],
+                  "cpus_per_task": slurm["cpus_per_task"], "gpus_per_node": 4, "mem": "128GB",
+                  "time": slurm["timeout_min"], "partition": slurm["slurm_partition"],
+                  "account": "proj42", "exclusive": True,
+                  "signal_delay_s": slurm["slurm_signal_delay_s"],
+                  "additional_parameters": slurm["slurm_additional_parameters"],
+                  "setup": slurm["slurm_setup"]}
+    script = _make_sbatch_string(command="run", folder=tmp_path, **parameters)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=24",
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --mem=128GB", "#SBATCH --time=90",
+                 "#SBATCH --account=proj42", "#SBATCH --exclusive", "#SBATCH --signal=USR2@90",
+                 "#SBATCH --mail-type=END", "export SUBMITIT_PREEMPT_SIGNAL=USR2"):
+        assert line in script.splitlines(), line

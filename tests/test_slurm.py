@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from jobs import InspectingTrainer, artefacts, job
+from jobs import InspectingTrainer, SlowTrainer, artefacts, final_files, job, step_lr
 
-from ddpw import ConfigError, Platform, PlatformConfig, WorkerError, Wrapper, world
+from ddpw import (
+    ConfigError,
+    Platform,
+    PlatformConfig,
+    WorkerError,
+    Wrapper,
+    restartable,
+    world,
+)
+
+TESTS = Path(__file__).resolve().parent
+SLURM_CPU = {"platform": Platform.SLURM, "n_gpus": 0, "partition": "debug", "timeout_min": 5,
+             "verbose": False}
+EXACT = {"scheduler_loader": step_lr}
+ACCUMULATE = {"gradient_accumulation_steps": 2}
 
 
 @pytest.fixture
@@ -68,5 +88,199 @@ def test_what_the_cluster_cannot_run_is_refused_before_submission(cluster, field
 
 def test_slurm_tools_missing_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ConfigError, match="needs SLURM's sbatch and sinfo"):
+    with pytest.raises(ConfigError, match=r"needs SLURM's sbatch, sinfo, sacct and scancel "
+                                          r".*\(missing: sbatch, sinfo"):
         Wrapper(PlatformConfig(platform=Platform.SLURM, n_gpus=0)).start(where, 0)
+
+
+# --- preemption, time limits and requeue -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Four epochs on 2 local processes without a stop: the reference for every resume."""
+    path = tmp_path_factory.mktemp("uninterrupted")
+    cpu2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+    Wrapper(cpu2, artefacts(**EXACT)).start(
+        SlowTrainer(job(path, epochs=4, save_every=4, **ACCUMULATE)))
+    return final_files(path / "checkpoint" / "ckpt_4")
+
+
+def wait_for(path: Path, submission, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        assert not submission.done(), f"the job ended first: {submission.result()}"
+        time.sleep(0.1)
+
+
+def noted_checkpoints(submission) -> list[str]:
+    return [Path(line).name for line in
+            (submission.folder / "checkpoints.txt").read_text().split()]
+
+
+def slow_training(tmp_path, **platform):
+    p_config = PlatformConfig(**{**SLURM_CPU, **platform})
+    return Wrapper(p_config, artefacts(**EXACT), wait=False).start(
+        SlowTrainer(job(tmp_path, epochs=4, save_every=4, **ACCUMULATE)))
+
+
+def test_a_signal_mid_epoch_pauses_requeues_and_resumes_bitwise(cluster, tmp_path,
+                                                                 uninterrupted):
+    submission = slow_training(tmp_path, n_procs=2)
+    wait_for(tmp_path / "mid-epoch", submission)
+    subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
+    metrics = submission.wait()
+    assert metrics["epoch"] == 4
+    paused, last = noted_checkpoints(submission)
+    assert paused.startswith("ckpt_1_batch") and last == "ckpt_4"
+    assert final_files(tmp_path / "checkpoint" / "ckpt_4") == uninterrupted
+    console = submission.console_log.read_text()
+    assert "[ddpw] requeued SLURM job" in console
+    assert f"[ddpw] attempt 2: resuming from {tmp_path / 'checkpoint' / paused}" in console
+
+
+def test_a_real_preemption_of_a_two_node_job_requeues_it_and_resumes_bitwise(
+        cluster, tmp_path, uninterrupted):
+    submission = slow_training(tmp_path, n_nodes=2, n_procs=1, timeout_min=20)
+    wait_for(tmp_path / "mid-epoch", submission)
+    # Both nodes, exclusively, on the partition of higher priority: SLURM preempts our job.
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N2", "--exclusive",
+                             "-o", str(tmp_path / "urgent.out"), "--wrap", "sleep 1"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    metrics = submission.wait()
+    assert metrics["epoch"] == 4
+    paused, last = noted_checkpoints(submission)
+    # Mid-epoch, or at the end of an epoch when the signal came during its last step.
+    assert re.fullmatch(r"ckpt_[123](_batch\d+)?", paused) and last == "ckpt_4", paused
+    assert final_files(tmp_path / "checkpoint" / "ckpt_4") == uninterrupted
+    states = subprocess.run(["sacct", "-n", "-X", "-o", "State", "-j", urgent],
+                            capture_output=True, text=True).stdout.split()
+    assert states == ["COMPLETED"], states
+
+
+def test_past_the_requeue_limit_the_job_fails_naming_its_checkpoint(cluster, tmp_path):
+    submission = slow_training(tmp_path, n_procs=2, requeue_limit=0)
+    wait_for(tmp_path / "mid-epoch", submission)
+    subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
+    with pytest.raises(WorkerError, match=r"PlatformConfig\.requeue_limit=0: not") as e:
+        submission.wait()
+    (paused,) = noted_checkpoints(submission)
+    assert f"its newest checkpoint is {tmp_path / 'checkpoint' / paused}" in str(e.value)
+
+
+def attempts(folder: str, work_s: float) -> int:
+    """Counts its own runs in ``folder``; the first one takes ``work_s`` seconds."""
+    mark = Path(folder) / f"runs-{world().global_rank}"
+    runs = int(mark.read_text()) + 1 if mark.exists() else 1
+    mark.write_text(str(runs))
+    if runs == 1:
+        (Path(folder) / "started").touch()
+        time.sleep(work_s)
+    return runs
+
+
+def test_only_a_restartable_function_is_requeued(cluster, tmp_path):
+    p_config = PlatformConfig(**SLURM_CPU, n_procs=2)
+    again = restartable(lambda folder: attempts(folder, work_s=300))
+    submission = Wrapper(p_config, wait=False).start(again, str(tmp_path / "again"))
+    (tmp_path / "again").mkdir()
+    wait_for(tmp_path / "again" / "started", submission)
+    subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
+    assert submission.wait() == [2, 2]  # ended, requeued and run again
+
+    (tmp_path / "once").mkdir()
+    submission = Wrapper(p_config, wait=False).start(attempts, str(tmp_path / "once"), 4)
+    wait_for(tmp_path / "once" / "started", submission)
+    subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
+    assert submission.wait() == [1, 1]  # the signal did not stop it
+    assert "is not marked ddpw.restartable" in (submission.folder / "slurm" /
+                                               f"{submission.job_id}_0_log.err").read_text()
+
+
+def test_a_cancelled_job_says_so(cluster, tmp_path):
+    (tmp_path / "work").mkdir()
+    submission = Wrapper(PlatformConfig(**SLURM_CPU), wait=False).start(
+        attempts, str(tmp_path / "work"), 300)
+    wait_for(tmp_path / "work" / "started", submission)
+    submission.cancel()
+    with pytest.raises(WorkerError, match=f"SLURM job {submission.job_id} was cancelled"):
+        submission.wait()
+
+
+# --- ddpw-launch --platform slurm ----------------------------------------------------------------
+
+LAUNCH = [sys.executable, "-m", "ddpw", "--platform", "slurm", "--n-gpus", "0", "--partition",
+          "debug", "--timeout-min", "5"]
+
+
+def test_ddpw_launch_runs_a_plain_accelerate_script_and_shows_its_progress(cluster, tmp_path):
+    done = subprocess.run([*LAUNCH, "--n-procs", "2", str(TESTS / "scripts" /
+                                                          "accelerate_train.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2 and result["params_equal"]
+    assert "MULTI_CPU" in result["distributed_type"]
+    shown = done.stderr  # ddpw's messages; the job's output goes to stdout
+    # State changes as sacct shows them every 2 s (a job this short may skip RUNNING).
+    assert "[ddpw] submitted SLURM job" in shown
+    assert re.search(": (PENDING|RUNNING)", shown), shown
+    assert shown.rstrip().endswith(": COMPLETED"), shown
+    (folder,) = (tmp_path / "logs" / "console_logs").iterdir()
+    assert {p.name for p in folder.glob("rank-*.log")} == {
+        f"rank-{r}.{s}.log" for r in (0, 1) for s in ("stdout", "stderr")}
+
+
+def test_ddpw_launch_gives_the_failing_ranks_status_and_traceback(cluster, tmp_path):
+    done = subprocess.run([*LAUNCH, "--n-nodes", "2", str(TESTS / "scripts" /
+                                                           "accelerate_train.py"),
+                           "--fail-on-rank", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "[rank1]: RuntimeError: rank 1 fails on purpose" in done.stderr
+    assert "[ddpw] rank 1 failed (exit status 1)" in done.stderr
+
+
+def test_ddpw_launch_no_wait_and_ctrl_c_cancelling(cluster, tmp_path):
+    script = tmp_path / "sleep.py"
+    script.write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(300)\n")
+    submitted = subprocess.run([*LAUNCH, "--no-wait", str(script)], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=60, check=True)
+    info = json.loads(submitted.stdout)
+    assert Path(info["folder"]).is_dir()
+    subprocess.run(["scancel", info["job_id"]], check=True)
+
+    waiting = subprocess.Popen([*LAUNCH, "--on-interrupt", "cancel", str(script)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in waiting.stdout:
+        if "sleeping" in line:
+            break
+    waiting.send_signal(signal.SIGINT)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 130, err
+    job_id = err.split("cancelled SLURM job ")[1].split(";")[0]
+    deadline = time.monotonic() + 60
+    while not (state := subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                                       capture_output=True, text=True).stdout).startswith(
+            "CANCELLED"):
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+
+
+def test_a_trainer_that_cannot_pause_on_the_requeue_signal_is_refused(tmp_path):
+    p_config = PlatformConfig(**SLURM_CPU, requeue_signal="SIGUSR1")
+    with pytest.raises(ConfigError, match=r"JobConfig\.pause_signals=.* lacks PlatformConfig\."
+                                          r"requeue_signal='SIGUSR1'"):
+        Wrapper(p_config, artefacts()).start(InspectingTrainer(job(tmp_path)))
+
+
+def test_the_slurm_guides_example_trains_on_two_nodes(cluster, tmp_path):
+    snippet = TESTS.parent / "docs" / "snippets" / "slurm_job.py"
+    done = subprocess.run([sys.executable, str(snippet), "debug"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^epoch 5: loss \d\.\d{4}$", done.stdout, re.MULTILINE), done.stdout
+    assert "SLURM, 2 node(s) x 1 process(s) = world of 2" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoint" / "regression").iterdir()) == [
+        "ckpt_1", "ckpt_2", "ckpt_3", "ckpt_4", "ckpt_5", "ckpt_latest"]

@@ -3,6 +3,7 @@
     python examples/mnist/main.py --platform cpu --n-procs 2 --epochs 6 --save-every 3
     python examples/mnist/main.py --platform cpu --n-procs 2 --mode resume --start-at 3 --epochs 6
     python examples/mnist/main.py --platform cpu --n-procs 2 --mode evaluate --start-at 6
+    python examples/mnist/main.py --platform slurm --partition debug --n-nodes 2 --n-gpus 0
 
 ``--demo`` does all three in one go: trains to half the epochs, resumes to the end, evaluates.
 """
@@ -22,9 +23,13 @@ from ddpw.wrapper import Wrapper
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--platform", default="cpu", choices=["cpu", "gpu", "mps"])
-    parser.add_argument("--n-procs", type=int, default=2, help="CPU processes")
-    parser.add_argument("--n-gpus", type=int, default=1, help="GPUs (with --platform gpu)")
+    parser.add_argument("--platform", default="cpu", choices=["cpu", "gpu", "mps", "slurm"])
+    parser.add_argument("--n-procs", type=int, default=2, help="CPU processes (per node)")
+    parser.add_argument("--n-gpus", type=int, default=1,
+                        help="GPUs (per node; 0 on SLURM for CPU processes)")
+    parser.add_argument("--n-nodes", type=int, default=1, help="SLURM nodes")
+    parser.add_argument("--partition", default="general", help="SLURM partition")
+    parser.add_argument("--timeout-min", type=int, default=60, help="SLURM time limit")
     parser.add_argument("--mode", default="train", choices=["train", "resume", "evaluate"])
     parser.add_argument("--start-at", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=6)
@@ -40,8 +45,10 @@ def main() -> None:
     train_set = MyDataset(train=True, root=args.data)
     test_set = MyDataset(train=False, root=args.data)
     platform = Platform.parse(args.platform)
-    p_config = PlatformConfig(platform=platform, n_procs=args.n_procs if platform is Platform.CPU
-                              else None, n_gpus=args.n_gpus, verbose=not args.quiet)
+    on_cpus = platform is Platform.CPU or (platform is Platform.SLURM and args.n_gpus == 0)
+    p_config = PlatformConfig(platform=platform, n_procs=args.n_procs if on_cpus else None,
+                              n_gpus=args.n_gpus, n_nodes=args.n_nodes, partition=args.partition,
+                              timeout_min=args.timeout_min, verbose=not args.quiet)
     a_config = ArtefactsConfig(train_set=train_set, test_set=test_set,
                                batch_size=args.batch_size, model=MyModel(),
                                optimiser_loader=my_optimiser)

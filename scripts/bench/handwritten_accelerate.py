@@ -9,7 +9,9 @@ Same data, model, optimiser, batch size, seeding and epochs as ``examples/mnist/
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ def main() -> None:
     test = DataLoader(MyDataset(train=False), batch_size=args.batch_size)
     model, optimiser, train, test = accelerator.prepare(model, optimiser, train, test)
 
+    first_step = os.environ.get("BENCH_FIRST_STEP")
     for epoch in range(1, args.epochs + 1):
         model.train()
         train.set_epoch(epoch)
@@ -49,6 +52,10 @@ def main() -> None:
             optimiser.step()
             optimiser.zero_grad()
             total += loss.detach()
+            if first_step and accelerator.is_main_process:
+                # For scripts/bench/slurm.py: when the first step was done.
+                Path(first_step).write_text(repr(time.time()))
+                first_step = None
         mean = accelerator.reduce(total / len(train), reduction="mean")
         accelerator.print(f"epoch {epoch}, loss {mean.item():.4f}")
         if epoch % args.save_every == 0 or epoch == args.epochs:

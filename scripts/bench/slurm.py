@@ -1,0 +1,136 @@
+"""SLURM: the MNIST example on 2 CPU processes of one node, through ddpw against a hand-written
+sbatch script that runs ``accelerate launch``, on the same cluster in the same run.
+
+    scripts/slurm-cluster start && export SLURM_CONF=/tmp/ddpw-slurm/etc/slurm.conf
+    python scripts/bench/slurm.py [--repeats 3] [--epochs 2] [--partition debug] [--json out.json]
+
+Two times per run, both from the moment the submitting command starts:
+- first step: until rank 0 has done its first optimiser step (the wait for the allocation, the
+  start of the processes and the set-up);
+- total: until the command returns, the job having ended (the hand-written script waits with
+  ``sbatch --wait``; ddpw's ``Wrapper.start`` polls ``sacct``).
+Each variant runs as a fresh process in its own empty folder, alternately, after one warm-up of
+each; the table gives medians, spreads and the ratios of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HANDWRITTEN = ROOT / "scripts" / "bench" / "handwritten_accelerate.py"
+
+SBATCH = """#!/bin/bash
+#SBATCH --job-name=bench-handwritten
+#SBATCH --partition={partition}
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=10
+#SBATCH --output={folder}/slurm-%j.out
+export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 BENCH_FIRST_STEP={folder}/first-step
+srun {python} -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 \\
+    --mixed_precision no --dynamo_backend no --main_process_port 0 \\
+    {script} --epochs {epochs} --save-every {epochs}
+"""
+
+
+def ddpw_job(partition: str, epochs: int) -> None:
+    """The ddpw variant, run in a process of its own: the example's Trainer on SLURM."""
+    sys.path.insert(0, str(ROOT / "examples" / "mnist"))
+    from src import MyDataset, MyModel, MyTrainer, my_optimiser
+
+    from ddpw import ArtefactsConfig, JobConfig, Platform, PlatformConfig, Wrapper
+
+    class Timed(MyTrainer):
+        def train_step(self, batch):
+            loss = super().train_step(batch)
+            if self.accelerator.is_main_process and not Path("first-step").exists():
+                Path("first-step").write_text(repr(time.time()))
+            return loss
+
+    p_config = PlatformConfig(platform=Platform.SLURM, n_gpus=0, n_procs=2, partition=partition,
+                              timeout_min=10, verbose=False)
+    a_config = ArtefactsConfig(train_set=MyDataset(train=True), test_set=MyDataset(train=False),
+                               batch_size=32, model=MyModel(), optimiser_loader=my_optimiser)
+    j_config = JobConfig(epochs=epochs, save_every=epochs,
+                         checkpoint_path=str(Path("checkpoint").resolve()))
+    Wrapper(p_config, a_config).start(Timed(j_config))
+
+
+def run_once(variant: str, partition: str, epochs: int) -> tuple[float, float] | None:
+    """(seconds to the first step, total seconds) of one run, or ``None`` if it failed."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        folder = Path(tmp)
+        if variant == "ddpw":
+            command = [sys.executable, __file__, "--ddpw-job", "--partition", partition,
+                       "--epochs", str(epochs)]
+        else:
+            script = folder / "job.sh"
+            script.write_text(SBATCH.format(partition=partition, folder=folder,
+                                            python=sys.executable, script=HANDWRITTEN,
+                                            epochs=epochs))
+            command = ["sbatch", "--wait", "--parsable", str(script)]
+        started = time.time()
+        done = subprocess.run(command, cwd=folder, text=True, capture_output=True)
+        total = time.time() - started
+        first = folder / "first-step"
+        if done.returncode != 0 or not first.is_file():
+            print(f"FAILED ({done.returncode}): {variant}\n"
+                  + "\n".join(done.stderr.splitlines()[-8:]), file=sys.stderr)
+            return None
+        return float(first.read_text()) - started, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--partition", default="debug")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--ddpw-job", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ddpw_job:
+        ddpw_job(args.partition, args.epochs)
+        return
+    variants = {"sbatch + accelerate launch (by hand)": "handwritten", "ddpw Wrapper.start": "ddpw"}
+    for variant in variants.values():
+        run_once(variant, args.partition, args.epochs)  # warm-up
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    failed = {name: 0 for name in variants}
+    for _ in range(args.repeats):
+        for name, variant in variants.items():
+            result = run_once(variant, args.partition, args.epochs)
+            if result is None:
+                failed[name] += 1
+            else:
+                runs[name].append(result)
+    base = {i: statistics.median(r[i] for r in runs["sbatch + accelerate launch (by hand)"])
+            for i in (0, 1)}
+    rows = []
+    print(f"{'variant':38} {'first step s':>12} {'ratio':>6} {'total s':>8} {'min':>6} "
+          f"{'max':>6} {'ratio':>6} {'failed':>6}")
+    for name, values in runs.items():
+        first = statistics.median(v[0] for v in values)
+        totals = [v[1] for v in values]
+        total = statistics.median(totals)
+        rows.append({"variant": name, "first_step_s": first, "first_step_ratio": first / base[0],
+                     "total_s": total, "total_min_s": min(totals), "total_max_s": max(totals),
+                     "total_ratio": total / base[1], "runs": values, "failed": failed[name]})
+        print(f"{name:38} {first:12.2f} {first / base[0]:6.3f} {total:8.2f} {min(totals):6.2f} "
+              f"{max(totals):6.2f} {total / base[1]:6.3f} {failed[name]:6d}")
+    if args.json:
+        args.json.write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
