@@ -3,7 +3,8 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+DOCS = Path(__file__).resolve().parent
+sys.path[:0] = [str(DOCS.parent), str(DOCS / "_ext")]
 
 import ddpw  # noqa: E402
 
@@ -11,9 +12,9 @@ project = "DDPW"
 author = "the ddpw developers"
 copyright = "2026, the ddpw developers"
 release = ddpw.__version__
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.viewcode"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.viewcode", "ddpw_docs"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 html_theme = "furo"
 html_title = f"DDPW {release}"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "snippets"]
