@@ -11,8 +11,8 @@ import subprocess
 from conftest import SLURM_CLUSTER as SCRIPT
 
 
-def run(env, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+def run(env, *command: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def test_the_cluster_has_two_nodes_that_run_one_step_together(slurm):
@@ -23,8 +23,9 @@ def test_the_cluster_has_two_nodes_that_run_one_step_together(slurm):
     assert sorted(step.stdout.split("\n")[:2]) == ["0 n1", "1 n2"]
 
 
-def test_accounting_records_a_batch_job(slurm):
-    submitted = run(slurm, "sbatch", "--parsable", "--wait", "--wrap", "true")
+def test_accounting_records_a_batch_job(slurm, tmp_path):
+    # In a folder of its own: sbatch writes slurm-JOBID.out where it is run.
+    submitted = run(slurm, "sbatch", "--parsable", "--wait", "--wrap", "true", cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     state = run(slurm, "sacct", "-n", "-X", "-j", job_id, "-o", "State")
