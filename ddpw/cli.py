@@ -25,6 +25,7 @@ from .launcher import LOST_PEER, Logs, describe_status, root_cause, run_accelera
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
 from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
 from .slurm import ON_INTERRUPT, submit
+from .worker import exit_now
 
 EXAMPLES = """\b
 Examples:
@@ -141,7 +142,8 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     click.echo(f"[ddpw] {plan.world_size} processes; every rank's output in {folder}",
                err=True)
     outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))
-    sys.exit(_exit_status(outcome.failures, outcome.stopped_by, folder, all_ranks))
+    # Finalising an interpreter that has imported torch takes about half a second, for nothing.
+    exit_now(_exit_status(outcome.failures, outcome.stopped_by, folder, all_ranks))
 
 
 def _submit(p_config: PlatformConfig, plan: LaunchPlan, entry: list[str], log_dir: str,

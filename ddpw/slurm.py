@@ -42,6 +42,7 @@ from typing import IO, Any
 
 import cloudpickle
 import psutil
+from submitit.core.utils import JobPaths
 
 from ._requeue_signal import REQUEUE_SIGNAL_ENV
 from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
@@ -238,6 +239,11 @@ class Submission:
                 if state in _FINAL or (maybe_final_since is not None
                                        and now - maybe_final_since >= _MAYBE_FINAL_S):
                     self._final = state
+            if self._final is None and self._every_node_succeeded():
+                # Sooner than sacct says so: the job is only tidying up.
+                self._final = "COMPLETED"
+                if self._verbose:
+                    _say(f"SLURM job {self.job_id}: COMPLETED")
             if tail is not None:
                 tail.show()
             if self._final is None:
@@ -323,14 +329,20 @@ class Submission:
             time.sleep(0.5)
         return True
 
+    def _every_node_succeeded(self) -> bool:
+        """Whether submitit has recorded a successful end on every node (it records nothing
+        for an attempt that requeued the job)."""
+        paths = [JobPaths(self.folder / "slurm", self.job_id, node).result_pickle
+                 for node in range(self.n_nodes)]
+        return (all(path.is_file() for path in paths)
+                and all(cloudpickle.loads(path.read_bytes())[0] == "success" for path in paths))
+
     def _node_record(self, node: int) -> dict[str, Any]:
         path = self.folder / f"node-{node}.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def _node_errors(self) -> str:
         """The tracebacks that submitit recorded for the nodes that failed."""
-        from submitit.core.utils import JobPaths
-
         errors = []
         for node in range(self.n_nodes):
             result = JobPaths(self.folder / "slurm", self.job_id, node).result_pickle

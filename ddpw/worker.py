@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
     after Ctrl-C, or 1 after an exception.
     """
     _end_with_parent()
-    _exit(execute(Path(argv[0])))
+    exit_now(execute(Path(argv[0])))
 
 
 def execute(job_dir: Path) -> int:
@@ -175,7 +175,7 @@ def run_script(target: str, args: list[str], module: bool = False) -> None:
         status = 130 if isinstance(error, KeyboardInterrupt) else 1
     if status == 0:
         _leave_process_group()
-    _exit(status)
+    exit_now(status)
 
 
 def _end_with_parent() -> None:
@@ -193,7 +193,9 @@ def _end_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _exit(status: int) -> None:
+def exit_now(status: int) -> None:
+    """End this process with ``status`` after the atexit handlers, without finalising the
+    interpreter."""
     # Finalising the interpreter after gloo collectives intermittently aborts the process
     # (std::terminate in a C++ destructor, torch 2.13), which would turn a finished rank into a
     # failed one: run the atexit handlers, flush, and leave without finalising.

@@ -2,7 +2,7 @@
 sbatch script that runs ``accelerate launch``, on the same cluster in the same run.
 
     scripts/slurm-cluster start && export SLURM_CONF=/tmp/ddpw-slurm/etc/slurm.conf
-    python scripts/bench/slurm.py [--repeats 3] [--epochs 2] [--partition debug] [--json out.json]
+    python scripts/bench/slurm.py [--repeats 3] [--epochs 2] [--partition debug]
 
 Two times per run, both from the moment the submitting command starts:
 - first step: until rank 0 has done its first optimiser step (the wait for the allocation, the
@@ -16,16 +16,17 @@ each; the table gives medians, spreads and the ratios of medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, Result, with_ratios
+
 HANDWRITTEN = ROOT / "scripts" / "bench" / "handwritten_accelerate.py"
 
 SBATCH = """#!/bin/bash
@@ -90,46 +91,51 @@ def run_once(variant: str, partition: str, epochs: int) -> tuple[float, float] |
         return float(first.read_text()) - started, total
 
 
+HANDWRITTEN_VARIANT = "sbatch + accelerate launch (by hand)"
+
+
+def measure(repeats: int, quick: bool, partition: str = "debug",
+            epochs: int = 2) -> list[Result]:
+    """Both variants, alternately; nothing (and a note) when no SLURM cluster answers."""
+    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
+        print("  slurm: no cluster answers (start one with scripts/slurm-cluster start and set "
+              "SLURM_CONF); row skipped", file=sys.stderr)
+        return []
+    variants = {HANDWRITTEN_VARIANT: "handwritten", "ddpw Wrapper.start": "ddpw"}
+    for variant in variants.values():
+        run_once(variant, partition, epochs)  # warm-up
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    failed = {name: 0 for name in variants}
+    for _ in range(repeats):
+        for name, variant in variants.items():
+            result = run_once(variant, partition, epochs)
+            if result is None:
+                failed[name] += 1
+            else:
+                runs[name].append(result)
+    cases = ("1 node x 2 processes: submit to first step",
+             f"1 node x 2 processes: submit to the end ({epochs} epochs)")
+    return with_ratios([
+        Result("slurm", case, name, "s", [r[i] for r in runs[name]], HANDWRITTEN_VARIANT,
+               failed=failed[name])
+        for i, case in enumerate(cases) for name in variants])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--partition", default="debug")
-    parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--ddpw-job", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ddpw_job:
         ddpw_job(args.partition, args.epochs)
         return
-    variants = {"sbatch + accelerate launch (by hand)": "handwritten", "ddpw Wrapper.start": "ddpw"}
-    for variant in variants.values():
-        run_once(variant, args.partition, args.epochs)  # warm-up
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    failed = {name: 0 for name in variants}
-    for _ in range(args.repeats):
-        for name, variant in variants.items():
-            result = run_once(variant, args.partition, args.epochs)
-            if result is None:
-                failed[name] += 1
-            else:
-                runs[name].append(result)
-    base = {i: statistics.median(r[i] for r in runs["sbatch + accelerate launch (by hand)"])
-            for i in (0, 1)}
-    rows = []
-    print(f"{'variant':38} {'first step s':>12} {'ratio':>6} {'total s':>8} {'min':>6} "
-          f"{'max':>6} {'ratio':>6} {'failed':>6}")
-    for name, values in runs.items():
-        first = statistics.median(v[0] for v in values)
-        totals = [v[1] for v in values]
-        total = statistics.median(totals)
-        rows.append({"variant": name, "first_step_s": first, "first_step_ratio": first / base[0],
-                     "total_s": total, "total_min_s": min(totals), "total_max_s": max(totals),
-                     "total_ratio": total / base[1], "runs": values, "failed": failed[name]})
-        print(f"{name:38} {first:12.2f} {first / base[0]:6.3f} {total:8.2f} {min(totals):6.2f} "
-              f"{max(totals):6.2f} {total / base[1]:6.3f} {failed[name]:6d}")
-    if args.json:
-        args.json.write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=1))
+    for r in measure(args.repeats, False, args.partition, args.epochs):
+        print(f"{r.case:50} {r.variant:38} {r.median:7.2f} s "
+              f"(min {min(r.values):.2f}, max {max(r.values):.2f})  x{r.ratio:.3f}  "
+              f"failed {r.failed}")
 
 
 if __name__ == "__main__":
