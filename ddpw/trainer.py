@@ -96,6 +96,8 @@ class Trainer:
         self._sum_batches = 0
         self._pause_requested = False
         self._flag_group: Any = None
+        #: The pause flags' all-reduce started at the last step boundary, not yet read.
+        self._flag_in_flight: tuple[Any, torch.Tensor] | None = None
 
     # --- what a subclass writes ----------------------------------------------------------------
 
@@ -305,6 +307,9 @@ class Trainer:
                 self.save_checkpoint()
             if self.epochs_done < j.epochs and self._pause_agreed():
                 self._pause(saved=j.saves_after(self.epoch))
+        if self._flag_in_flight is not None:  # from the last epoch's last step boundary
+            self._flag_in_flight[0].wait()
+            self._flag_in_flight = None
         return dict(self.metrics)
 
     def train_epoch(self) -> dict[str, float]:
@@ -346,7 +351,7 @@ class Trainer:
                 self.global_step += 1
                 # Only here, after an optimiser step, is there no half-accumulated gradient to
                 # lose; the last batch of the epoch is left to the epoch boundary.
-                if self.batch < batches_in_epoch and self._pause_agreed():
+                if self.batch < batches_in_epoch and self._pause_agreed(overlap=True):
                     self._pause(saved=False)
         means = {k: self.accelerator.reduce(v / max(self._sum_batches, 1), reduction="mean")
                  for k, v in self._sums.items()}
@@ -412,9 +417,26 @@ class Trainer:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def _pause_agreed(self) -> bool:
-        """Whether any rank has been asked to pause: one all-reduce, so all ranks agree."""
-        return self._any_rank(self._pause_requested)
+    def _pause_agreed(self, overlap: bool = False) -> bool:
+        """Whether any rank has been asked to pause: all ranks get the same answer at the same
+        step boundary.
+
+        With ``overlap`` (within an epoch), the answer is the all-reduce of the flags started
+        at the last step boundary, and this boundary's starts without waiting: the message
+        travels while the next step computes, so a step never waits for it, and a pause comes
+        one step later than it could. Without (between epochs), the answer includes this very
+        moment's flags.
+        """
+        earlier = False
+        if self._flag_in_flight is not None:
+            work, value = self._flag_in_flight
+            self._flag_in_flight = None
+            work.wait()
+            earlier = bool(value.item() > 0)
+        if earlier or not overlap or self.world_size == 1:
+            return earlier or self._any_rank(self._pause_requested)
+        self._flag_in_flight = self._reduce_flag(self._pause_requested, wait=False)
+        return False
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (every rank must call it at the same point).
@@ -424,13 +446,18 @@ class Trainer:
         """
         if self.world_size == 1:
             return flag
+        return bool(self._reduce_flag(flag, wait=True)[1].item() > 0)
+
+    def _reduce_flag(self, flag: bool, wait: bool) -> tuple[Any, torch.Tensor]:
+        """Start (and with ``wait``, finish) the sum of ``flag`` over the ranks; return the
+        all-reduce's handle and the tensor that holds the sum once it is done."""
         import torch.distributed as dist
 
         if self._flag_group is None and dist.get_backend() != "gloo":
             self._flag_group = dist.new_group(backend="gloo")
         value = torch.tensor([float(flag)])
-        dist.all_reduce(value, group=self._flag_group)
-        return bool(value.item() > 0)
+        work = dist.all_reduce(value, group=self._flag_group, async_op=not wait)
+        return work, value
 
     def _pause(self, saved: bool) -> None:
         folder = self._position_folder() if saved else self.save_checkpoint()

@@ -49,11 +49,11 @@ def uninterrupted(tmp_path_factory):
 
 def test_a_pause_asked_by_one_rank_stops_all_at_the_same_step_and_resumes_bitwise(
         tmp_path, uninterrupted):
-    # Rank 1 alone asks during batch 5 of epoch 2; with 2 batches per optimiser step the ranks
-    # stop together after batch 6, the next step boundary.
+    # Rank 1 alone asks during batch 4 of epoch 2; with 2 batches per optimiser step, the flags
+    # travel during the next step, and the ranks stop together after batch 6.
     with pytest.raises(JobPaused) as paused:
         Wrapper(CPU2, artefacts(**EXACT)).start(
-            PausingTrainer(job(tmp_path, epochs=4, save_every=4, **ACCUMULATE), at=(2, 5)))
+            PausingTrainer(job(tmp_path, epochs=4, save_every=4, **ACCUMULATE), at=(2, 3)))
     assert paused.value.code == PAUSED_EXIT_STATUS
     assert Path(paused.value.checkpoint).name == "ckpt_1_batch6"
     assert ckpt.latest(tmp_path / "checkpoint", "ckpt") == "ckpt_1_batch6"
@@ -227,7 +227,7 @@ def test_loading_a_good_checkpoint_unpickles_nothing(tmp_path, monkeypatch):
 
 def test_a_two_process_pause_resumes_on_one_process_with_the_remaining_samples(tmp_path):
     with pytest.raises(JobPaused):
-        Wrapper(CPU2, artefacts()).start(PausingTrainer(job(tmp_path, epochs=2), at=(2, 3)))
+        Wrapper(CPU2, artefacts()).start(PausingTrainer(job(tmp_path, epochs=2), at=(2, 2)))
     paused_at = ckpt.latest(tmp_path / "checkpoint", "ckpt")
     assert paused_at == "ckpt_1_batch4"
     # 4 batches of 8 on each of 2 ranks: 64 samples of epoch 2's order are done.

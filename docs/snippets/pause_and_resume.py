@@ -29,7 +29,7 @@ class PausingTrainer(Trainer):
 
     def train_step(self, batch):
         if (self.epoch, self.batch) == self.pause_at:
-            self.request_pause()  # the job stops after this step, on every rank
+            self.request_pause()  # the job stops after the next step, on every rank
         x, y = batch
         return F.cross_entropy(self.model(x), y)
 
@@ -53,7 +53,7 @@ if __name__ == "__main__":
     uninterrupted = train("uninterrupted")
 
     try:
-        train("interrupted", pause_at=(2, 5))
+        train("interrupted", pause_at=(2, 4))
     except JobPaused as paused:
         print("paused:", paused.checkpoint)  # interrupted/ckpt_1_batch6
     resumed = train("interrupted")  # the same call again
