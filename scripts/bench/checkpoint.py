@@ -1,8 +1,8 @@
 """Save and load time and size of a checkpoint: ddpw against torch.save and Accelerate.
 
-    python scripts/bench/checkpoint.py [--params 100] [--repeats 3] [--json out.json]
+    python scripts/bench/checkpoint.py [--repeats 3] [--quick]
 
-A model of about ``--params`` million parameters (a stack of square linear layers) with its Adam
+Models of 10, 50 and 100 million parameters (a stack of square linear layers) with its Adam
 state, in one process on the CPU. Each row saves to and loads from a fresh folder in the same
 file system, each run after an ``os.sync()``; loads read from the page cache. Loading includes
 putting the tensors back into the model and optimiser. ddpw's save includes hashing and
@@ -15,15 +15,19 @@ import argparse
 import json
 import os
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PYTHON, Result, run_command, with_ratios
 
 from ddpw import checkpoint as ckpt
 
@@ -75,7 +79,7 @@ def torch_load(model, optimiser, folder: Path) -> None:
     optimiser.load_state_dict(state["optimiser"])
 
 
-def measure(action: Callable[[], None], repeats: int, reset: Callable[[], None]) -> list[float]:
+def timed(action: Callable[[], None], repeats: int, reset: Callable[[], None]) -> list[float]:
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         reset()
@@ -86,51 +90,81 @@ def measure(action: Callable[[], None], repeats: int, reset: Callable[[], None])
     return times[1:]
 
 
+def variants(accelerator: Accelerator) -> dict[str, tuple[Callable, Callable]]:
+    return {
+        "ddpw (sha256, fsync)": (ddpw_save, ddpw_load),
+        "ddpw without fsync and hash check": (ddpw_save_unsynced, ddpw_read),
+        BASELINE: (torch_save, torch_load),
+        "accelerator.save_state / load_state": (
+            lambda m, o, f: accelerator.save_state(str(f)),
+            lambda m, o, f: accelerator.load_state(str(f))),
+    }
+
+
+BASELINE = "torch.save / torch.load"
+
+
+def one(variant: str, params_m: int, repeats: int) -> dict[str, Any]:
+    """Save and load times of one variant, in this process."""
+    model, optimiser = make(params_m)
+    accelerator = Accelerator(cpu=True)
+    model, optimiser = accelerator.prepare(model, optimiser)
+    save, load = variants(accelerator)[variant]
+    root = Path(tempfile.mkdtemp(prefix="ddpw-bench-"))
+    folder = root / "checkpoint"
+    try:
+        def clear() -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(ckpt.staging_path(folder), ignore_errors=True)
+
+        saves = timed(partial(save, model, optimiser, folder), repeats, clear)
+        loads = timed(partial(load, model, optimiser, folder), repeats, lambda: None)
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"params": sum(p.numel() for p in model.parameters()), "save_runs": saves,
+            "load_runs": loads, "bytes": size}
+
+
+def measure(repeats: int, quick: bool) -> list[Result]:
+    """Each variant and model size in a process of its own (for its peak memory)."""
+    results = []
+    for params_m in [10] if quick else [10, 50, 100]:
+        for variant in variants(Accelerator(cpu=True)):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "out.json"
+                run = run_command([PYTHON, __file__, "--one", variant, "--params", str(params_m),
+                                   "--repeats", str(repeats), "--json", str(out)],
+                                  env={"OMP_NUM_THREADS": "1"})
+                data = json.loads(out.read_text()) if run.ok else None
+            if data is None:
+                print(f"  {variant} failed:\n{run.error}", file=sys.stderr)
+            case = f"{params_m}M parameters + Adam state"
+            extra = {"bytes": data["bytes"], "params": data["params"]} if data else {}
+            for action in ("save", "load"):
+                results.append(Result(
+                    "checkpoint", f"{action}, {case}", variant, "s",
+                    data[f"{action}_runs"] if data else [], BASELINE,
+                    peak_rss_mb=run.peak_rss_mb if data else None, failed=0 if data else 1,
+                    extra=extra))
+    return with_ratios(results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=int, default=100, help="millions of parameters")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one small model (10M)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    model, optimiser = make(args.params)
-    n_params = sum(p.numel() for p in model.parameters())
-    accelerator = Accelerator(cpu=True)
-    model, optimiser = accelerator.prepare(model, optimiser)
-    root = Path(tempfile.mkdtemp(prefix="ddpw-bench-"))
-    rows = []
-    try:
-        variants = {
-            "ddpw (safetensors+JSON, sha256, fsync)": (ddpw_save, ddpw_load),
-            "  the same without fsync / hash check": (ddpw_save_unsynced, ddpw_read),
-            "torch.save / torch.load": (torch_save, torch_load),
-            "accelerator.save_state / load_state": (
-                lambda m, o, f: accelerator.save_state(str(f)),
-                lambda m, o, f: accelerator.load_state(str(f))),
-        }
-        for name, (save, load) in variants.items():
-            folder = root / str(len(rows))
-
-            def clear(folder: Path = folder) -> None:
-                shutil.rmtree(folder, ignore_errors=True)
-                shutil.rmtree(ckpt.staging_path(folder), ignore_errors=True)
-
-            saves = measure(partial(save, model, optimiser, folder), args.repeats, clear)
-            loads = measure(partial(load, model, optimiser, folder), args.repeats, lambda: None)
-            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            rows.append({"variant": name, "save_s": statistics.median(saves),
-                         "load_s": statistics.median(loads), "bytes": size,
-                         "save_runs": saves, "load_runs": loads})
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    base = rows[2]
-    print(f"model: {n_params / 1e6:.1f}M parameters + Adam state, median of {args.repeats}")
-    print(f"{'variant':42} {'save s':>7} {'x torch':>8} {'load s':>7} {'x torch':>8} {'MB':>7}")
-    for row in rows:
-        print(f"{row['variant']:42} {row['save_s']:7.3f} {row['save_s'] / base['save_s']:8.2f} "
-              f"{row['load_s']:7.3f} {row['load_s'] / base['load_s']:8.2f} "
-              f"{row['bytes'] / 1e6:7.0f}")
-    if args.json:
-        args.json.write_text(json.dumps({"params": n_params, "rows": rows}, indent=1))
+    if args.one:
+        args.json.write_text(json.dumps(one(args.one, args.params, args.repeats)))
+        return
+    for r in measure(args.repeats, args.quick):
+        ratio = f"{r.ratio:.2f}" if r.ratio else "-"
+        print(f"{r.case:45} {r.variant:36} {r.median:7.3f} s  x{ratio:>5}  "
+              f"{(r.peak_rss_mb or 0):7.0f} MiB  {r.extra.get('bytes', 0) / 1e6:6.0f} MB")
 
 
 if __name__ == "__main__":
