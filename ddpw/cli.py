@@ -25,7 +25,7 @@ from .launcher import LOST_PEER, Logs, describe_status, root_cause, run_accelera
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
 from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
 from .slurm import ON_INTERRUPT, submit
-from .worker import exit_now
+from .worker import exit_now, run_script
 
 EXAMPLES = """\b
 Examples:
@@ -135,8 +135,14 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
             entry[3] = str(Path(script).resolve())
         sys.exit(_submit(p_config, plan, entry, log_dir, no_wait, on_interrupt, all_ranks))
     if plan.mode is not LaunchMode.ACCELERATE:
-        # A world of one, or already inside a launch: the script becomes this process.
-        os.execve(sys.executable, [sys.executable, "-m", *entry[1:]], {**os.environ, **plan.env})
+        # A world of one, or already inside a launch: the script runs in this process, which
+        # has imported torch already (a process of its own would import it again, a second).
+        import torch
+
+        os.environ.update(plan.env)
+        if plan.threads_per_process is not None:
+            torch.set_num_threads(plan.threads_per_process)
+        run_script(script, list(script_args), module=module, end_with_parent=False)
     name = settings.get("name", "DDPW")
     folder = Path(log_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     click.echo(f"[ddpw] {plan.world_size} processes; every rank's output in {folder}",

@@ -147,15 +147,21 @@ def execute(job_dir: Path) -> int:
     return status
 
 
-def run_script(target: str, args: list[str], module: bool = False) -> None:
+def run_script(target: str, args: list[str], module: bool = False,
+               end_with_parent: bool = True) -> None:
     """Entry point of a process that runs a user's script for ``ddpw-launch``:
     ``python -m ddpw.entry --script PATH ARGS...`` (or ``--module NAME ARGS...``).
 
     The script runs as ``python PATH ARGS...`` would run it (as ``__main__``, with its folder
     first on the import path and ``sys.argv`` set); then the process ends as ddpw's own workers
     do, with the script's exit status.
+
+    :param end_with_parent: have SIGTERM sent to this process when its parent dies, as for
+        the processes that a launcher starts (not for ``ddpw-launch`` itself, whose parent is
+        the user's shell).
     """
-    _end_with_parent()
+    if end_with_parent:
+        _end_with_parent()
     sys.argv = [target, *args]
     try:
         if module:

@@ -291,3 +291,13 @@ def test_a_signal_delay_longer_than_the_time_limit_is_refused(monkeypatch):
                                         "1", "--dry-run", "train.py"])
     assert refused.exit_code == 2
     assert "--timeout-min=1 is not valid: more than signal_delay_s=90" in refused.output
+
+
+def test_one_process_gets_the_threads_it_asks_for(tmp_path):
+    script = tmp_path / "threads.py"
+    script.write_text("import torch; print(torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-m", "ddpw", "--platform", "cpu", "--n-procs", "1",
+                           "--cpus-per-task", "1", str(script)], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"

@@ -66,8 +66,8 @@ STAGES = ("born", "imports", "rendezvous", "allreduce", "exit")
 NOTES = {
     ("ddpw Wrapper.start", 1): "a world of one runs in the calling process, which is the rank: "
                                "its imports are ddpw's",
-    ("ddpw-launch", 1): "a world of one replaces the ddpw-launch process by the script's "
-                        "(execve): the command's own start-up counts as the rank's imports",
+    ("ddpw-launch", 1): "a world of one runs the script in the ddpw-launch process itself: "
+                        "the command's own start-up counts as the rank's imports",
 }
 
 
