@@ -14,14 +14,13 @@ import re
 import shlex
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
-from .launcher import LOST_PEER, Logs, describe_status, root_cause, run_accelerate
+from .launcher import LOST_PEER, Logs, describe_status, new_job_folder, root_cause, run_accelerate
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
 from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
 from .slurm import ON_INTERRUPT, submit
@@ -144,7 +143,7 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
             torch.set_num_threads(plan.threads_per_process)
         run_script(script, list(script_args), module=module, end_with_parent=False)
     name = settings.get("name", "DDPW")
-    folder = Path(log_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = new_job_folder(log_dir, name)
     click.echo(f"[ddpw] {plan.world_size} processes; every rank's output in {folder}",
                err=True)
     outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))

@@ -7,6 +7,7 @@ collects them into one table, a JSON file, a plot and the docs' Performance page
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,16 @@ def with_ratios(results: list[Result]) -> list[Result]:
         usable = base is not None and base > 0 and r.values  # NaN > 0 is False
         r.ratio = r.median / base if usable else None
     return results
+
+
+def row_main(measure: Callable[[int, bool], list[Result]],
+             show: Callable[[Sequence[Result]], None], doc: str | None, repeats: int,
+             quick_help: str) -> None:
+    """The command line of a row module run by itself: ``--repeats`` and ``--quick``, then
+    the row's own table."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args()
+    show(measure(args.repeats, args.quick))

@@ -27,7 +27,6 @@ largest of any process, the launcher's included).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, Result, Run, interleave, run_command, with_ratios
+from common import PYTHON, Result, Run, interleave, row_main, run_command, with_ratios
 
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
 ROW = "launch"
@@ -229,14 +228,5 @@ def print_table(results: list[Result]) -> None:
             print(f"{'':34}note: {r.extra['note']}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="no warm-up runs")
-    args = parser.parse_args()
-    print_table(measure(args.repeats, args.quick))
-
-
 if __name__ == "__main__":
-    main()
+    row_main(measure, print_table, __doc__, repeats=5, quick_help="no warm-up runs")

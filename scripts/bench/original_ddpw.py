@@ -21,7 +21,6 @@ peak RSS of any one process). If the original cannot be installed or run, its li
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import math
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, Result, Run, interleave, with_ratios
+from common import PYTHON, Result, Run, interleave, row_main, with_ratios
 from launch import PAYLOADS, print_table, timed
 
 ROW = "original ddpw"
@@ -165,14 +164,5 @@ def _result(case: str, variant: str, runs: list[Run], failed: int,
                   peak_rss_mb=max((r.peak_rss_mb for r in runs), default=None), extra=extra)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="no warm-up runs")
-    args = parser.parse_args()
-    print_table(measure(args.repeats, args.quick))
-
-
 if __name__ == "__main__":
-    main()
+    row_main(measure, print_table, __doc__, repeats=5, quick_help="no warm-up runs")

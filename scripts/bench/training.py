@@ -15,7 +15,6 @@ each variant is kept, to show that they did the same work.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # for `common` and `loops`, however this file is run
     sys.path.insert(0, str(HERE))
-from common import Result, Run, interleave, run_command, with_ratios  # noqa: E402
+from common import Result, Run, interleave, row_main, run_command, with_ratios  # noqa: E402
 from loops import variants, workload  # noqa: E402
 from loops.workload import PROCESSES  # noqa: E402
 
@@ -141,10 +140,5 @@ def show(results: list[Result]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true",
-                        help="smallest sizes, 2 timed epochs: a smoke test, not a measurement")
-    options = parser.parse_args()
-    show(measure(options.repeats, options.quick))
+    row_main(measure, show, __doc__, repeats=3,
+             quick_help="smallest sizes, 2 timed epochs: a smoke test, not a measurement")
