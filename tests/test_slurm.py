@@ -285,3 +285,43 @@ def test_the_slurm_guides_example_trains_on_two_nodes(cluster, tmp_path):
     assert "SLURM, 2 node(s) x 1 process(s) = world of 2" in done.stdout
     assert sorted(p.name for p in (tmp_path / "checkpoint" / "regression").iterdir()) == [
         "ckpt_1", "ckpt_2", "ckpt_3", "ckpt_4", "ckpt_5", "ckpt_latest"]
+
+
+@pytest.mark.parametrize(("on_interrupt", "tty", "answer", "cancelled"), [
+    ("ask", True, "y", True),
+    ("ask", True, "n", False),
+    ("ask", True, KeyboardInterrupt, True),  # a second Ctrl-C at the question insists
+    ("ask", True, EOFError, True),
+    ("ask", False, None, True),  # nobody to ask: no job left running unseen
+    ("cancel", True, None, True),
+    ("keep", True, None, False),
+])
+def test_ctrl_c_while_waiting_asks_cancels_or_keeps(monkeypatch, capsys, tmp_path, on_interrupt,
+                                                    tty, answer, cancelled):
+    """The terminal is what this machine's tests lack; the job is a stand-in that records
+    whether it was cancelled (the real scancel is tested above)."""
+    from ddpw.slurm import Submission
+
+    submission = Submission("42", tmp_path, 2, 1, has_results=True, is_trainer=False,
+                            verbose=False)
+    calls = []
+    monkeypatch.setattr(submission, "cancel", lambda: calls.append("scancel") or True)
+
+    def follow():
+        raise KeyboardInterrupt
+
+    def ask(prompt):
+        assert "cancel SLURM job 42?" in prompt
+        if isinstance(answer, type):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(submission, "_follow", follow)
+    monkeypatch.setattr("sys.stdin", type("Stdin", (), {"isatty": lambda self: tty})())
+    monkeypatch.setattr("builtins.input", ask)
+    with pytest.raises(KeyboardInterrupt):
+        submission.wait(on_interrupt)
+    assert calls == (["scancel"] if cancelled else [])
+    err = capsys.readouterr().err
+    assert ("cancelled SLURM job 42" in err) == cancelled
+    assert ("runs on: follow it with" in err and "scancel 42" in err) == (not cancelled)
