@@ -23,13 +23,18 @@ complete. Loading checks every file against the manifest before reading it.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import hashlib
 import json
 import os
 import random
 import re
+import select
 import shutil
-from collections.abc import Iterable
+import signal
+import sys
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -49,7 +54,8 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 
 #: Environment variable for the crash tests only: ``FILE:ACTION`` makes the process that has just
-#: written ``FILE`` into a checkpoint die (``kill``) or fail as if the disk were full (``full``).
+#: written ``FILE`` into a checkpoint die (``kill``), fail as if the disk were full (``full``), or
+#: send ``SIGTERM`` to process ``PID`` and wait until a ``SIGTERM`` comes back (``sigterm=PID``).
 TEST_FAULT = "DDPW_TEST_CHECKPOINT_FAULT"
 
 
@@ -210,10 +216,22 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
     return _write_hashed(path, pieces)
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Name ``path`` in an :class:`OSError` that names no file, as a failed write (a full disk)
+    does not."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
+
+
 def _write_hashed(path: Path, pieces: Iterable[bytes | memoryview]) -> str:
     hasher = hashlib.sha256()
     # Writing and hashing both release the GIL: each piece is hashed while the next is written.
-    with ThreadPoolExecutor(1) as pool, open(path, "wb") as f:
+    with _naming(path), ThreadPoolExecutor(1) as pool, open(path, "wb") as f:
         pending = None
         for piece in pieces:
             f.write(piece)
@@ -314,7 +332,8 @@ def publish(staging: Path, folder: Path, digests: dict[str, str],
     manifest's ``sequence`` orders checkpoints by when they were written. A folder already at
     ``folder`` (the same position, from an earlier run) is moved aside first and deleted once
     the new one is in place (:func:`tidy` puts it back if a crash comes in between). Then the
-    ``latest`` marker names the new checkpoint.
+    ``latest`` marker, written beforehand, names the new checkpoint. A failure before the rename
+    (a full disk) leaves neither the new marker nor ``folder``.
     """
     prefix = manifest["prefix"]
     files = sorted(p.name for p in staging.iterdir() if p.is_file())
@@ -331,6 +350,16 @@ def publish(staging: Path, folder: Path, digests: dict[str, str],
                                     "sequence": sequence, "files": entries})
     _fsync(staging / MANIFEST)
     _fsync(staging)
+    # The new marker is on disk before the folder moves, so that a full disk cannot strike
+    # between the two and leave a checkpoint in place that the job reports as not written.
+    marker = folder.parent / f".{prefix}_{LATEST}.partial"
+    try:
+        with _naming(marker):
+            marker.write_text(folder.name + "\n")
+            _fsync(marker)
+    except OSError:
+        marker.unlink(missing_ok=True)
+        raise
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -338,9 +367,6 @@ def publish(staging: Path, folder: Path, digests: dict[str, str],
     os.replace(staging, folder)
     _fsync(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
-    marker = folder.parent / f".{prefix}_{LATEST}.partial"
-    marker.write_text(folder.name + "\n")
-    _fsync(marker)
     os.replace(marker, folder.parent / f"{prefix}_{LATEST}")
     _fsync(folder.parent)
 
@@ -355,11 +381,38 @@ def prune(checkpoint_path: str | Path, prefix: str, keep_last: int,
 
 
 def _test_fault(path: Path) -> None:
+    """For the crash tests only: act as :data:`TEST_FAULT` says once ``path`` is written.
+
+    ``sigterm=PID`` makes a second pause signal certainly arrive during a save: ``PID`` (the
+    process that started the job) passes the ``SIGTERM`` on to the job's processes, and the
+    write goes on only once this process has received it. ``faulthandler`` notes the arrival (it
+    can be set up from this writer thread, where :func:`signal.signal` cannot) and hands the
+    signal on to the process's own handler. It dumps every thread: the signal may land on a
+    thread of torch's own, which has no Python traceback to write.
+    """
     fault = os.environ.get(TEST_FAULT)
-    if fault and fault.rsplit(":", 1)[0] == path.name:
-        if fault.endswith(":kill"):
-            os.kill(os.getpid(), 9)
-        raise OSError(28, "No space left on device (injected by " + TEST_FAULT + ")", str(path))
+    name, _, action = (fault or "").rpartition(":")
+    if name != path.name:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("sigterm="):
+        pid = int(action.removeprefix("sigterm="))
+        arrival, note = os.pipe()
+        faulthandler.register(signal.SIGTERM, file=note, all_threads=True, chain=True)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            arrived = select.select([arrival], [], [], 120)[0]
+        finally:
+            faulthandler.unregister(signal.SIGTERM)
+            os.close(arrival)
+            os.close(note)
+        if not arrived:
+            raise RuntimeError(f"{TEST_FAULT}: process {pid} did not pass SIGTERM on")
+        print(f"{TEST_FAULT}: wrote {path}, sent SIGTERM to {pid}, received it back, going on",
+              file=sys.stderr, flush=True)
+        return
+    raise OSError(28, "No space left on device (injected by " + TEST_FAULT + ")", str(path))
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -404,21 +457,44 @@ def verify(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a file that safetensors or JSON cannot parse into a :class:`ConfigError` naming it.
+
+    :func:`verify` finds damage first; this covers a file changed together with its manifest.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (safetensors.SafetensorError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"checkpoint {path.parent} is damaged: {path.name} cannot be read "
+                          f"({type(error).__name__}: {error}). Use another checkpoint.") from error
+
+
 def read_part(folder: Path, name: str, device: torch.device | str = "cpu") -> Any:
-    """Read what :func:`write_part` wrote."""
-    tensor_file = folder / f"{name}.safetensors"
-    tensors = (safetensors.torch.load_file(str(tensor_file), device=_device(device))
-               if tensor_file.is_file() else {})
-    return join(json.loads((folder / f"{name}.json").read_text()), tensors)
+    """Read what :func:`write_part` wrote.
+
+    :raises ConfigError: naming a file that is not what it should be.
+    """
+    tensor_file, json_file = folder / f"{name}.safetensors", folder / f"{name}.json"
+    tensors: dict[str, torch.Tensor] = {}
+    if tensor_file.is_file():
+        with _reading(tensor_file):
+            tensors = safetensors.torch.load_file(str(tensor_file), device=_device(device))
+    with _reading(json_file):
+        return join(json.loads(json_file.read_text()), tensors)
 
 
 def read_model(folder: Path, model: torch.nn.Module, device: torch.device | str) -> None:
     """Load ``model.safetensors`` into ``model``.
 
-    :raises ConfigError: when the weights do not fit the model, naming the keys.
+    :raises ConfigError: when the file is not a safetensors file, or the weights do not fit the
+        model, naming the keys.
     """
     path = folder / "model.safetensors"
-    state = safetensors.torch.load_file(str(path), device=_device(device))
+    with _reading(path):
+        state = safetensors.torch.load_file(str(path), device=_device(device))
     for alias, key in _aliases(path).items():
         state[alias] = state[key]
     result = model.load_state_dict(state, strict=False)
@@ -434,7 +510,7 @@ def check_fits(folder: Path, model: torch.nn.Module) -> None:
     :raises ConfigError: listing missing, unexpected and mis-shaped tensors.
     """
     path = folder / "model.safetensors"
-    with safetensors.safe_open(str(path), framework="pt") as f:
+    with _reading(path), safetensors.safe_open(str(path), framework="pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     for alias, key in _aliases(path).items():
         shapes[alias] = shapes[key]
@@ -452,9 +528,9 @@ def check_fits(folder: Path, model: torch.nn.Module) -> None:
 
 
 def _aliases(path: Path) -> dict[str, str]:
-    with safetensors.safe_open(str(path), framework="pt") as f:
+    with _reading(path), safetensors.safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    return json.loads(metadata.get("ddpw_aliases", "{}"))
+        return json.loads(metadata.get("ddpw_aliases", "{}"))
 
 
 def _device(device: torch.device | str) -> str:

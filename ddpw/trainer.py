@@ -477,7 +477,8 @@ class Trainer:
         ddpw itself saves.
 
         :returns: the checkpoint's folder.
-        :raises PeerFailed: on the ranks whose own part went well when another rank's failed.
+        :raises PeerFailed: on the ranks whose own part went well when another rank's failed,
+            with that rank's error (on a full disk, the file it could not write).
         """
         folder = self._position_folder()
         staging = checkpoint.staging_path(folder)
@@ -496,6 +497,12 @@ class Trainer:
                 Position(self.epochs_done, self.batch).name(j.checkpoint_name_prefix))
 
     def _agree(self, folder: Path, step: Callable[[], Any], main_only: bool = False) -> Any:
+        """Run ``step`` (on the main rank alone with ``main_only``) and learn whether it failed
+        on any rank; every rank must call it at the same point.
+
+        :raises PeerFailed: on a rank whose step went well when another's failed, naming each
+            failed rank and its error (``[Errno 28] No space left on device: PATH``, say).
+        """
         result, error = None, None
         if self.accelerator.is_main_process or not main_only:
             try:
@@ -505,9 +512,20 @@ class Trainer:
         if self._any_rank(error is not None):
             if self.accelerator.is_main_process:
                 shutil.rmtree(checkpoint.staging_path(folder), ignore_errors=True)
+            # Only when a step failed: every rank learns what failed and where, so that each
+            # rank's own error names the cause (a full disk, say), not merely another rank.
+            reason = None if error is None else f"{type(error).__name__}: {error}"
+            reasons = [reason]
+            if self.world_size > 1:
+                import torch.distributed as dist
+
+                reasons = [None] * self.world_size
+                dist.all_gather_object(reasons, reason, group=self._flag_group)
             if error is not None:
                 raise error
-            raise PeerFailed(f"another rank failed to write checkpoint {folder}")
+            failed = "; ".join(f"rank {rank} failed with {why}"
+                               for rank, why in enumerate(reasons) if why is not None)
+            raise PeerFailed(f"checkpoint {folder} was not written: {failed}")
         return result
 
     def _begin_checkpoint(self, staging: Path) -> None:

@@ -140,3 +140,19 @@ def wait_for_mid_epoch(folder, process, timeout: float = 120) -> None:
     while not (Path(folder) / "mid-epoch").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
+
+
+class ErrorNotingTrainer(BlobTrainer):
+    """Notes the error that each rank ends with in ``{training_logs_path}/rank-R.error``."""
+
+    def run(self):
+        from pathlib import Path
+
+        try:
+            return super().run()
+        except BaseException as error:
+            folder = Path(self.j_config.training_logs_path)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"rank-{self.global_rank}.error").write_text(
+                f"{type(error).__name__}: {error}")
+            raise

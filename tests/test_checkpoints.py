@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 from jobs import (
     BlobTrainer,
+    ErrorNotingTrainer,
     InspectingTrainer,
     PausingTrainer,
     artefacts,
@@ -69,13 +70,18 @@ def test_sigterm_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_exact(
         tmp_path, uninterrupted):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
+        import os, sys
         sys.path.insert(0, {str(TESTS)!r})
         from pathlib import Path
         from jobs import SlowTrainer, artefacts, job, step_lr
         from ddpw import Platform, PlatformConfig, Wrapper
+        from ddpw.checkpoint import TEST_FAULT
 
         start_at = sys.argv[1] if sys.argv[1] == "latest" else int(sys.argv[1])
+        if start_at == 0:
+            # Rank 0, once it has written the model during the pause, signals this process
+            # again and waits for the signal to come back through it.
+            os.environ[TEST_FAULT] = f"model.safetensors:sigterm={{os.getpid()}}"
         p = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
         j = job(Path("."), start_at=start_at, epochs=4, save_every=4,
                 gradient_accumulation_steps=2)
@@ -85,16 +91,18 @@ def test_sigterm_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_exact(
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_mid_epoch(tmp_path, caller)
     caller.send_signal(signal.SIGTERM)
-    # A second signal while the ranks finish their step and save must not spoil the
-    # checkpoint. It follows at once: the pause takes at least one 50 ms step, so it lands
-    # during the pause (0.1 s later it could land after the job, and end the caller itself).
-    time.sleep(0.005)
-    caller.send_signal(signal.SIGTERM)
+    # The second SIGTERM, which must not spoil the checkpoint, comes from the fault hook
+    # between two files of the pause's checkpoint, and reaches the ranks before it goes on.
     _, err = caller.communicate(timeout=120)
     assert caller.returncode == PAUSED_EXIT_STATUS, err
-    paused_at = ckpt.latest(tmp_path / "checkpoint", "ckpt")
+    root = tmp_path / "checkpoint"
+    paused_at = ckpt.latest(root, "ckpt")
     assert paused_at is not None and paused_at.startswith("ckpt_1_batch"), paused_at
-    ckpt.verify(tmp_path / "checkpoint" / paused_at)
+    staged = Path("checkpoint", f".{paused_at}.partial", "model.safetensors")  # from cwd
+    assert (f"{ckpt.TEST_FAULT}: wrote {staged}, sent SIGTERM to {caller.pid}, received it "
+            f"back, going on") in err, err
+    assert ckpt.available(root, "ckpt") == [paused_at]  # written once
+    ckpt.verify(root / paused_at)
     resumed = subprocess.run([sys.executable, str(script), "latest"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -127,9 +135,17 @@ def test_a_full_disk_on_one_rank_fails_every_rank_and_keeps_the_previous_checkpo
     Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1, save_every=1)))
     monkeypatch.setenv(ckpt.TEST_FAULT, "rank-1.json:full")
     with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
-        Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, start_at=1, epochs=2)))
+        Wrapper(CPU2, artefacts()).start(ErrorNotingTrainer(job(tmp_path, start_at=1, epochs=2)))
     assert "No space left on device" in caught.value.details
     root = tmp_path / "checkpoint"
+    full = (rf"No space left on device \(injected by {ckpt.TEST_FAULT}\): "
+            rf"'{re.escape(str(root / '.ckpt_2.partial' / 'rank-1.json'))}'")
+    # Rank 0 wrote its part; its own error says what failed on rank 1, and where.
+    assert re.fullmatch(rf"PeerFailed: checkpoint {re.escape(str(root / 'ckpt_2'))} was not "
+                        rf"written: rank 1 failed with OSError: \[Errno 28\] {full}",
+                        (tmp_path / "logs" / "rank-0.error").read_text())
+    assert re.fullmatch(rf"OSError: \[Errno 28\] {full}",
+                        (tmp_path / "logs" / "rank-1.error").read_text())
     assert ckpt.available(root, "ckpt") == ["ckpt_1"] and ckpt.latest(root, "ckpt") == "ckpt_1"
     assert not (root / ".ckpt_2.partial").exists(), "the failed write was not cleaned up"
 
@@ -201,13 +217,18 @@ def test_a_file_that_would_unpickle_is_never_unpickled(saved, tmp_path, monkeypa
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     # The loaders themselves, past the manifest check (an attacker can rewrite the manifest).
-    with pytest.raises(Exception) as caught:
+    damaged = (rf"checkpoint {re.escape(str(saved))} is damaged: {re.escape(victim)} cannot be "
+               rf"read \(SafetensorError: Error while deserializing header: .+\)\. Use another "
+               rf"checkpoint\.")
+    with pytest.raises(ConfigError, match=damaged):
         if victim == "model.safetensors":
             ckpt.read_model(saved, artefacts().model, "cpu")
         else:
             ckpt.read_part(saved, "optimiser")
-    assert not isinstance(caught.value, AssertionError)
     assert not marker.exists()
+    if victim == "model.safetensors":  # the header check before any process starts, too
+        with pytest.raises(ConfigError, match=damaged):
+            ckpt.check_fits(saved, artefacts().model)
 
 
 def test_loading_a_good_checkpoint_unpickles_nothing(tmp_path, monkeypatch):
