@@ -8,8 +8,11 @@ every process with ``accelerate launch`` (or, for a world of one, in its own pro
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import os
+import pkgutil
 import re
 import shlex
 import signal
@@ -123,6 +126,7 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
         plan = resolve_plan(p_config, facts)
     except ConfigError as error:
         raise click.UsageError(_as_option_names(str(error))) from None
+    _refuse_what_python_would(script, module)
     # ddpw's entry point runs the script in every process, and ends each one cleanly.
     entry = ["--module", "ddpw.entry", "--module" if module else "--script", script,
              *script_args]
@@ -149,6 +153,74 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))
     # Finalising an interpreter that has imported torch takes about half a second, for nothing.
     exit_now(_exit_status(outcome.failures, outcome.stopped_by, folder, all_ranks))
+
+
+def _refuse_what_python_would(script: str, module: bool) -> None:
+    """End with ``python``'s own one-line message and status when it would refuse to run
+    ``script`` (a file that cannot be opened, a folder without ``__main__``, a module that
+    cannot be found), before any process starts: every rank would fail on it."""
+    if module:
+        # As `python -m` does, and so every rank's `python -m ddpw.entry`: the module may be
+        # in the current folder (the console script's own import path lacks it).
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        problem, status = _module_problem(script), 1
+    else:
+        problem, status = _script_problem(script), 2
+    if problem is not None:
+        click.echo(f"ddpw-launch: {problem}", err=True)
+        sys.exit(status)
+
+
+def _script_problem(script: str) -> str | None:
+    """Why ``python SCRIPT`` would not start, in its words; ``None`` when it would."""
+    path = Path(script).absolute()  # unnormalised, as python shows it
+    if path.is_dir():
+        importer = pkgutil.get_importer(str(path))
+        if importer is None or importer.find_spec("__main__") is None:
+            return f"can't find '__main__' module in '{path}'"
+        return None
+    try:
+        path.open("rb").close()
+    except OSError as error:
+        return f"can't open file '{path}': [Errno {error.errno}] {error.strerror}"
+    return None
+
+
+def _module_problem(name: str) -> str | None:
+    """Why ``python -m NAME`` would not start, in its words; ``None`` when it would.
+
+    The module's parent packages are imported, as python does. One whose own code fails is
+    not refused here: every rank reports its traceback, as python would show it.
+    """
+    if name.startswith("."):
+        return "Relative module names not supported"
+    parent = name.rpartition(".")[0]
+    if parent:
+        try:
+            importlib.import_module(parent)
+        except ImportError as error:
+            # A missing parent is reported below; an import inside the package that fails is
+            # the package's own error.
+            if error.name is None or not (error.name == parent
+                                          or parent.startswith(error.name + ".")):
+                return None
+        except Exception:
+            return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        return (f"Error while finding module specification for {name!r} "
+                f"({type(error).__name__}: {error})")
+    if spec is None:
+        return f"No module named {name}"
+    if spec.submodule_search_locations is not None:  # a package runs its __main__
+        if name == "__main__" or name.endswith(".__main__"):
+            return "Cannot use package as __main__ module"
+        problem = _module_problem(f"{name}.__main__")
+        return (f"{problem}; {name!r} is a package and cannot be directly executed"
+                if problem else None)
+    return None
 
 
 def _submit(p_config: PlatformConfig, plan: LaunchPlan, entry: list[str], log_dir: str,

@@ -6,6 +6,13 @@ for ``ddpw-launch``. For :func:`launch`, the job is pickled (with cloudpickle, s
 functions from the caller's ``__main__`` travel by value) into a private temporary folder and
 ``python -m ddpw.entry FOLDER`` runs on every process; each rank writes its result or
 traceback back into the folder, and the results come back in rank order.
+
+torchrun's agent and ``accelerate launch`` log what they do (``Sending process ... closing
+signal SIGTERM``, ``failed (exitcode: 1) local_rank: ...``). A user needs ddpw's report and the
+failing rank's traceback, so while a launch runs their records go to a file instead of the
+console: the job's ``agent.log`` (``agent-node{N}.log`` on a node of a multi-node job) for
+``ddpw-launch`` and SLURM; for :func:`launch`, a file in the job's temporary folder, whose lines
+the :class:`~ddpw.errors.WorkerError` carries when a rank died without a Python exception.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,10 @@ _LAUNCH_LOCK = threading.Lock()
 #: second one would interrupt its wait for the processes to end).
 FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
                    if hasattr(signal, name))
+#: The loggers of torchrun's agent and of ``accelerate launch``, whose records go to the agent's
+#: log file rather than the console while a launch runs.
+AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher",
+                 "torch.distributed.run", "accelerate")
 #: Signals that torchrun's agent handles itself, by ending the job.
 _AGENT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGHUP", "SIGQUIT")
                        if hasattr(signal, name))
@@ -69,21 +82,36 @@ class Logs:
     :param all_ranks: show every rank's output on the console rather than the main rank's
         alone; each line is prefixed with its rank.
     :param first_rank: the global rank of this node's first process (``r`` counts from it).
+    :param node: this node's index in a job of several nodes (each runs its own launch into
+        the same folder), or ``None`` for a job on one machine.
     """
 
     folder: Path
     all_ranks: bool = False
     first_rank: int = 0
+    node: int | None = None
+
+    @property
+    def agent_log(self) -> Path:
+        """Where the records of torchrun's agent and of ``accelerate launch`` go:
+        ``{folder}/agent.log``, or ``{folder}/agent-node{N}.log`` on node ``N``."""
+        name = "agent.log" if self.node is None else f"agent-node{self.node}.log"
+        return self.folder / name
 
 
 def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
-                   forward: tuple[signal.Signals, ...] = FORWARDED) -> Outcome:
+                   forward: tuple[signal.Signals, ...] = FORWARDED,
+                   agent_log: Path | None = None) -> Outcome:
     """Start ``entry`` (a script and its arguments, or ``--module NAME ...``) on every process
     of ``plan`` with ``accelerate launch``, in this process, and wait for them all.
 
     torchrun's agent ends every process of the job when one fails. The ``forward`` signals are
     passed on to the job's processes while it runs. Launches from several threads of one
     process run one after the other; logs of a later launch into the same folder are appended.
+
+    :param agent_log: where the agent's records go (appended; made at the first record):
+        :attr:`Logs.agent_log` when ``logs`` is given; without either, a temporary
+        file that is discarded.
     """
     with tempfile.TemporaryDirectory(prefix="ddpw-launch-") as tmp, _LAUNCH_LOCK:
         config_file = Path(tmp) / "accelerate.json"
@@ -94,8 +122,10 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
         if torchrun_logs is not None and torchrun_logs.exists():
             # An earlier attempt was killed before it could collect its logs: collect them now.
             _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
+        if logs is not None:
+            agent_log = logs.agent_log
         outcome = _run(args, launch_env(plan.env), plan.standalone, torchrun_logs, logs,
-                       forward)
+                       forward, agent_log or Path(tmp) / "agent.log")
         if torchrun_logs is not None:
             _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
         return outcome
@@ -112,7 +142,8 @@ def launch(job: Job) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="ddpw-job-") as tmp:
         job_dir = Path(tmp)
         write_job(job, job_dir)
-        outcome = run_accelerate(job.plan, ["--module", "ddpw.entry", str(job_dir)])
+        outcome = run_accelerate(job.plan, ["--module", "ddpw.entry", str(job_dir)],
+                                 agent_log=job_dir / "agent.log")
         return collect(job_dir, job.plan.world_size, outcome)
 
 
@@ -153,9 +184,15 @@ def collect(job_dir: Path, world_size: int, outcome: Outcome) -> list[Any]:
     if outcome.stopped_by == signal.SIGINT:
         raise KeyboardInterrupt
     if outcome.stopped_by is not None:
+        killed = [rank for rank, (status, _) in sorted(outcome.failures.items())
+                  if status == -signal.SIGKILL]
+        how = (f" (rank(s) {', '.join(map(str, killed))} did not stop and were killed with "
+               f"SIGKILL at the third signal)" if killed and len(outcome.received) >= 3 else "")
         raise WorkerError(f"the job was stopped by {outcome.stopped_by.name}; every process "
-                          f"of it has ended")
-    raise _explain(reports, outcome.failures, world_size)
+                          f"of it has ended{how}")
+    agent_log = job_dir / "agent.log"
+    agent = agent_log.read_text(errors="replace").rstrip() if agent_log.is_file() else ""
+    raise _explain(reports, outcome.failures, world_size, agent)
 
 
 def launch_env(plan_env: dict[str, str]) -> dict[str, str]:
@@ -208,7 +245,7 @@ def _unpicklable_part(job: Job) -> str | None:
 
 
 def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path | None,
-         logs: Logs | None, forward: tuple[signal.Signals, ...]) -> Outcome:
+         logs: Logs | None, forward: tuple[signal.Signals, ...], agent_log: Path) -> Outcome:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -227,7 +264,7 @@ def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path |
     received: list[signal.Signals] = []
     handlers = forward_signals(received, forward)
     try:
-        with patch_environment(**env):
+        with patch_environment(**env), _records_to(agent_log):
             launch_command(parsed)
         failures = {}
     except ChildFailedError as error:
@@ -238,6 +275,25 @@ def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path |
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return Outcome(failures, received[0] if received else None, tuple(received))
+
+
+@contextlib.contextmanager
+def _records_to(path: Path) -> Iterator[None]:
+    """Send the records of the :data:`AGENT_LOGGERS` to ``path`` (made at the first one)
+    rather than to their handlers while the block runs; then restore the loggers."""
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {}
+    for name in AGENT_LOGGERS:
+        logger = logging.getLogger(name)
+        saved[logger] = (logger.handlers, logger.propagate)
+        logger.handlers, logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        for logger, (handlers, propagate) in saved.items():
+            logger.handlers, logger.propagate = handlers, propagate
+        handler.close()
 
 
 def forward_signals(received: list[signal.Signals],
@@ -313,19 +369,24 @@ def _reports(job_dir: Path, world_size: int) -> dict[int, dict[str, Any]]:
 
 
 def _explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, float]],
-             world_size: int) -> WorkerError:
-    """The error that best explains a failed launch: the rank that failed first, and why."""
+             world_size: int, agent: str = "") -> WorkerError:
+    """The error that best explains a failed launch: the rank that failed first, and why.
+
+    :param agent: what torchrun's agent logged, the details of a rank that died without a
+        Python exception (the agent saw its end; the rank itself said nothing).
+    """
+    said = f"torchrun's agent logged:\n{agent}" if agent else ""
     secondary = {rank for rank, report in reports.items()
                  if report["secondary"] or LOST_PEER.search(report["traceback"])}
     rank = root_cause(failures, secondary, {r: report["time"] for r, report in reports.items()})
     if rank is None:
-        return WorkerError("the ranks ended without reporting a result")
+        return WorkerError("the ranks ended without reporting a result", details=said)
     if rank in reports:
         return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
                            details=reports[rank]["traceback"].rstrip())
     status = failures[rank][0]
     return WorkerError(f"rank {rank} of {world_size} died ({describe_status(status)}) "
-                       f"without a Python exception", rank=rank, status=status)
+                       f"without a Python exception", rank=rank, status=status, details=said)
 
 
 def describe_status(status: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,18 @@ from ddpw.plan import MachineFacts
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 TRAIN = str(SCRIPTS / "accelerate_train.py")
+#: The installed command, whose import path (unlike `python -m ddpw`'s) lacks the current folder.
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("ddpw-launch"))
+#: What the agent of torchrun logs when a rank fails, which belongs in the job's agent.log.
+AGENT_LINES = ("Sending process", "closing signal", "failed (exitcode")
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Run each test in a folder of its own that holds the train.py the plans name (a script
+    that does not exist is refused)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("")
 
 
 def ddpw_launch(*args: str, cwd: Path, env: dict[str, str] | None = None):
@@ -70,6 +83,51 @@ def test_a_failing_rank_gives_its_status_and_traceback(tmp_path):
     assert out.returncode == 1
     assert "RuntimeError: rank 1 fails on purpose" in out.stderr
     assert "[ddpw] rank 1 failed (exit status 1)" in out.stderr
+    assert not [line for line in AGENT_LINES if line in out.stderr], out.stderr
+
+
+def test_on_failure_the_agents_lines_go_to_its_log_not_the_console(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("rank 1 fails on purpose")
+        time.sleep(60)  # still running when rank 1 fails: the agent ends it
+    """))
+    out = ddpw_launch("--platform", "cpu", "--n-procs", "2", str(script), cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "[rank1]: RuntimeError: rank 1 fails on purpose" in out.stderr
+    assert "[ddpw] rank 1 failed (exit status 1)" in out.stderr
+    assert not [line for line in AGENT_LINES if line in out.stderr], out.stderr
+    (folder,) = (tmp_path / "logs" / "console_logs").iterdir()
+    agent = (folder / "agent.log").read_text()
+    assert re.search(r"Sending process \d+ closing signal SIGTERM", agent), agent
+    assert "failed (exitcode: 1) local_rank: 1" in agent
+
+
+@pytest.mark.parametrize(("args", "message", "status"), [
+    (["--platform", "cpu", "--n-procs", "2", "nope.py"],
+     "can't open file '{cwd}/nope.py': [Errno 2] No such file or directory", 2),
+    (["--platform", "cpu", "--n-procs", "2", "--dry-run", "nope.py"],
+     "can't open file '{cwd}/nope.py': [Errno 2] No such file or directory", 2),
+    (["--platform", "slurm", "--n-gpus", "0", "nope.py"],
+     "can't open file '{cwd}/nope.py': [Errno 2] No such file or directory", 2),
+    (["--platform", "cpu", "--n-procs", "2", "-m", "nope_pkg.train"],
+     "Error while finding module specification for 'nope_pkg.train' (ModuleNotFoundError: "
+     "No module named 'nope_pkg')", 1),
+    (["--platform", "cpu", "--n-procs", "2", "-m", "present.nope"],
+     "No module named present.nope", 1),
+])
+def test_a_missing_script_or_module_is_refused_before_anything_starts(tmp_path, args, message,
+                                                                      status):
+    (tmp_path / "present").mkdir()
+    (tmp_path / "present" / "__init__.py").write_text("")
+    out = ddpw_launch(*args, cwd=tmp_path)
+    # python's own words and status, on one line.
+    assert (out.returncode, out.stderr) == (status,
+                                            f"ddpw-launch: {message.format(cwd=tmp_path)}\n")
+    assert out.stdout == ""
+    assert not (tmp_path / "logs").exists(), "a worker started"
 
 
 def test_a_script_using_wrapper_runs_in_place_under_ddpw_launch(tmp_path):
@@ -181,10 +239,15 @@ def test_dry_run_auto_picks_gpus_then_mps_then_every_core(monkeypatch, cuda, mps
 
 def test_dry_run_module(monkeypatch):
     machine(monkeypatch)
+    # A name of its own: the check imports the package into this process.
+    Path("dry_run_pkg").mkdir()
+    Path("dry_run_pkg/__init__.py").write_text("")
+    Path("dry_run_pkg/train.py").write_text("")
     result = CliRunner().invoke(main, ["--dry-run", "--platform", "cpu", "--n-procs", "2", "-m",
-                                       "pkg.train", "--x"])
+                                       "dry_run_pkg.train", "--x"])
     plan = json.loads(result.output)
-    assert plan["command"][-5:] == ["--module", "ddpw.entry", "--module", "pkg.train", "--x"]
+    assert plan["command"][-5:] == ["--module", "ddpw.entry", "--module", "dry_run_pkg.train",
+                                    "--x"]
 
 
 def test_settings_come_from_a_config_file_and_flags_win(monkeypatch, tmp_path):
@@ -283,6 +346,48 @@ def test_slurm_pass_through_options(monkeypatch):
     assert slurm["slurm_exclusive"] is True
     assert slurm["slurm_additional_parameters"] == {"signal": "USR1@120", "mail_type": "END",
                                                     "hint": True}
+
+
+HELLO = """
+import os, sys
+rank = os.environ["RANK"]
+print(f"hello from {rank} of {os.environ['WORLD_SIZE']}", sys.argv[1:])
+print(f"note from {rank}", file=sys.stderr)
+"""
+
+
+def test_a_toml_config_a_flag_all_ranks_log_dir_and_a_module_in_a_real_run(tmp_path):
+    (tmp_path / "greet").mkdir()
+    (tmp_path / "greet" / "__init__.py").write_text("")
+    (tmp_path / "greet" / "hello.py").write_text(HELLO)
+    config = tmp_path / "c.toml"
+    config.write_text('platform = "cpu"\nn-procs = 3\nname = "toml-job"\n')
+    out = subprocess.run([CONSOLE_SCRIPT, "--config", str(config), "--n-procs", "2",
+                          "--all-ranks", "--log-dir", "elsewhere", "-m", "greet.hello", "--x"],
+                         cwd=tmp_path, text=True, capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for rank in (0, 1):  # the flag won over the file's n-procs
+        assert f"[rank{rank}]: hello from {rank} of 2 ['--x']" in out.stdout.splitlines()
+        assert f"[rank{rank}]: note from {rank}" in out.stderr.splitlines()
+    assert not (tmp_path / "logs").exists()
+    (folder,) = (tmp_path / "elsewhere").iterdir()
+    assert re.fullmatch(r"toml-job-\d{8}-\d{6}", folder.name), folder.name
+    for rank in (0, 1):
+        assert (folder / f"rank-{rank}.stdout.log").read_text() == (
+            f"hello from {rank} of 2 ['--x']\n")
+        assert (folder / f"rank-{rank}.stderr.log").read_text() == f"note from {rank}\n"
+
+
+def test_a_yaml_config_in_a_real_run_shows_the_main_rank_alone(tmp_path):
+    (tmp_path / "hello.py").write_text(HELLO)
+    (tmp_path / "c.yaml").write_text("platform: cpu\nn_procs: 2\nname: yaml-job\n")
+    out = ddpw_launch("--config", "c.yaml", "hello.py", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "[rank0]: hello from 0 of 2 []" in out.stdout.splitlines()
+    assert "from 1" not in out.stdout + out.stderr
+    (folder,) = (tmp_path / "logs" / "console_logs").iterdir()
+    assert folder.name.startswith("yaml-job-")
+    assert (folder / "rank-1.stdout.log").read_text() == "hello from 1 of 2 []\n"
 
 
 def test_a_signal_delay_longer_than_the_time_limit_is_refused(monkeypatch):

@@ -175,3 +175,25 @@ def test_inside_torchrun_the_job_runs_in_place_without_launching_again(tmp_path)
         assert [r[0] for r in results] == [0, 1]
         assert all(r[1] == 2 and r[3] == "DistributedType.MULTI_CPU" for r in results)
         assert results[rank][2] == pid, "the job did not run in the launched process"
+
+
+def test_in_place_a_different_world_size_or_precision_is_warned_about(tmp_path):
+    script = tmp_path / "inplace.py"
+    script.write_text(textwrap.dedent("""
+        from ddpw import Platform, PlatformConfig, Wrapper, world
+
+        def who():
+            return world().global_rank
+
+        print(Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=3)).start(who))
+    """))
+    out = subprocess.run([sys.executable, "-m", "ddpw", "--platform", "cpu", "--n-procs", "2",
+                          "--mixed-precision", "bf16", "--all-ranks", str(script)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "[rank0]: [0, 1]" in out.stdout and "[rank1]: [0, 1]" in out.stdout
+    for rank in (0, 1):  # on every rank, pointing at the caller's line
+        assert (f"[rank{rank}]: {script}:7: UserWarning: ddpw runs in place, in the existing "
+                f"launch's world of 2 processes; PlatformConfig asks for 3.") in out.stderr
+        assert (f"[rank{rank}]: {script}:7: UserWarning: the launch asks for mixed precision "
+                f"'bf16'; this job uses PlatformConfig.mixed_precision='no'.") in out.stderr
