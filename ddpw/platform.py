@@ -70,7 +70,8 @@ class PlatformConfig:
     :param platform: a :class:`Platform` (or its name, ``"cpu"``).
     :param n_nodes: number of machines; more than one needs :attr:`Platform.SLURM`.
     :param n_gpus: GPUs per node, one process each (GPU, and SLURM with GPUs). On SLURM, ``0`` asks
-        for a CPU-only partition.
+        for CPU processes only. Not given (``None``), it is ``0`` on SLURM when ``n_procs`` is
+        given (CPU processes), and ``1`` otherwise; the config then holds the number chosen.
     :param n_procs: processes per node on CPUs (CPU, and SLURM with ``n_gpus=0``). Defaults to 1.
         On GPUs the number of processes is ``n_gpus``; a different ``n_procs`` is an error.
     :param cpus_per_task: CPU cores, and so compute threads, per process. ``None`` splits this
@@ -109,7 +110,7 @@ class PlatformConfig:
     name: str = "DDPW"
     platform: Platform = Platform.GPU
     n_nodes: int = 1
-    n_gpus: int = 1
+    n_gpus: int | None = None
     n_procs: int | None = None
     cpus_per_task: int | None = None
     partition: str = "general"
@@ -134,6 +135,10 @@ class PlatformConfig:
         self.platform = Platform.parse(self.platform)
         check_type(owner, "name", self.name, str, "a string")
         check_int(owner, "n_nodes", self.n_nodes, 1)
+        if self.n_gpus is None:
+            # Asking SLURM for CPU processes, and not for GPUs, means CPU processes alone.
+            cpu_slurm = self.platform is Platform.SLURM and self.n_procs is not None
+            self.n_gpus = 0 if cpu_slurm else 1
         check_int(owner, "n_gpus", self.n_gpus, 0)
         check_int(owner, "n_procs", self.n_procs, 1, optional=True)
         check_int(owner, "cpus_per_task", self.cpus_per_task, 1, optional=True)

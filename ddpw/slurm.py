@@ -26,7 +26,9 @@ reads from ``attempt-K.json``, so that all of them resume from the same one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -43,6 +45,7 @@ from typing import IO, Any
 import cloudpickle
 import psutil
 from submitit.core.utils import JobPaths
+from submitit.slurm.slurm import SlurmParseException
 
 from ._requeue_signal import REQUEUE_SIGNAL_ENV
 from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
@@ -57,7 +60,7 @@ from .launcher import (
     run_accelerate,
     write_job,
 )
-from .plan import LaunchPlan, rendezvous_port
+from .plan import LaunchPlan, MachineFacts, rendezvous_port
 from .platform import PlatformConfig
 from .trainer import CHECKPOINT_RECORD_ENV, RESUME_ENV, Trainer
 from .utils import is_restartable
@@ -98,28 +101,50 @@ def submit(p_config: PlatformConfig, plan: LaunchPlan, logs: str | Path, job: Jo
     task = NodeTask(str(folder), plan, tuple(entry), kind, p_config.requeue_limit,
                     p_config.requeue_signal)
     executor = submitit.AutoExecutor(folder=folder / "slurm", cluster="slurm")
-    parameters = dict(plan.slurm)
-    # A job that never requeues itself must not be started again from scratch by SLURM either.
-    requeue = "requeue" if kind != "plain" else "no-requeue"
-    parameters["slurm_additional_parameters"] = {requeue: True,
-                                                 **parameters["slurm_additional_parameters"]}
-    executor.update_parameters(**parameters)
+    executor.update_parameters(**executor_parameters(plan, kind))
     try:
-        slurm_job = executor.submit(task)
-    except submitit.core.utils.FailedSubmissionError as error:
+        # submitit prints what sbatch said on stderr as well: it goes into the one error below.
+        with contextlib.redirect_stderr(io.StringIO()):
+            slurm_job = executor.submit(task)
+    except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError,
+            SlurmParseException, subprocess.SubprocessError) as error:
         shutil.rmtree(folder, ignore_errors=True)
-        raise ConfigError(f"sbatch refused the job (check PlatformConfig's account, qos, "
-                          f"constraint and slurm_parameters): {error}") from None
+        raise ConfigError(f"sbatch refused the job (check PlatformConfig's partition, n_gpus, "
+                          f"mem_gb, account, qos, constraint and slurm_parameters): "
+                          f"{_one_line(error)}") from None
     return Submission(slurm_job.job_id, folder, plan.world_size, plan.slurm["nodes"],
                       has_results=job is not None, is_trainer=kind == "pauses" and job is not None,
                       verbose=p_config.verbose)
 
 
+def executor_parameters(plan: LaunchPlan, kind: str) -> dict[str, Any]:
+    """The parameters of submitit's executor for a job of ``kind`` (see :class:`NodeTask`):
+    the plan's, and ``--requeue`` for a job that can requeue itself, ``--no-requeue`` for one
+    that cannot."""
+    parameters = dict(plan.slurm)
+    # A job that never requeues itself must not be started again from scratch by SLURM either.
+    requeue = "requeue" if kind != "plain" else "no-requeue"
+    parameters["slurm_additional_parameters"] = {requeue: True,
+                                                 **parameters["slurm_additional_parameters"]}
+    return parameters
+
+
+def _one_line(error: Exception) -> str:
+    """What sbatch said, as one line: its ``error:`` lines when it gave any."""
+    text = str(error)
+    if isinstance(error, subprocess.CalledProcessError) and error.stderr:
+        text = error.stderr if isinstance(error.stderr, str) else error.stderr.decode()
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    said = [line for line in lines if "error:" in line] or lines
+    return "; ".join(said) or type(error).__name__
+
+
 def check_cluster(plan: LaunchPlan) -> None:
     """Check, before submitting, that the cluster can run ``plan`` at all.
 
-    :raises ConfigError: for missing SLURM tools, an unknown partition, or more nodes or cores
-        per node than the partition has.
+    :raises ConfigError: for missing SLURM tools, an unknown partition, more nodes or cores per
+        node than the partition has, or GPUs that its nodes do not declare (``sinfo`` shows no
+        ``gpu`` GRES, or fewer than ``n_gpus`` per node).
     """
     missing = [tool for tool in ("sbatch", "sinfo", "sacct", "scancel") if not shutil.which(tool)]
     if missing:
@@ -127,26 +152,59 @@ def check_cluster(plan: LaunchPlan) -> None:
                           f"sacct and scancel on this machine's PATH (missing: "
                           f"{', '.join(missing)}); submit from a login node of the cluster.")
     partition = plan.slurm["slurm_partition"]
-    shown = subprocess.run(["sinfo", "-h", "-o", "%R %D %c"], capture_output=True, text=True)
+    shown = subprocess.run(["sinfo", "-h", "-o", "%R %D %c %G"], capture_output=True, text=True)
     if shown.returncode != 0:
         raise ConfigError(f"sinfo cannot reach the cluster: {shown.stderr.strip()}")
-    # A partition of several kinds of node has a line per kind: its nodes add up.
-    partitions: dict[str, tuple[int, int]] = {}
+    # A partition of several kinds of node has a line per kind: (nodes, cores, GRES) each.
+    partitions: dict[str, list[tuple[int, int, str]]] = {}
     for line in shown.stdout.splitlines():
-        name, nodes, cpus = line.split()
-        known_nodes, known_cpus = partitions.get(name, (0, 0))
-        partitions[name] = (known_nodes + int(nodes), max(known_cpus, int(cpus.rstrip("+"))))
+        name, nodes, cpus, gres = line.split(maxsplit=3)
+        partitions.setdefault(name, []).append((int(nodes), int(cpus.rstrip("+")), gres))
     if partition not in partitions:
         raise ConfigError(f"PlatformConfig.partition={partition!r} is not a partition of this "
                           f"cluster: one of {', '.join(sorted(partitions))}.")
-    nodes, cpus = partitions[partition]
+    kinds = partitions[partition]
+    nodes, cpus = sum(kind[0] for kind in kinds), max(kind[1] for kind in kinds)
     if plan.slurm["nodes"] > nodes:
         raise ConfigError(f"PlatformConfig.n_nodes={plan.slurm['nodes']} is more than partition "
                           f"{partition!r} has ({nodes}).")
+    _check_gpus(plan, partition, kinds)
     if plan.slurm["cpus_per_task"] > cpus:
         raise ConfigError(f"PlatformConfig: {plan.slurm['cpus_per_task']} cores per node "
                           f"(processes x cpus_per_task) is more than the {cpus} of a node of "
                           f"partition {partition!r}.")
+
+
+def _check_gpus(plan: LaunchPlan, partition: str, kinds: list[tuple[int, int, str]]) -> None:
+    """sbatch would refuse GPUs that no node of the partition declares, as GRES, only after
+    the job's folder is written, and with a message that names no field."""
+    wanted = plan.slurm.get("gpus_per_node", 0)
+    if not wanted:
+        return
+    enough = sum(nodes for nodes, _, gres in kinds if gres_gpus(gres) >= wanted)
+    if enough >= plan.slurm["nodes"]:
+        return
+    most = max(gres_gpus(gres) for _, _, gres in kinds)
+    declared = ", ".join(sorted({gres for _, _, gres in kinds}))
+    has = (f"has no GPUs (sinfo shows GRES {declared} on its nodes)" if not most else
+           f"has at most {most} GPU(s) per node, and {enough} node(s) with {wanted} or more "
+           f"(sinfo shows GRES {declared})")
+    procs = plan.world_size // plan.slurm["nodes"]
+    raise ConfigError(f"PlatformConfig.n_gpus={wanted} asks for {wanted} GPU(s) on each of "
+                      f"{plan.slurm['nodes']} node(s), and partition {partition!r} {has}: for CPU "
+                      f"processes set n_gpus=0 (n_procs={procs}), or choose a partition with "
+                      f"GPUs.")
+
+
+def gres_gpus(gres: str) -> int:
+    """The GPUs of a node in sinfo's GRES column: ``gpu:2``, ``gpu:a100:4(S:0-1)``,
+    ``gpu:a100:2,gpu:v100:2`` (4), ``(null)`` (0)."""
+    count = 0
+    for item in re.sub(r"\([^)]*\)", "", gres).split(","):
+        name, *rest = item.strip().split(":")
+        if name == "gpu":
+            count += int(rest[-1]) if rest and rest[-1].isdigit() else 1
+    return count
 
 
 class Submission:
@@ -282,8 +340,11 @@ class Submission:
         if state == "CANCELLED":
             raise WorkerError(f"SLURM job {self.job_id} was cancelled{where}")
         main_node = self._node_record(0)
-        if main_node.get("refused"):
-            raise WorkerError(main_node["refused"] + where)
+        # ddpw's own reason for ending the job (on any node) says more than SLURM's state.
+        refused = [record["refused"] for record in map(self._node_record, range(self.n_nodes))
+                   if record.get("refused")]
+        if refused:
+            raise WorkerError(refused[0] + where)
         # After node 0 requeued the job, what its processes left is from an attempt that ended
         # well; the attempt that failed never got as far as to report.
         requeued = main_node.get("requeued", False)
@@ -419,8 +480,13 @@ class NodeTask:
             env[RESUME_ENV] = start["resume"]
             if node == 0:
                 print(f"[ddpw] attempt {attempt + 1}: resuming from {start['resume']}", flush=True)
+        missing = self._missing_gpus()
+        if missing:
+            _write_json(folder / f"node-{node}.json", {
+                "attempt": attempt, "requeued": False, "refused": missing, "failures": {}})
+            raise RuntimeError(missing)
         procs = self.plan.world_size // self.plan.slurm["nodes"]
-        outcome = self._run(node, env, Logs(folder, first_rank=node * procs), sig)
+        outcome = self._run(node, env, Logs(folder, first_rank=node * procs, node=node), sig)
         requeue = (bool(asked) or sig in outcome.received) and self._requeues(outcome, sig)
         refused = None
         if requeue and node == 0:
@@ -437,6 +503,25 @@ class NodeTask:
             raise SystemExit(PAUSED_EXIT_STATUS if node == 0 else 0)
         if outcome.failures:
             raise RuntimeError(f"node {node}: processes failed: {outcome}")
+
+    def _missing_gpus(self) -> str | None:
+        """Why this node cannot give the job the CUDA GPUs it asks for, if it cannot: SLURM
+        counts GPUs as the nodes declare them, whether or not torch can use them."""
+        wanted = self.plan.slurm.get("gpus_per_node", 0)
+        if not wanted:
+            return None
+        import torch
+
+        seen = MachineFacts.probe().cuda_devices
+        if seen >= wanted:
+            return None
+        why = ("this torch is built without CUDA" if torch.version.cuda is None else
+               "torch finds no CUDA driver or device" if not seen else "too few are visible")
+        return (f"node {os.environ.get('SLURMD_NODENAME', socket.gethostname())}: "
+                f"PlatformConfig.n_gpus={wanted} asks for {wanted} CUDA GPU(s) per node, but "
+                f"torch sees {seen} here (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}, SLURM_GPUS_ON_NODE="
+                f"{os.environ.get('SLURM_GPUS_ON_NODE', 'unset')}: {why})")
 
     def _asked(self, asked: list[signal.Signals]) -> None:
         """The requeue signal, when it is not passed on to the processes as it comes."""

@@ -1,5 +1,6 @@
 """Validation of PlatformConfig, ArtefactsConfig and JobConfig, and checkpoint.split/join."""
 
+import dataclasses
 import json
 import re
 
@@ -184,11 +185,40 @@ def test_mps_accepts_one_process(n_procs):
 
 @pytest.mark.parametrize("platform, n_gpus, n_procs", [
     (Platform.GPU, 1, 2), (Platform.GPU, 4, 2), (Platform.SLURM, 2, 3),
+    (Platform.SLURM, 1, 2),  # an explicit n_gpus still wins over n_procs
 ])
 def test_gpu_jobs_run_one_process_per_gpu(platform, n_gpus, n_procs):
     with pytest.raises(ConfigError, match=names("PlatformConfig", "n_procs", n_procs)) as info:
         PlatformConfig(platform=platform, n_gpus=n_gpus, n_procs=n_procs)
     assert f"n_gpus={n_gpus}" in str(info.value)
+
+
+@pytest.mark.parametrize(("kwargs", "n_gpus"), [
+    ({}, 1),
+    ({"platform": Platform.GPU}, 1),
+    ({"platform": Platform.MPS}, 1),
+    ({"platform": Platform.CPU, "n_procs": 2}, 1),
+    ({"platform": Platform.SLURM}, 1),
+    # n_procs on SLURM, and nothing about GPUs: CPU processes.
+    ({"platform": Platform.SLURM, "n_procs": 2}, 0),
+    ({"platform": "slurm", "n_nodes": 2, "n_procs": 1}, 0),
+    ({"platform": Platform.SLURM, "n_procs": 2, "n_gpus": 0}, 0),
+    ({"platform": Platform.SLURM, "n_procs": 2, "n_gpus": 2}, 2),
+    ({"platform": Platform.SLURM, "n_gpus": 4}, 4),
+])
+def test_n_gpus_when_not_given(kwargs, n_gpus):
+    config = PlatformConfig(**kwargs)
+    assert config.n_gpus == n_gpus
+    assert config.uses_gpus is (n_gpus > 0 and config.platform in (Platform.GPU, Platform.SLURM))
+    # The config holds the number chosen: a copy, or a repr, says it.
+    assert dataclasses.replace(config) == config
+    assert f"n_gpus={n_gpus}," in repr(config)
+
+
+def test_slurm_cpu_processes_without_n_gpus():
+    config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_procs=1, partition="debug")
+    assert (config.procs_per_node, config.world_size, config.uses_gpus) == (1, 2, False)
+    assert "SLURM, 2 node(s) x 1 process(s) = world of 2" in config.summary()
 
 
 @pytest.mark.parametrize("platform", [Platform.GPU, Platform.SLURM])

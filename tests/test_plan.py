@@ -225,6 +225,10 @@ SIGNAL_90 = {"slurm_signal_delay_s": 90, "slurm_additional_parameters": {"signal
     ({"n_nodes": 3, "n_gpus": 0, "n_procs": 2},
      {"name": "DDPW", "nodes": 3, "tasks_per_node": 1, "cpus_per_task": 2, "timeout_min": 2880,
       "slurm_partition": "general", **SIGNAL_90}, 6),
+    # n_procs and nothing about GPUs: CPU processes, as with n_gpus=0.
+    ({"n_nodes": 2, "n_procs": 1, "partition": "debug"},
+     {"name": "DDPW", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 2880,
+      "slurm_partition": "debug", **SIGNAL_90}, 2),
     # Account, QoS, constraint, exclusive, another signal, and any other sbatch option.
     ({"n_nodes": 1, "n_gpus": 8, "account": "proj42", "qos": "high", "constraint": "a100",
       "exclusive": True, "requeue_signal": "SIGUSR1", "signal_delay_s": 300,
@@ -243,7 +247,7 @@ def test_slurm_parameters_as_data(kwargs, expected, world):
     assert plan.slurm == expected
     assert option(plan, "--num_processes") == str(world)
     assert option(plan, "--num_machines") == str(kwargs["n_nodes"])
-    uses_cpu = kwargs["n_gpus"] == 0
+    uses_cpu = "gpus_per_node" not in expected
     assert plan.accelerator_kwargs["cpu"] is uses_cpu
     assert ("ACCELERATE_USE_CPU" in plan.env) is uses_cpu
 
@@ -335,25 +339,43 @@ def test_probe_this_machine():
     assert dict(facts.env) == dict(os.environ)
 
 
-def test_the_sbatch_script_that_submitit_writes_from_the_plan(tmp_path):
-    """The parameters as sbatch sees them: submitit's own rendering of the plan."""
-    from submitit.slurm.slurm import _make_sbatch_string
+def sbatch_script(config, kind, folder):
+    """The sbatch script that submitit writes for ``config``: the parameters that
+    slurm.submit gives submitit's executor, from the plan that resolve_plan made."""
+    import submitit
 
+    from ddpw.slurm import executor_parameters
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(**executor_parameters(resolve_plan(config, machine(cuda=0)), kind))
+    # What the executor hands sbatch: submitit.slurm.slurm._make_sbatch_string(**parameters).
+    return executor._executor._make_submission_file_text("run", "uid").splitlines()
+
+
+def test_the_sbatch_script_that_submitit_writes_from_the_plan(tmp_path):
     config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_gpus=4, cpus_per_task=6,
-                            mem_gb=128, account="proj42", exclusive=True, timeout_min=90,
+                            mem_gb=128, account="proj42", qos="high", constraint="a100",
+                            exclusive=True, timeout_min=90, partition="gpu", name="big",
                             slurm_parameters={"mail_type": "END"})
-    slurm = resolve_plan(config, machine(cuda=0)).slurm
-    parameters = {"job_name": slurm["name"], "nodes": slurm["nodes"],
-                  "ntasks_per_node": slurm["tasks_per_node"],
-                  "cpus_per_task": slurm["cpus_per_task"], "gpus_per_node": 4, "mem": "128GB",
-                  "time": slurm["timeout_min"], "partition": slurm["slurm_partition"],
-                  "account": "proj42", "exclusive": True,
-                  "signal_delay_s": slurm["slurm_signal_delay_s"],
-                  "additional_parameters": slurm["slurm_additional_parameters"],
-                  "setup": slurm["slurm_setup"]}
-    script = _make_sbatch_string(command="run", folder=tmp_path, **parameters)
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=24",
-                 "#SBATCH --gpus-per-node=4", "#SBATCH --mem=128GB", "#SBATCH --time=90",
-                 "#SBATCH --account=proj42", "#SBATCH --exclusive", "#SBATCH --signal=USR2@90",
-                 "#SBATCH --mail-type=END", "export SUBMITIT_PREEMPT_SIGNAL=USR2"):
-        assert line in script.splitlines(), line
+    script = sbatch_script(config, "pauses", tmp_path)
+    for line in ("#SBATCH --job-name=big", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --cpus-per-task=24", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --mem=128GB", "#SBATCH --time=90", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj42", "#SBATCH --qos=high", "#SBATCH --constraint=a100",
+                 "#SBATCH --exclusive", "#SBATCH --signal=USR2@90", "#SBATCH --mail-type=END",
+                 "#SBATCH --requeue", "export SUBMITIT_PREEMPT_SIGNAL=USR2"):
+        assert line in script, line
+    assert "#SBATCH --no-requeue" not in script
+
+
+def test_the_sbatch_script_of_cpu_processes_asks_for_no_gpu(tmp_path):
+    """The command line of ddpw-launch --platform slurm --n-nodes 2 --n-procs 1, without
+    --n-gpus: no GPU asked of sbatch, which a CPU partition would refuse."""
+    config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_procs=1, partition="debug",
+                            requeue_signal="SIGUSR1", signal_delay_s=120)
+    script = sbatch_script(config, "plain", tmp_path)
+    assert not [line for line in script if "gpu" in line.lower() or "gres" in line.lower()]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --cpus-per-task=1", "#SBATCH --partition=debug",
+                 "#SBATCH --signal=USR1@120", "#SBATCH --no-requeue",
+                 "export SUBMITIT_PREEMPT_SIGNAL=USR1"):
+        assert line in script, line

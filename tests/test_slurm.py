@@ -37,6 +37,11 @@ def cluster(slurm, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # the job folders go under ./logs/console_logs
 
 
+def job_folders() -> list[Path]:
+    """The job folders that ddpw made for functions (under ./logs/console_logs)."""
+    return sorted(Path("logs", "console_logs").glob("*"))
+
+
 def where(offset: int) -> tuple[int, int, int, float]:
     w = world()
     total = w.accelerator.reduce(torch.tensor(float(w.global_rank + offset)), reduction="sum")
@@ -44,10 +49,13 @@ def where(offset: int) -> tuple[int, int, int, float]:
 
 
 def test_a_function_runs_on_two_nodes_as_one_world(cluster):
-    p_config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_gpus=0, n_procs=1,
-                              partition="debug", timeout_min=5, verbose=False)
+    # n_procs, and nothing said about GPUs: CPU processes, on a partition without GPUs.
+    p_config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_procs=1, partition="debug",
+                              timeout_min=5, verbose=False)
     results = Wrapper(p_config).start(where, 10)
     assert results == [(0, 0, 2, 21.0), (1, 1, 2, 21.0)]
+    (folder,) = job_folders()
+    assert (folder / "job").is_dir()
 
 
 def test_a_trainer_runs_two_processes_on_one_node(cluster, tmp_path):
@@ -74,16 +82,82 @@ def test_a_failing_rank_surfaces_its_traceback(cluster):
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"partition": "nope"}, r"PlatformConfig\.partition='nope' is not a partition of this "
-                            r"cluster: one of debug, urgent"),
+                            r"cluster: one of debug, gpu, urgent\.$"),
     ({"n_nodes": 3}, r"PlatformConfig\.n_nodes=3 is more than partition 'debug' has \(2\)"),
     ({"n_procs": 2, "cpus_per_task": 2}, r"4 cores per node .* more than the 2"),
+    # GPUs that the partition's nodes do not declare as GRES, which sbatch would refuse.
+    ({"n_gpus": 1}, r"^PlatformConfig\.n_gpus=1 asks for 1 GPU\(s\) on each of 1 node\(s\), and "
+                    r"partition 'debug' has no GPUs \(sinfo shows GRES \(null\) on its nodes\): "
+                    r"for CPU processes set n_gpus=0 \(n_procs=1\), or choose a partition with "
+                    r"GPUs\.$"),
+    ({"n_gpus": 3, "partition": "gpu"},
+     r"^PlatformConfig\.n_gpus=3 .* partition 'gpu' has at most 2 GPU\(s\) per node, and 0 "
+     r"node\(s\) with 3 or more \(sinfo shows GRES gpu:2\): for CPU processes set n_gpus=0"),
+    ({"n_gpus": 1, "n_nodes": 2, "partition": "gpu"},
+     r"PlatformConfig\.n_nodes=2 is more than partition 'gpu' has \(1\)"),
 ])
 def test_what_the_cluster_cannot_run_is_refused_before_submission(cluster, fields, message):
     p_config = PlatformConfig(**{"platform": Platform.SLURM, "n_gpus": 0, "partition": "debug",
                                  **fields})
     with pytest.raises(ConfigError, match=message):
         Wrapper(p_config).start(where, 0)
-    assert not list((Path("logs")).glob("*/job")), "a job was written"
+    assert not job_folders(), "a job was written"
+
+
+@pytest.mark.parametrize(("gres", "gpus"), [
+    ("(null)", 0), ("gpu:2", 2), ("gpu", 1), ("gpu:a100:4(S:0-1)", 4),
+    ("gpu:a100:2(S:0),gpu:v100:2(S:1)", 4), ("shard:8,gpu:tesla:1", 1), ("mps:100", 0),
+])
+def test_the_gpus_in_sinfos_gres_column(gres, gpus):
+    """The forms that sinfo -o %G prints on clusters (this one shows the first two)."""
+    from ddpw.slurm import gres_gpus
+
+    assert gres_gpus(gres) == gpus
+
+
+@pytest.mark.parametrize(("fields", "said"), [
+    ({"account": "nope"}, "Invalid account or account/partition combination specified"),
+    ({"qos": "nope"}, "Invalid qos specification"),
+    ({"slurm_parameters": {"begin": "notatime"}}, "sbatch: error: Invalid --begin specification"),
+    # A GPU on the CPU partition, past ddpw's own check: what sbatch says of it.
+    ({"n_gpus": 1, "check": False}, "Requested node configuration is not available"),
+])
+def test_what_sbatch_refuses_is_one_line_and_leaves_no_job_folder(cluster, monkeypatch, fields,
+                                                                   said):
+    if not fields.pop("check", True):
+        monkeypatch.setattr("ddpw.slurm._check_gpus", lambda *args: None)
+    p_config = PlatformConfig(**{**SLURM_CPU, **fields})
+    with pytest.raises(ConfigError) as caught:
+        Wrapper(p_config).start(where, 0)
+    message = str(caught.value)
+    assert message.startswith("sbatch refused the job (check PlatformConfig's partition, "), message
+    assert said in message and "\n" not in message, message
+    assert not job_folders(), "the job's folder was left behind"
+
+
+def test_the_controller_takes_a_gpu_job_whose_node_says_why_it_cannot_run_it(cluster):
+    """g1 declares two GPUs that no driver backs: SLURM accepts and runs the job there, and
+    the node refuses it before starting any process, saying why."""
+    p_config = PlatformConfig(platform=Platform.SLURM, n_gpus=2, partition="gpu", mem_gb=1,
+                              account="proj42", qos="normal", timeout_min=5, verbose=False)
+    with pytest.raises(WorkerError) as caught:
+        Wrapper(p_config).start(where, 0)
+    (folder,) = job_folders()
+    assert str(caught.value) == (
+        "node g1: PlatformConfig.n_gpus=2 asks for 2 CUDA GPU(s) per node, but torch sees 0 here "
+        "(CUDA_VISIBLE_DEVICES=0,1, SLURM_GPUS_ON_NODE=2: this torch is built without CUDA); "
+        f"logs in {folder.resolve()}")
+    (submitted,) = (folder / "slurm").glob("*_submission.sh")
+    asked = submitted.read_text().splitlines()
+    for line in ("#SBATCH --gpus-per-node=2", "#SBATCH --mem=1GB", "#SBATCH --account=proj42",
+                 "#SBATCH --qos=normal", "#SBATCH --partition=gpu"):
+        assert line in asked, line
+    job_id = submitted.name.split("_")[0]
+    shown = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,NodeList,AllocTRES",
+                            "-j", job_id], capture_output=True, text=True).stdout
+    state, nodes, tres = shown.strip().split("|")
+    assert (state, nodes) == ("FAILED", "g1") and "gres/gpu=2" in tres, shown
+    assert not list(folder.glob("rank-*")), "a process was started"
 
 
 def test_slurm_tools_missing_is_refused(monkeypatch, tmp_path):
@@ -211,13 +285,15 @@ def test_a_cancelled_job_says_so(cluster, tmp_path):
 
 # --- ddpw-launch --platform slurm ----------------------------------------------------------------
 
-LAUNCH = [sys.executable, "-m", "ddpw", "--platform", "slurm", "--n-gpus", "0", "--partition",
-          "debug", "--timeout-min", "5"]
+CPU_LAUNCH = [sys.executable, "-m", "ddpw", "--platform", "slurm", "--partition", "debug",
+              "--timeout-min", "5"]
+LAUNCH = [*CPU_LAUNCH, "--n-gpus", "0"]
 
 
 def test_ddpw_launch_runs_a_plain_accelerate_script_and_shows_its_progress(cluster, tmp_path):
-    done = subprocess.run([*LAUNCH, "--n-procs", "2", str(TESTS / "scripts" /
-                                                          "accelerate_train.py")],
+    # --n-procs and no --n-gpus: CPU processes.
+    done = subprocess.run([*CPU_LAUNCH, "--n-procs", "2", str(TESTS / "scripts" /
+                                                              "accelerate_train.py")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "result.json").read_text())
@@ -234,13 +310,44 @@ def test_ddpw_launch_runs_a_plain_accelerate_script_and_shows_its_progress(clust
 
 
 def test_ddpw_launch_gives_the_failing_ranks_status_and_traceback(cluster, tmp_path):
-    done = subprocess.run([*LAUNCH, "--n-nodes", "2", str(TESTS / "scripts" /
-                                                           "accelerate_train.py"),
-                           "--fail-on-rank", "1"],
+    # The issue's command line: two nodes of one CPU process each, nothing said about GPUs.
+    done = subprocess.run([*CPU_LAUNCH, "--n-nodes", "2", "--n-procs", "1",
+                           str(TESTS / "scripts" / "accelerate_train.py"), "--fail-on-rank", "1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr
     assert "[rank1]: RuntimeError: rank 1 fails on purpose" in done.stderr
     assert "[ddpw] rank 1 failed (exit status 1)" in done.stderr
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    (["--n-gpus", "1"], "Error: --n-gpus=1 asks for 1 GPU(s) on each of 1 node(s), and partition "
+                        "'debug' has no GPUs (sinfo shows GRES (null) on its nodes): for CPU "
+                        "processes set n_gpus=0 (n_procs=1), or choose a partition with GPUs."),
+    (["--n-gpus", "0", "--slurm-parameter", "begin=notatime"],
+     "Error: sbatch refused the job (check PlatformConfig's partition, n_gpus, mem_gb, account, "
+     "qos, constraint and slurm_parameters): sbatch: error: Invalid --begin specification"),
+])
+def test_ddpw_launch_says_in_one_line_why_a_job_cannot_be_submitted(cluster, tmp_path, options,
+                                                                    said):
+    done = subprocess.run([*CPU_LAUNCH, *options, "--log-dir", str(tmp_path / "logs"),
+                           str(TESTS / "scripts" / "accelerate_train.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr.splitlines(), done.stderr
+    # That line alone says it: no traceback, and sbatch's own output is not shown again.
+    assert [line for line in done.stderr.splitlines() if "error" in line.lower()] == [said]
+    assert "Traceback" not in done.stderr and not done.stdout, done.stderr
+    assert not list((tmp_path / "logs").glob("*")), "the job's folder was left behind"
+
+
+def test_ddpw_launch_dry_run_of_cpu_processes_asks_for_no_gpu(tmp_path):
+    (tmp_path / "train.py").touch()
+    done = subprocess.run([*CPU_LAUNCH, "--n-nodes", "2", "--n-procs", "1", "--dry-run",
+                           "train.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=True)
+    plan = json.loads(done.stdout)
+    assert "gpus_per_node" not in plan["slurm"] and plan["slurm"]["nodes"] == 2
+    assert plan["world_size"] == 2 and plan["env"]["ACCELERATE_USE_CPU"] == "1"
 
 
 def test_ddpw_launch_no_wait_and_ctrl_c_cancelling(cluster, tmp_path):
