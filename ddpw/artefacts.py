@@ -26,7 +26,10 @@ class ArtefactsConfig:
     The objects are built once, in the calling process, and shipped to every worker process, so
     the model starts from the same weights on every rank.
 
-    :param train_set: data for ``TRAIN`` and ``RESUME``; shuffled every epoch (see ``shuffle``).
+    :param train_set: data for ``TRAIN`` and ``RESUME``: a map-style data set, shuffled every
+        epoch (see ``shuffle``), or a stream (a :class:`~torch.utils.data.IterableDataset`,
+        with or without ``__len__``), which the main rank reads and deals out in global batches
+        (see :doc:`/guides/data`).
     :param validation_set: optional; evaluated after every training epoch, its metrics prefixed
         ``val_``.
     :param test_set: data for ``EVALUATE``.
@@ -37,13 +40,21 @@ class ArtefactsConfig:
     :param scheduler_loader: optional ``optimiser -> scheduler``. The scheduler steps with every
         optimiser step; Accelerate steps it once per process, so that the schedule follows the
         number of samples seen whatever the world size.
-    :param model_has_batch_norm: convert ``BatchNorm`` layers to ``SyncBatchNorm`` when the world
-        has more than one process, so that statistics are computed over the global batch.
+    :param model_has_batch_norm: in a world of more than one process, compute the statistics of
+        the model's ``BatchNorm1d/2d/3d`` layers over the global batch, as one process with
+        batches of ``N * batch_size`` would (running statistics included): on GPUs the layers
+        become :class:`torch.nn.SyncBatchNorm`; on CPU worlds, where DDP refuses that class,
+        :class:`ddpw.batchnorm.SynchronisedBatchNorm`, which synchronises through ``gloo`` and
+        computes the statistics in float32 under ``bf16``. With one process the model is left
+        unchanged. Without it, each rank normalises with its own batch's statistics, and DDP
+        copies rank 0's running statistics to the other ranks at every forward pass.
     :param collate_fn: passed to every :class:`~torch.utils.data.DataLoader`.
-    :param num_workers: data-loading worker processes per rank.
+    :param num_workers: data-loading worker processes per rank. Each worker of a stream gets a
+        copy of it: shard it by :func:`torch.utils.data.get_worker_info`.
     :param pin_memory: pin host memory for faster copies to a GPU.
     :param drop_last: drop the last incomplete training batch.
-    :param shuffle: shuffle the training set (validation and test sets never are).
+    :param shuffle: shuffle a map-style training set (validation and test sets never are; a
+        stream shuffles itself, if at all).
     :param dataloader_kwargs: any other :class:`~torch.utils.data.DataLoader` arguments.
     """
 

@@ -34,12 +34,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import DataLoaderDispatcher
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import _requeue_signal, checkpoint
 from .artefacts import ArtefactsConfig
+from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
 from .errors import ConfigError, JobPaused, PeerFailed
 from .job import JobConfig, JobMode
@@ -222,7 +224,7 @@ class Trainer:
         set_seed(p_config.seed, device_specific=True)
         model = a_config.model
         if a_config.model_has_batch_norm and accelerator.num_processes > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = synchronise_batch_norm(model, accelerator.device)
         if j.job_type is JobMode.EVALUATE:
             self.model = accelerator.prepare(model)
         else:
@@ -239,8 +241,14 @@ class Trainer:
                 # A generator of the loader's own: drawing its workers' seeds must not move the
                 # global RNG, or a run resumed mid-epoch would drift from an uninterrupted one.
                 generator = torch.Generator().manual_seed(p_config.seed)
-                loader = a_config.make_loader(data, train=name == "train", generator=generator)
-                setattr(self, f"{name}_loader", accelerator.prepare(loader))
+                loader = accelerator.prepare(
+                    a_config.make_loader(data, train=name == "train", generator=generator))
+                if isinstance(loader, DataLoaderDispatcher):
+                    # A stream, which the main rank reads and deals out: Accelerate leaves the
+                    # generator out of the loader it reads from, which would then draw on the
+                    # global RNG at every pass (skip_first_batches copies it from there).
+                    loader.base_dataloader.generator = generator
+                setattr(self, f"{name}_loader", loader)
         if self.resume_from is not None:
             self.restore_checkpoint(self.resume_from)
 
@@ -315,7 +323,9 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         """Train on the rest of epoch ``self.epoch``; return the mean of each step metric.
 
-        A run resumed mid-epoch skips the batches already done, without loading them.
+        A run resumed mid-epoch skips the batches already done, without loading them; a stream
+        (an :class:`~torch.utils.data.IterableDataset`), which cannot seek, is read through them
+        and they are dropped. The epoch ends when the data ends, on every rank at the same batch.
         """
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
@@ -326,8 +336,8 @@ class Trainer:
             self._sums, self._sum_batches = {}, 0
         samples_per_batch = self.a_config.batch_size * self.world_size
         started, first = time.perf_counter(), self.batch
-        # Loaders of iterable data sets have no length: any step boundary may then pause.
-        batches_in_epoch = first + len(loader) if hasattr(loader, "__len__") else math.inf
+        # Nothing asks for len(loader): a stream (an IterableDataset without __len__) has none,
+        # and its progress bar counts batches without a total.
         bar = self._progress(loader, f"epoch {self.epoch}/{self.j_config.epochs}",
                              initial=self.batch)
         for batch in bar:
@@ -350,8 +360,10 @@ class Trainer:
             if self.accelerator.sync_gradients:
                 self.global_step += 1
                 # Only here, after an optimiser step, is there no half-accumulated gradient to
-                # lose; the last batch of the epoch is left to the epoch boundary.
-                if self.batch < batches_in_epoch and self._pause_agreed(overlap=True):
+                # lose; the last batch of the epoch is left to the epoch boundary. Accelerate's
+                # loaders read a batch ahead, so they know the last one, in a stream too.
+                last = self.accelerator.gradient_state.end_of_dataloader
+                if not last and self._pause_agreed(overlap=True):
                     self._pause(saved=False)
         means = {k: self.accelerator.reduce(v / max(self._sum_batches, 1), reduction="mean")
                  for k, v in self._sums.items()}

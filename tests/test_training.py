@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from jobs import BlobTrainer, InspectingTrainer, Net, artefacts, job, step_lr
+from jobs import (
+    Blobs,
+    BlobTrainer,
+    InspectingTrainer,
+    Net,
+    PausingTrainer,
+    artefacts,
+    final_files,
+    job,
+    step_lr,
+)
 
-from ddpw import JobMode, Platform, PlatformConfig, Wrapper
+from ddpw import JobMode, JobPaused, Platform, PlatformConfig, Wrapper
 from ddpw import checkpoint as ckpt
 
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
@@ -134,3 +145,32 @@ def test_verbose_false_silences_ddpw(tmp_path, capfd):
     Wrapper(loud, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1)))
     out, err = capfd.readouterr()
     assert "[ddpw] DDPW: CPU, 1 node(s) x 1 process(s) = world of 1" in out
+
+
+class AugmentedBlobs(Blobs):
+    """Blobs with noise drawn, as the docs advise, from a generator seeded by the sample."""
+
+    def __getitem__(self, i):
+        x, y, index = super().__getitem__(i)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        return x + 0.1 * noise, y, index
+
+
+def test_loaders_with_two_worker_processes_pause_mid_epoch_and_resume_bitwise(tmp_path):
+    def a_config():
+        return artefacts(train_set=AugmentedBlobs(150), num_workers=2, scheduler_loader=step_lr)
+
+    extra = {"gradient_accumulation_steps": 2}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    full = Wrapper(CPU2, a_config()).start(BlobTrainer(job(straight, epochs=3, save_every=3,
+                                                           **extra)))
+    with pytest.raises(JobPaused) as paused:
+        Wrapper(CPU2, a_config()).start(
+            PausingTrainer(job(split, epochs=3, save_every=3, **extra), at=(2, 3)))
+    assert Path(paused.value.checkpoint).name == "ckpt_1_batch6"
+    resumed = Wrapper(CPU2, a_config()).start(
+        BlobTrainer(job(split, mode=JobMode.RESUME, start_at="latest", epochs=3, save_every=3,
+                        **extra)))
+    assert resumed == full
+    assert final_files(split / "checkpoint" / "ckpt_3") == \
+        final_files(straight / "checkpoint" / "ckpt_3")
