@@ -57,7 +57,8 @@ class SynchronisedBatchNorm(_BatchNorm):
                 input, self.running_mean if tracked else None,
                 self.running_var if tracked else None, self.weight, self.bias,
                 self.training or self.running_mean is None, factor, self.eps)
-        mean, var, count = _global_moments(input.float())
+        x = input.float()  # a copy only when the input is not float32 already
+        mean, var, count = _global_moments(x)
         if count < 2:
             raise ValueError(f"Expected more than 1 value per channel when training, got "
                              f"{count} over all ranks (input size {list(input.size())})")
@@ -67,7 +68,7 @@ class SynchronisedBatchNorm(_BatchNorm):
                 unbiased = var * (count / (count - 1))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         shape = (1, -1) + (1,) * (input.dim() - 2)
-        out = (input.float() - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        out = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.weight is not None:
             out = out * self.weight.float().view(shape)
         if self.bias is not None:

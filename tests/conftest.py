@@ -29,11 +29,12 @@ def no_leftover_processes():
     assert not alive, f"processes left behind: {[p.cmdline() for p in alive]}"
 
 
-def slurm_required(env: Mapping[str, str]) -> bool:
-    """Whether a SLURM cluster that cannot start fails the SLURM tests instead of skipping
-    them: on CI (``CI=true``, as ``.ci/run`` runs), or with ``DDPW_REQUIRE_SLURM=1``."""
+def real_parts_required(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether a real part that cannot start here (the SLURM cluster, a tmpfs mount, network
+    namespaces) fails the tests that need it instead of skipping them: on CI (``CI=true``, as
+    CI runs ``.ci/run``), or with ``DDPW_REQUIRE_REAL=1``, which ``.ci/run`` sets."""
     return (env.get("CI", "").lower() in ("1", "true", "yes")
-            or env.get("DDPW_REQUIRE_SLURM", "") == "1")
+            or env.get("DDPW_REQUIRE_REAL", "") == "1")
 
 
 def start_cluster(script: Path, env: Mapping[str, str]) -> tuple[dict[str, str], bool]:
@@ -41,23 +42,23 @@ def start_cluster(script: Path, env: Mapping[str, str]) -> tuple[dict[str, str],
     its clients need, and whether this call started it (so that it alone stops it).
 
     A cluster that cannot work here at all (the script's exit status 3) skips the SLURM tests
-    with the script's reason, or fails them where :func:`slurm_required`.
+    with the script's reason, or fails them where :func:`real_parts_required`.
     """
-    running = subprocess.run([str(script), "status"], capture_output=True, text=True,
-                             timeout=60, env=env)
     started = subprocess.run([str(script), "start", "--nodes", "2"], capture_output=True,
                              text=True, timeout=CLUSTER_START_S, env=env)
     said = started.stderr.strip().splitlines()
     reason = [line for line in said if ": unavailable: " in line] or said[-1:] or ["(no reason)"]
     if started.returncode == UNAVAILABLE:
-        if slurm_required(env):
-            pytest.fail(f"the SLURM cluster cannot start, and CI or DDPW_REQUIRE_SLURM=1 "
+        if real_parts_required(env):
+            pytest.fail(f"the SLURM cluster cannot start, and CI or DDPW_REQUIRE_REAL=1 "
                         f"requires it: {reason[0]}", pytrace=False)
         pytest.skip(f"no SLURM cluster here: {reason[0]}")
     assert started.returncode == 0, started.stderr
     export = started.stdout.strip().splitlines()[-1]
     name, _, value = export.removeprefix("export ").partition("=")
-    return {**env, name: value}, running.returncode != 0
+    # The script says so when it found the cluster running as asked (and restarts one of
+    # another shape, which this call then stops too).
+    return {**env, name: value}, "already running" not in started.stderr
 
 
 #: How long starting the cluster may take (Debian's packages installed first, when missing).

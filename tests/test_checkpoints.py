@@ -66,8 +66,9 @@ def test_a_pause_asked_by_one_rank_stops_all_at_the_same_step_and_resumes_bitwis
     assert final_files(tmp_path / "checkpoint" / "ckpt_4") == reference_files
 
 
-def test_sigterm_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_exact(
-        tmp_path, uninterrupted):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR2])
+def test_a_pause_signal_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_exact(
+        tmp_path, uninterrupted, sig):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys
@@ -90,8 +91,8 @@ def test_sigterm_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_exact(
     caller = subprocess.Popen([sys.executable, str(script), "0"], cwd=tmp_path, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_mid_epoch(tmp_path, caller)
-    caller.send_signal(signal.SIGTERM)
-    # The second SIGTERM, which must not spoil the checkpoint, comes from the fault hook
+    caller.send_signal(sig)
+    # A second signal, SIGTERM, which must not spoil the checkpoint, comes from the fault hook
     # between two files of the pause's checkpoint, and reaches the ranks before it goes on.
     _, err = caller.communicate(timeout=120)
     assert caller.returncode == PAUSED_EXIT_STATUS, err

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import real_parts_required
 from jobs import BlobTrainer, ErrorNotingTrainer, Net, artefacts, final_files, step_lr
 
 from ddpw import JobConfig, JobMode, Platform, PlatformConfig, WorkerError, Wrapper
@@ -21,13 +22,11 @@ CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
 #: A model big enough that its checkpoint spans many pages (about 200 kB with Adam's state).
 HIDDEN = 1024
 PAGE = os.sysconf("SC_PAGE_SIZE")
-#: Where a tmpfs that cannot be mounted fails the tests rather than skips them.
-REQUIRED = (os.environ.get("CI", "").lower() in ("1", "true", "yes")
-            or os.environ.get("DDPW_REQUIRE_REAL") == "1")
 
 
 def mount_tmpfs(point: Path, size: int | str) -> None:
-    """Mount a tmpfs of ``size`` bytes at ``point``, or skip (fail where :data:`REQUIRED`)."""
+    """Mount a tmpfs of ``size`` bytes at ``point``, or skip (fail where
+    :func:`conftest.real_parts_required`)."""
     point.mkdir()
     command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)]
     done = (subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -35,7 +34,7 @@ def mount_tmpfs(point: Path, size: int | str) -> None:
     if done is None or done.returncode:
         why = done.stderr.strip() if done is not None else "no mount command"
         reason = f"cannot mount a tmpfs at {point} (it takes root and mount): {why}"
-        if REQUIRED:
+        if real_parts_required():
             pytest.fail(f"{reason}; CI or DDPW_REQUIRE_REAL=1 requires it", pytrace=False)
         pytest.skip(reason)
 

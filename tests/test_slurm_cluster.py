@@ -3,7 +3,7 @@ debug and urgent, a third (g1) that declares GPUs in partition gpu, and accounti
 
 Every SLURM test of ddpw runs on this cluster. Where it cannot start at all (no root, no apt),
 the tests are skipped with the script's reason, shown by `pytest -ra`; on CI (`CI=true`, or
-`DDPW_REQUIRE_SLURM=1`, as `.ci/run` sets) they fail with it instead.
+`DDPW_REQUIRE_REAL=1`, as `.ci/run` sets) they fail with it instead.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def stand_in(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(("env", "outcome"), [
     ({"CI": "true"}, pytest.fail.Exception),
     ({"CI": "1"}, pytest.fail.Exception),
-    ({"DDPW_REQUIRE_SLURM": "1"}, pytest.fail.Exception),
+    ({"DDPW_REQUIRE_REAL": "1"}, pytest.fail.Exception),
     ({}, pytest.skip.Exception),
-    ({"CI": "false", "DDPW_REQUIRE_SLURM": "0"}, pytest.skip.Exception),
+    ({"CI": "false", "DDPW_REQUIRE_REAL": "0"}, pytest.skip.Exception),
 ])
 def test_a_cluster_that_cannot_start_fails_on_ci_and_is_skipped_elsewhere(tmp_path, env,
                                                                           outcome):
@@ -115,7 +115,7 @@ def test_second(slurm):
 def inner_session(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProcess:
     """A pytest session of its own, with this suite's conftest and a stand-in script."""
     (tmp_path / "test_inner.py").write_text(INNER)
-    clean = {k: v for k, v in os.environ.items() if k not in ("CI", "DDPW_REQUIRE_SLURM")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("CI", "DDPW_REQUIRE_REAL")}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-p", "conftest",
          "--rootdir", str(tmp_path), "-c", os.devnull, "--timeout", "2", "test_inner.py"],
@@ -126,7 +126,7 @@ def inner_session(tmp_path: Path, script: str, **env: str) -> subprocess.Complet
 
 @pytest.mark.parametrize(("env", "status", "said"), [
     ({"CI": "true"}, 1, "2 errors"),
-    ({"DDPW_REQUIRE_SLURM": "1"}, 1, "2 errors"),
+    ({"DDPW_REQUIRE_REAL": "1"}, 1, "2 errors"),
     ({}, 0, "2 skipped"),
 ])
 def test_a_test_session_goes_red_on_ci_when_the_cluster_cannot_start(tmp_path, env, status,
