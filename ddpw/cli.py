@@ -60,10 +60,14 @@ FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partitio
               help="Where to run [default: auto: every CUDA GPU, else MPS, else one CPU "
                    "process per core].")
 @click.option("--n-procs", type=click.IntRange(min=1), help="CPU processes per node.")
-@click.option("--n-gpus", type=click.IntRange(min=0), help="GPUs per node, one process each.")
+@click.option("--n-gpus", type=click.IntRange(min=0),
+              help="GPUs per node, one process each [default: 1; on SLURM, 0 when --n-procs is "
+                   "given].")
 @click.option("--n-nodes", type=click.IntRange(min=1), help="Nodes (SLURM).")
 @click.option("--cpus-per-task", type=click.IntRange(min=1),
-              help="CPU cores (threads) per process [default: the cores split evenly].")
+              help="CPU cores (threads) per process [default: the cores split evenly; on "
+                   "SLURM, 8 per GPU process (fewer where a node has fewer per GPU), 1 per CPU "
+                   "process].")
 @click.option("--partition", help="SLURM partition.")
 @click.option("--timeout-min", type=click.IntRange(min=1), help="SLURM time limit, minutes.")
 @click.option("--mem-gb", type=click.FloatRange(min=0, min_open=True),
@@ -229,18 +233,24 @@ def _submit(p_config: PlatformConfig, plan: LaunchPlan, entry: list[str], log_di
     try:
         submission = submit(p_config, plan, log_dir, script=entry[2:])
     except ConfigError as error:
-        raise click.UsageError(_as_option_names(str(error))) from None
+        # What the cluster refuses is no misuse of the command: its one line, without the usage.
+        click.echo(f"Error: {_as_option_names(str(error))}", err=True)
+        return 2
     if no_wait:
         click.echo(json.dumps({"job_id": submission.job_id, "folder": str(submission.folder),
                                "console_log": str(submission.console_log)}))
         return 0
+    failed = None
     try:
         submission.wait(on_interrupt)
     except KeyboardInterrupt:
         return 130
     except WorkerError as error:
-        click.echo(f"[ddpw] {error}", err=True)
+        failed = error
     status, failures = submission.exit_status()
+    if failed is not None:
+        # With a failing rank to show, its own stderr says more than the nodes' tracebacks.
+        click.echo(f"[ddpw] {failed.message if failures else failed}", err=True)
     if status == 1 and failures:
         return _exit_status(failures, None, submission.folder, all_ranks)
     if status:

@@ -26,6 +26,8 @@ class WorkerError(RuntimeError):
     def __init__(self, message: str, rank: int | None = None, status: int | None = None,
                  details: str = "") -> None:
         super().__init__(message if not details else f"{message}\n\n{details}")
+        #: The first line: what failed, without the details.
+        self.message = message
         self.rank = rank
         self.status = status
         self.details = details

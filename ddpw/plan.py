@@ -21,6 +21,16 @@ from .platform import Platform, PlatformConfig
 #: Variables that ``torchrun``, ``accelerate launch`` and ``ddpw-launch`` give every process.
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
+#: Set to ``1`` for every process that ddpw's SLURM node runner starts, so that a script there
+#: runs in place whatever its world size: the one process of a one-process job has no torchrun
+#: variables to show it, and would otherwise submit a second job from the compute node.
+NODE_RUNNER_ENV = "DDPW_NODE_RUNNER"
+
+#: Cores, and so compute threads, that a SLURM job asks for each GPU process when
+#: ``PlatformConfig.cpus_per_task`` is not given; fewer at submission where a node of the
+#: partition has fewer cores per GPU (:func:`ddpw.slurm.fit_cores`).
+SLURM_CORES_PER_GPU = 8
+
 
 @dataclass(frozen=True)
 class MachineFacts:
@@ -42,9 +52,12 @@ class MachineFacts:
         """The facts of this machine and process."""
         import torch
 
-        # device_count() asks NVML where it can, so the parent process never initialises CUDA
-        # (which would make forking unsafe).
-        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        # device_count() asks NVML, which leaves CUDA uninitialised here, so that this process
+        # may still fork children that use CUDA; is_available() would run cuInit. Where NVML
+        # cannot answer (no NVML library, MIG devices named by UUID), torch counts with the
+        # CUDA runtime instead, which does initialise CUDA: children forked after that fail as
+        # soon as they use CUDA, while processes started afresh (spawn, ddpw's) do not.
+        cuda = torch.cuda.device_count()
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return cls(cuda_devices=cuda, mps_available=mps, cpu_count=cores or 1, env=dict(os.environ))
@@ -116,25 +129,27 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
 
     :raises ConfigError: when the machine cannot run what ``config`` asks for, with what to change.
     """
+    launch = _launch_around(facts.env)
     if config.platform is not Platform.SLURM:
-        _check_devices(config, facts)
+        _check_devices(config, facts, in_place=launch is not None)
+    cpu_slurm = config.platform is Platform.SLURM and not config.uses_gpus
     accelerator_kwargs: dict[str, Any] = {
-        "cpu": config.platform is Platform.CPU,
+        "cpu": config.platform is Platform.CPU or cpu_slurm,
         "mixed_precision": config.mixed_precision,
     }
-    env = facts.env
-    if all(name in env for name in TORCHRUN_VARIABLES) or _in_multi_task_srun(env):
+    if launch is not None:
+        # The launch's world, whatever the config asks for: Wrapper.start warns when they differ.
+        world_size, srun_env = launch
         return LaunchPlan(mode=LaunchMode.IN_PLACE, platform=config.platform,
-                          world_size=int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))),
-                          threads_per_process=config.cpus_per_task,
-                          accelerator_kwargs=accelerator_kwargs,
-                          srun_env="WORLD_SIZE" not in env)
+                          world_size=world_size, threads_per_process=config.cpus_per_task,
+                          accelerator_kwargs=accelerator_kwargs, srun_env=srun_env)
 
     if config.platform is Platform.SLURM:
         return _slurm_plan(config, accelerator_kwargs)
     procs = config.procs_per_node
     threads = config.cpus_per_task
-    if threads is None and config.platform is Platform.CPU and procs > 1:
+    if threads is None and procs > 1:
+        # GPU processes too: torchrun's default of one thread each starves their data loading.
         threads = max(1, facts.cpu_count // procs)
     if procs == 1:
         # The environment matters only to a script that ddpw-launch runs in this process, whose
@@ -174,7 +189,8 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
 
 def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> LaunchPlan:
     """One SLURM task per node, holding a core per thread of each of its processes."""
-    procs, threads = config.procs_per_node, config.cpus_per_task or 1
+    procs = config.procs_per_node
+    threads = config.cpus_per_task or (SLURM_CORES_PER_GPU if config.uses_gpus else 1)
     slurm: dict[str, Any] = {
         "name": config.name, "nodes": config.n_nodes, "tasks_per_node": 1,
         "cpus_per_task": procs * threads, "timeout_min": config.timeout_min,
@@ -195,9 +211,11 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
     slurm["slurm_additional_parameters"] = {"signal": f"{sig}@{config.signal_delay_s}",
                                             **config.slurm_parameters}
     slurm["slurm_setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={sig}"]
-    env = {"OMP_NUM_THREADS": str(threads)}
+    # A world of one is started without accelerate launch, whose config would give a plain
+    # Accelerator() its mixed precision: the environment gives it, to every process alike.
+    env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
+           NODE_RUNNER_ENV: "1"}
     if not config.uses_gpus:
-        accelerator_kwargs = {**accelerator_kwargs, "cpu": True}
         env["ACCELERATE_USE_CPU"] = "1"
     launch_args = ("--multi_gpu", "--num_processes", str(config.world_size),
                    "--num_machines", str(config.n_nodes), "--dynamo_backend", "no")
@@ -228,15 +246,17 @@ def auto_platform(facts: MachineFacts) -> dict[str, Any]:
     return {"platform": Platform.CPU, "n_procs": facts.cpu_count}
 
 
-def _check_devices(config: PlatformConfig, facts: MachineFacts) -> None:
+def _check_devices(config: PlatformConfig, facts: MachineFacts, in_place: bool) -> None:
+    """Refuse what this machine cannot run. Inside a launch, a rank may see fewer GPUs than the
+    config asks for (``srun --gpus-per-task=1`` shows each rank its own), but not none."""
     if config.platform is Platform.GPU:
         if facts.cuda_devices == 0:
             hint = (" Apple silicon's GPU is Platform.MPS." if facts.mps_available else "")
             raise ConfigError(
                 f"PlatformConfig.platform=Platform.GPU needs CUDA GPUs, and this machine has none "
-                f"that PyTorch can use (torch.cuda.is_available() is False). Use "
+                f"that PyTorch can use (torch.cuda.device_count() is 0). Use "
                 f"PlatformConfig(platform=Platform.CPU, n_procs=N) to run N CPU processes.{hint}")
-        if config.n_gpus > facts.cuda_devices:
+        if config.n_gpus > facts.cuda_devices and not in_place:
             raise ConfigError(
                 f"PlatformConfig.n_gpus={config.n_gpus} is more than the {facts.cuda_devices} "
                 f"CUDA device(s) visible here (CUDA_VISIBLE_DEVICES="
@@ -247,6 +267,21 @@ def _check_devices(config: PlatformConfig, facts: MachineFacts) -> None:
             "PlatformConfig.platform=Platform.MPS needs an Apple silicon GPU with a PyTorch build "
             "that supports it (torch.backends.mps.is_available() is False here). Use "
             "Platform.CPU" + (" or Platform.GPU." if facts.cuda_devices else "."))
+
+
+def _launch_around(env: Mapping[str, str]) -> tuple[int, bool] | None:
+    """The world size of the launch that this process is one rank of, and whether its
+    process-group variables must be derived from a multi-task ``srun`` step's; ``None`` when
+    the process is not inside a launch."""
+    if all(name in env for name in TORCHRUN_VARIABLES):
+        return int(env["WORLD_SIZE"]), False
+    if _in_multi_task_srun(env):
+        return int(env["SLURM_NTASKS"]), True
+    if env.get(NODE_RUNNER_ENV) == "1":
+        # The one process of a one-process ddpw SLURM job: a world of one needs no process
+        # group, as in a world of one on one machine.
+        return 1, False
+    return None
 
 
 def _in_multi_task_srun(env: Mapping[str, str]) -> bool:

@@ -74,9 +74,11 @@ class PlatformConfig:
         given (CPU processes), and ``1`` otherwise; the config then holds the number chosen.
     :param n_procs: processes per node on CPUs (CPU, and SLURM with ``n_gpus=0``). Defaults to 1.
         On GPUs the number of processes is ``n_gpus``; a different ``n_procs`` is an error.
-    :param cpus_per_task: CPU cores, and so compute threads, per process. ``None`` splits this
-        machine's cores evenly among the processes of a CPU job; GPU jobs of several processes
-        then get torchrun's default of one thread each.
+    :param cpus_per_task: CPU cores, and so compute threads (``OMP_NUM_THREADS``), per process.
+        ``None`` splits this machine's cores evenly among the processes of a job of several,
+        CPU or GPU, and leaves torch's default to a world of one. On SLURM, ``None`` asks for
+        8 cores per GPU process, or a node's cores divided by its GPUs where that is fewer
+        (at least 1), and 1 core per CPU process. A number that is given is used as given.
     :param partition: SLURM partition.
     :param timeout_min: SLURM time limit in minutes.
     :param mem_gb: SLURM memory per node in GiB; ``None`` leaves the partition's default.

@@ -11,6 +11,7 @@ are)::
         slurm/               submitit's files: JOBID_0_log.out is node 0's console
         rank-R.stdout.log    every rank's output (attempts after a requeue are appended)
         rank-R.stderr.log
+        agent-nodeN.log      what torchrun's agent on node N logged (made when it logs)
         attempt-K.json       attempt K's start (K = SLURM_RESTART_COUNT): its checkpoint
         node-N.json          how node N's processes ended in the last attempt, and whether
                              node 0 requeued the job
@@ -89,10 +90,10 @@ def submit(p_config: PlatformConfig, plan: LaunchPlan, logs: str | Path, job: Jo
     """
     import submitit
 
-    check_cluster(plan)
+    plan = check_cluster(plan, fit=p_config.cpus_per_task is None)
     folder = new_job_folder(logs, p_config.name).resolve()
     if job is not None:
-        write_job(job, folder / "job")
+        write_job(dataclasses.replace(job, plan=plan), folder / "job")
         entry = ["--module", "ddpw.entry", str(folder / "job")]
         kind = ("pauses" if isinstance(job.target, Trainer) else
                 "restartable" if is_restartable(job.target) else "plain")
@@ -139,9 +140,13 @@ def _one_line(error: Exception) -> str:
     return "; ".join(said) or type(error).__name__
 
 
-def check_cluster(plan: LaunchPlan) -> None:
-    """Check, before submitting, that the cluster can run ``plan`` at all.
+def check_cluster(plan: LaunchPlan, fit: bool = False) -> LaunchPlan:
+    """Check, before submitting, that the cluster can run ``plan`` at all; return the plan to
+    submit.
 
+    :param fit: the plan's cores per GPU process are ddpw's default
+        (``PlatformConfig.cpus_per_task`` not given): fit them to the partition's nodes
+        (:func:`fit_cores`). A number that was given is asked for as given.
     :raises ConfigError: for missing SLURM tools, an unknown partition, more nodes or cores per
         node than the partition has, or GPUs that its nodes do not declare (``sinfo`` shows no
         ``gpu`` GRES, or fewer than ``n_gpus`` per node).
@@ -169,10 +174,35 @@ def check_cluster(plan: LaunchPlan) -> None:
         raise ConfigError(f"PlatformConfig.n_nodes={plan.slurm['nodes']} is more than partition "
                           f"{partition!r} has ({nodes}).")
     _check_gpus(plan, partition, kinds)
+    if fit:
+        plan = fit_cores(plan, kinds)
     if plan.slurm["cpus_per_task"] > cpus:
         raise ConfigError(f"PlatformConfig: {plan.slurm['cpus_per_task']} cores per node "
                           f"(processes x cpus_per_task) is more than the {cpus} of a node of "
                           f"partition {partition!r}.")
+    return plan
+
+
+def fit_cores(plan: LaunchPlan, kinds: list[tuple[int, int, str]]) -> LaunchPlan:
+    """``plan`` with its cores per GPU process lowered, where needed, to a node's share: its
+    cores divided by its GPUs, on the smallest share among the partition's nodes that have the
+    GPUs the job asks for, and at least one. (Where no node has them, which sbatch then
+    refuses, among all its nodes.)
+
+    :param kinds: the partition's kinds of node, as ``sinfo`` shows them: (nodes, cores, GRES).
+    """
+    wanted = plan.slurm.get("gpus_per_node", 0)
+    if not wanted or plan.threads_per_process is None:
+        return plan
+    able = [kind for kind in kinds if gres_gpus(kind[2]) >= wanted] or kinds
+    shares = [cores // max(gres_gpus(gres), wanted) for _, cores, gres in able]
+    threads = max(1, min(plan.threads_per_process, *shares))
+    if threads == plan.threads_per_process:
+        return plan
+    procs = plan.world_size // plan.slurm["nodes"]
+    return dataclasses.replace(plan, threads_per_process=threads,
+                               env={**plan.env, "OMP_NUM_THREADS": str(threads)},
+                               slurm={**plan.slurm, "cpus_per_task": procs * threads})
 
 
 def _check_gpus(plan: LaunchPlan, partition: str, kinds: list[tuple[int, int, str]]) -> None:
@@ -192,7 +222,8 @@ def _check_gpus(plan: LaunchPlan, partition: str, kinds: list[tuple[int, int, st
     procs = plan.world_size // plan.slurm["nodes"]
     raise ConfigError(f"PlatformConfig.n_gpus={wanted} asks for {wanted} GPU(s) on each of "
                       f"{plan.slurm['nodes']} node(s), and partition {partition!r} {has}: for CPU "
-                      f"processes set n_gpus=0 (n_procs={procs}), or choose a partition with "
+                      f"processes set PlatformConfig.n_gpus=0 with PlatformConfig.n_procs={procs}, "
+                      f"or choose a partition with "
                       f"GPUs.")
 
 
@@ -337,14 +368,15 @@ class Submission:
         if state == "COMPLETED" and self._has_results and self._results_appear(job_dir):
             values = collect(job_dir, self.world_size, Outcome({}, None))
             return values[0] if self._is_trainer else values
-        if state == "CANCELLED":
-            raise WorkerError(f"SLURM job {self.job_id} was cancelled{where}")
-        main_node = self._node_record(0)
-        # ddpw's own reason for ending the job (on any node) says more than SLURM's state.
+        # ddpw's own reason for ending the job (on any node) says more than SLURM's state,
+        # CANCELLED included: a node that refuses the job cancels it for the others.
         refused = [record["refused"] for record in map(self._node_record, range(self.n_nodes))
                    if record.get("refused")]
         if refused:
             raise WorkerError(refused[0] + where)
+        if state == "CANCELLED":
+            raise WorkerError(f"SLURM job {self.job_id} was cancelled{where}")
+        main_node = self._node_record(0)
         # After node 0 requeued the job, what its processes left is from an attempt that ended
         # well; the attempt that failed never got as far as to report.
         requeued = main_node.get("requeued", False)
@@ -403,7 +435,8 @@ class Submission:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def _node_errors(self) -> str:
-        """The tracebacks that submitit recorded for the nodes that failed."""
+        """The tracebacks that submitit recorded for the nodes that failed, and the end of what
+        their torchrun agents logged (how a rank that said nothing ended)."""
         errors = []
         for node in range(self.n_nodes):
             result = JobPaths(self.folder / "slurm", self.job_id, node).result_pickle
@@ -411,6 +444,10 @@ class Submission:
                 outcome, value = cloudpickle.loads(result.read_bytes())
                 if outcome == "error":
                     errors.append(f"node {node}:\n{value}")
+            agent = self.folder / f"agent-node{node}.log"
+            if agent.is_file():
+                tail = agent.read_text(errors="replace").splitlines()[-20:]
+                errors.append(f"node {node}'s torchrun agent logged:\n" + "\n".join(tail))
         return "\n".join(errors)
 
 
@@ -484,6 +521,11 @@ class NodeTask:
         if missing:
             _write_json(folder / f"node-{node}.json", {
                 "attempt": attempt, "requeued": False, "refused": missing, "failures": {}})
+            if self.plan.slurm["nodes"] > 1:
+                # The other nodes' processes would wait for this node's at the rendezvous,
+                # holding the allocation until it times out.
+                subprocess.run(["scancel", os.environ["SLURM_JOB_ID"]], capture_output=True,
+                               timeout=60)
             raise RuntimeError(missing)
         procs = self.plan.world_size // self.plan.slurm["nodes"]
         outcome = self._run(node, env, Logs(folder, first_rank=node * procs, node=node), sig)

@@ -62,8 +62,11 @@ class Wrapper:
         Everything is checked before any process starts. A world of one process runs here, in
         the calling process; a larger one starts its processes with ``accelerate launch``. When
         this script is itself one rank of a launch (``accelerate launch``, ``torchrun``,
-        ``ddpw-launch``, a multi-task ``srun``), the job runs in place, on every rank, and
-        nothing more is launched.
+        ``ddpw-launch``, a multi-task ``srun``, or any process of a ddpw SLURM job, a world of
+        one included), the job runs in place, on every rank, and nothing more is launched or
+        submitted. The launch's world is the job's: a warning says so when the config asks for
+        another number of processes (as under ``srun --gpus-per-task=1``, where each rank sees
+        one GPU of its own).
 
         On SLURM, the job is submitted (its folder is under ``JobConfig.console_logs_path``, or
         ``./logs/console_logs`` for a function) and, unless ``wait=False``, waited for: its state

@@ -214,6 +214,8 @@ def test_dry_run_gpu(monkeypatch):
     plan = dry_run("--platform", "gpu", "--n-gpus", "4", "--mixed-precision", "bf16")
     assert (plan["mode"], plan["world_size"], plan["platform"]) == ("accelerate", 4, "GPU")
     assert "ACCELERATE_USE_CPU" not in plan["env"]
+    # The machine's 8 cores split among the 4 GPU processes, not torchrun's one thread each.
+    assert plan["env"]["OMP_NUM_THREADS"] == "2" and plan["plan"]["threads_per_process"] == 2
     assert plan["accelerate_config"]["mixed_precision"] == "bf16"
     assert plan["accelerate_config"]["use_cpu"] is False
 
@@ -324,11 +326,19 @@ def test_dry_run_slurm_shows_the_sbatch_parameters(monkeypatch):
     plan = dry_run("--platform", "slurm", "--n-nodes", "2", "--n-gpus", "4", "--partition",
                    "gpu", "--mem-gb", "64")
     assert plan["mode"] == "slurm" and plan["world_size"] == 8
-    assert plan["slurm"] == {"name": "DDPW", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 4,
+    # Without --cpus-per-task: 8 cores for each GPU process (fewer at submission, where the
+    # partition's nodes have fewer per GPU).
+    assert plan["slurm"] == {"name": "DDPW", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 32,
                              "gpus_per_node": 4, "mem_gb": 64.0, "timeout_min": 2880,
                              "slurm_partition": "gpu", "slurm_signal_delay_s": 90,
                              "slurm_additional_parameters": {"signal": "USR2@90"},
                              "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR2"]}
+    assert plan["env"]["OMP_NUM_THREADS"] == "8" and plan["plan"]["threads_per_process"] == 8
+    assert plan["env"]["ACCELERATE_MIXED_PRECISION"] == "no"
+    explicit = dry_run("--platform", "slurm", "--n-gpus", "4", "--cpus-per-task", "2",
+                       "--mixed-precision", "bf16")
+    assert explicit["slurm"]["cpus_per_task"] == 8 and explicit["env"]["OMP_NUM_THREADS"] == "2"
+    assert explicit["env"]["ACCELERATE_MIXED_PRECISION"] == "bf16"
     assert option(plan["command"], "--num_machines") == "2"
     assert plan["per_node_args"][0::2] == ["--machine_rank", "--main_process_ip",
                                            "--main_process_port"]

@@ -149,8 +149,9 @@ def test_gpu_several_use_accelerate(cuda):
     assert "--multi_gpu" in plan.launch_args
     assert option(plan, "--num_processes") == "4"
     assert "ACCELERATE_USE_CPU" not in plan.env
-    assert "OMP_NUM_THREADS" not in plan.env
-    assert plan.threads_per_process is None
+    # The machine's cores split among the GPU processes, not torchrun's one thread each.
+    assert plan.env["OMP_NUM_THREADS"] == "16"
+    assert plan.threads_per_process == 16
     assert plan.accelerator_kwargs["cpu"] is False
     assert plan.accelerate_config["use_cpu"] is False
     assert plan.accelerate_config["distributed_type"] == "MULTI_GPU"
@@ -216,7 +217,8 @@ SIGNAL_90 = {"slurm_signal_delay_s": 90, "slurm_additional_parameters": {"signal
 
 
 @pytest.mark.parametrize(("kwargs", "expected", "world"), [
-    # A GPU partition: one task per node holding a core per GPU process, the GPUs, the memory.
+    # A GPU partition: one task per node holding the cores of its GPU processes, the GPUs, the
+    # memory.
     ({"n_nodes": 2, "n_gpus": 4, "cpus_per_task": 8, "mem_gb": 256, "partition": "gpu",
       "timeout_min": 60, "name": "big"},
      {"name": "big", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 32, "gpus_per_node": 4,
@@ -233,7 +235,7 @@ SIGNAL_90 = {"slurm_signal_delay_s": 90, "slurm_additional_parameters": {"signal
     ({"n_nodes": 1, "n_gpus": 8, "account": "proj42", "qos": "high", "constraint": "a100",
       "exclusive": True, "requeue_signal": "SIGUSR1", "signal_delay_s": 300,
       "slurm_parameters": {"mail_type": "END", "mail-user": "me@example.org", "hint": True}},
-     {"name": "DDPW", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 8, "gpus_per_node": 8,
+     {"name": "DDPW", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 64, "gpus_per_node": 8,
       "timeout_min": 2880, "slurm_partition": "general", "slurm_account": "proj42",
       "slurm_qos": "high", "slurm_constraint": "a100", "slurm_exclusive": True,
       "slurm_signal_delay_s": 300, "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR1"],
@@ -250,6 +252,59 @@ def test_slurm_parameters_as_data(kwargs, expected, world):
     uses_cpu = "gpus_per_node" not in expected
     assert plan.accelerator_kwargs["cpu"] is uses_cpu
     assert ("ACCELERATE_USE_CPU" in plan.env) is uses_cpu
+
+
+@pytest.mark.parametrize(("fields", "uses_cpu"), [
+    ({"n_gpus": 1, "mixed_precision": "bf16"}, False),
+    ({"n_gpus": 1, "mixed_precision": "fp16"}, False),
+    ({"n_procs": 1, "mixed_precision": "bf16"}, True),
+    ({"n_gpus": 2, "mixed_precision": "bf16"}, False),
+    ({"n_nodes": 2, "n_procs": 1}, True),
+])
+def test_slurm_processes_get_the_platforms_accelerate_settings(fields, uses_cpu):
+    """A one-process SLURM job starts its process without accelerate launch: the plan's
+    environment alone gives a plain Accelerator() the mixed precision and the CPU."""
+    config = PlatformConfig(platform=Platform.SLURM, **fields)
+    plan = resolve_plan(config, machine())
+    assert plan.env["ACCELERATE_MIXED_PRECISION"] == config.mixed_precision
+    assert plan.accelerate_config["mixed_precision"] == config.mixed_precision
+    assert (plan.env.get("ACCELERATE_USE_CPU") == "1") is uses_cpu
+
+
+@pytest.mark.parametrize(("fields", "cores", "threads"), [
+    # GPU processes: 8 cores each unless told otherwise (fewer where the nodes have fewer).
+    ({"n_gpus": 1}, 8, 8),
+    ({"n_gpus": 4, "n_nodes": 2}, 32, 8),
+    ({"n_gpus": 4, "cpus_per_task": 2}, 8, 2),
+    ({"n_gpus": 4, "cpus_per_task": 16}, 64, 16),
+    # CPU processes: one core each unless told otherwise.
+    ({"n_procs": 4}, 4, 1),
+    ({"n_procs": 4, "cpus_per_task": 3}, 12, 3),
+])
+def test_slurm_cores_per_process(fields, cores, threads):
+    plan = resolve_plan(PlatformConfig(platform=Platform.SLURM, **fields), machine())
+    assert plan.slurm["cpus_per_task"] == cores
+    assert plan.env["OMP_NUM_THREADS"] == str(threads)
+    assert plan.threads_per_process == threads
+
+
+@pytest.mark.parametrize(("kinds", "threads"), [
+    ([(4, 128, "gpu:8")], 8),             # 16 cores per GPU: the default of 8 fits
+    ([(4, 48, "gpu:8(S:0-1)")], 6),        # 6 cores per GPU on these nodes
+    ([(1, 4, "gpu:4")], 1),               # one core per GPU, as on the test cluster's g1
+    ([(2, 8, "gpu:2"), (2, 64, "gpu:4")], 8),  # the nodes of too few GPUs do not count
+    ([(2, 12, "(null)")], 3),             # no node has the GPUs (sbatch refuses): a node's cores
+    ([(2, 64, "gpu:4"), (2, 20, "gpu:4"), (3, 96, "(null)")], 5),  # the smallest GPU node's
+])
+def test_slurm_default_gpu_cores_fit_the_partitions_nodes(kinds, threads):
+    from ddpw.slurm import fit_cores
+
+    plan = resolve_plan(PlatformConfig(platform=Platform.SLURM, n_gpus=4), machine())
+    fitted = fit_cores(plan, kinds)
+    assert fitted.slurm["cpus_per_task"] == 4 * threads
+    assert fitted.env["OMP_NUM_THREADS"] == str(threads)
+    assert fitted.threads_per_process == threads
+    assert fitted.slurm["gpus_per_node"] == 4 and fitted.launch_args == plan.launch_args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +348,78 @@ def test_torchrun_variables_win_over_srun():
     assert plan.world_size == 8
 
 
+@pytest.mark.parametrize("env", [SRUN_ENV, TORCHRUN_ENV])
+@pytest.mark.parametrize("n_gpus", [4, 8])
+def test_a_rank_that_sees_only_its_own_gpu_runs_in_place(env, n_gpus):
+    """srun --ntasks-per-node=4 --gpus-per-task=1, or any launcher that gives each rank its own
+    CUDA_VISIBLE_DEVICES: every rank sees one GPU, and the launch's world runs in place (the
+    Wrapper warns when it is not the world that the config asks for)."""
+    plan = resolve_plan(gpu(n_gpus), machine(cuda=1, env={**env, "CUDA_VISIBLE_DEVICES": "2"}))
+    assert plan.mode is LaunchMode.IN_PLACE
+    assert plan.world_size == 4
+    assert plan.accelerator_kwargs["cpu"] is False
+
+
+@pytest.mark.parametrize("env", [SRUN_ENV, TORCHRUN_ENV])
+def test_in_place_platform_gpu_without_any_cuda_gpu_is_refused(env):
+    # Not a silent run on the CPU.
+    with pytest.raises(ConfigError, match=r"^PlatformConfig\.platform=Platform\.GPU needs CUDA "
+                                          r"GPUs, and this machine has none"):
+        resolve_plan(gpu(4), machine(cuda=0, env=env))
+
+
+@pytest.mark.parametrize("env", [SRUN_ENV, TORCHRUN_ENV])
+def test_in_place_platform_mps_without_mps_is_refused(env):
+    with pytest.raises(ConfigError, match=r"PlatformConfig\.platform=Platform\.MPS needs"):
+        resolve_plan(PlatformConfig(platform=Platform.MPS), machine(env=env))
+
+
+def test_wrapper_in_place_with_one_gpu_per_rank_warns_and_runs(monkeypatch):
+    """The user's side of the case above: a warning, and the job runs, not a ConfigError. (The
+    facts are faked; the job itself runs here, in a world of one.)"""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from ddpw import Wrapper
+
+    facts = machine(cuda=1, env={**TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES": "2"})
+    monkeypatch.setattr(MachineFacts, "probe", classmethod(lambda cls: facts))
+    try:
+        with pytest.warns(UserWarning, match=r"world of 4 processes; PlatformConfig asks for 8"):
+            assert Wrapper(gpu(8, verbose=False)).start(lambda: "ran") == ["ran"]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def node_runner_env(plan, **slurm):
+    """What a process that ddpw's node runner starts sees in a one-process SLURM job: the
+    plan's environment and SLURM's variables of a one-task step, no torchrun variables."""
+    return {**plan.env, "SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0",
+            "SLURM_NTASKS": "1", "SLURM_NODEID": "0", "SLURM_LOCALID": "0", **slurm}
+
+
+@pytest.mark.parametrize("fields", [{"n_procs": 1}, {"n_gpus": 1}])
+def test_a_script_that_ddpw_started_on_slurm_runs_in_place_in_a_world_of_one(fields):
+    """ddpw-launch --platform slurm --n-gpus 1 train.py, whose train.py starts a Wrapper with
+    the same SLURM config: it runs in place, and submits no second job."""
+    config = PlatformConfig(platform=Platform.SLURM, **fields)
+    outer = resolve_plan(config, machine())
+    assert outer.mode is LaunchMode.SLURM and outer.world_size == 1
+    inner = resolve_plan(config, machine(cuda=1, env=node_runner_env(outer)))
+    assert inner.mode is LaunchMode.IN_PLACE
+    assert inner.world_size == 1
+    assert inner.srun_env is False  # no process group to make up for a world of one
+    assert inner.slurm == {}
+    assert inner.accelerator_kwargs["cpu"] is (config.n_gpus == 0)
+
+
+def test_a_slurm_step_that_ddpw_did_not_start_still_submits():
+    config = PlatformConfig(platform=Platform.SLURM, n_procs=1)
+    plain = {k: v for k, v in node_runner_env(resolve_plan(config, machine())).items()
+             if not k.startswith("DDPW_")}
+    assert resolve_plan(config, machine(env=plain)).mode is LaunchMode.SLURM
+
+
 @pytest.mark.parametrize("env", [
     {**SRUN_ENV, "SLURM_NTASKS": "1"},
     {k: v for k, v in SRUN_ENV.items() if k != "SLURM_NTASKS"},
@@ -332,7 +459,7 @@ def test_command_of_a_hand_made_plan():
 def test_probe_this_machine():
     facts = MachineFacts.probe()
     # 0 on a machine without CUDA (like the CPU-only CI machine); the visible count elsewhere.
-    assert facts.cuda_devices == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert facts.cuda_devices == torch.cuda.device_count()
     assert isinstance(facts.cpu_count, int)
     assert 1 <= facts.cpu_count <= (os.cpu_count() or 1)
     assert isinstance(facts.mps_available, bool)
@@ -379,3 +506,18 @@ def test_the_sbatch_script_of_cpu_processes_asks_for_no_gpu(tmp_path):
                  "#SBATCH --signal=USR1@120", "#SBATCH --no-requeue",
                  "export SUBMITIT_PREEMPT_SIGNAL=USR1"):
         assert line in script, line
+
+
+def test_probe_counts_cuda_devices_without_initialising_cuda(monkeypatch):
+    """On a CUDA build whose NVML answers, the probe never reaches the CUDA runtime (cuInit),
+    so that the caller may still fork processes that use CUDA."""
+
+    def initialises_cuda(*args, **kwargs):
+        raise AssertionError("the probe initialised CUDA")
+
+    for name in ("is_available", "init", "_lazy_init"):
+        monkeypatch.setattr(torch.cuda, name, initialises_cuda)
+    # A CUDA build's runtime count (cudaGetDeviceCount, which runs cuInit).
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", initialises_cuda, raising=False)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 3)
+    assert MachineFacts.probe().cuda_devices == 3
