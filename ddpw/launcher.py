@@ -5,7 +5,8 @@ imported torch. :func:`run_accelerate` starts any entry point: ddpw's own, or a 
 for ``ddpw-launch``. For :func:`launch`, the job is pickled (with cloudpickle, so classes and
 functions from the caller's ``__main__`` travel by value) into a private temporary folder and
 ``python -m ddpw.entry FOLDER`` runs on every process; each rank writes its result or
-traceback back into the folder, and the results come back in rank order.
+traceback back into the folder, and the results come back in rank order. Tensors travel on the
+CPU both ways (:mod:`ddpw.shipping`).
 
 torchrun's agent and ``accelerate launch`` log what they do (``Sending process ... closing
 signal SIGTERM``, ``failed (exitcode: 1) local_rank: ...``). A user needs ddpw's report and the
@@ -38,8 +39,10 @@ import cloudpickle
 import psutil
 from accelerate.utils import patch_environment
 
+from ._compat import warn_if_agent_takes_signals
 from .errors import ConfigError, JobPaused, WorkerError
 from .plan import LaunchPlan
+from .shipping import dumps
 from .trainer import Trainer
 from .worker import Job
 
@@ -210,12 +213,14 @@ def launch_env(plan_env: dict[str, str]) -> dict[str, str]:
 
 
 def ship(job: Job) -> bytes:
-    """Pickle ``job`` for the worker processes.
+    """Pickle ``job`` for the worker processes, with the data of its tensors that are not on the
+    CPU as CPU copies (:mod:`ddpw.shipping`), which it says once, unless
+    ``PlatformConfig.verbose`` is false.
 
     :raises ConfigError: naming the first part of the job that cannot be pickled.
     """
     try:
-        return cloudpickle.dumps(job)
+        data, moved = dumps(job)
     except Exception as error:
         culprit = _unpicklable_part(job) or "the job"
         raise ConfigError(
@@ -223,6 +228,9 @@ def ship(job: Job) -> bytes:
             f"Everything a job carries (target, arguments, datasets, model) is pickled with "
             f"cloudpickle; open files, locks, sockets, generators and live processes cannot be. "
             f"Create such objects inside the job instead.") from error
+    if moved.storages and job.p_config.verbose:
+        print(moved.note("the job"), file=sys.stderr, flush=True)
+    return data
 
 
 def _unpicklable_part(job: Job) -> str | None:
@@ -255,6 +263,7 @@ def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path |
     # port for the rendezvous itself, so there is no window in which another job can take it.
     parsed.standalone = standalone
     parsed.signals_to_handle = ",".join(sig.name for sig in _AGENT_SIGNALS)
+    warn_if_agent_takes_signals()  # an older torchrun ignores signals_to_handle
     if logs is not None:
         # torchrun's own options (accelerate's parser lacks the last two): every rank's output
         # to files, and to the console for the main rank or, prefixed, for all.

@@ -45,6 +45,7 @@ from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
 from .errors import ConfigError, JobPaused, PeerFailed
 from .job import JobConfig, JobMode
+from .network import gloo_interface_chosen
 from .platform import Platform, PlatformConfig
 
 #: Set by ddpw's SLURM node runner: the file where the main rank notes each checkpoint that it
@@ -454,7 +455,8 @@ class Trainer:
         """Whether ``flag`` is true on any rank (every rank must call it at the same point).
 
         The flag travels on the CPU, through a gloo group when the job's own backend is another,
-        so that asking costs no device synchronisation.
+        so that asking costs no device synchronisation; :mod:`ddpw.network` chooses the
+        group's network interface.
         """
         if self.world_size == 1:
             return flag
@@ -466,7 +468,10 @@ class Trainer:
         import torch.distributed as dist
 
         if self._flag_group is None and dist.get_backend() != "gloo":
-            self._flag_group = dist.new_group(backend="gloo")
+            # Gloo would bind the interface that the hostname resolves to, which the other
+            # machines may not reach (NCCL may have been told another): choose it.
+            with gloo_interface_chosen():
+                self._flag_group = dist.new_group(backend="gloo")
         value = torch.tensor([float(flag)])
         work = dist.all_reduce(value, group=self._flag_group, async_op=not wait)
         return work, value

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
@@ -30,6 +29,7 @@ from .artefacts import ArtefactsConfig
 from .errors import JobPaused, PeerFailed
 from .plan import LaunchMode, LaunchPlan, rendezvous_port
 from .platform import PlatformConfig
+from .shipping import dumps
 from .trainer import RESUME_ENV, Trainer
 from .utils import World, current_world
 
@@ -106,10 +106,11 @@ def _export_srun_env() -> None:
 def main(argv: list[str]) -> None:
     """Entry point of a launched process: ``python -m ddpw.entry JOB_DIR``.
 
-    Reads the job that the launcher wrote to ``JOB_DIR``, runs it and writes the result (or the
-    traceback) to ``JOB_DIR/result-{rank}.pkl`` (or ``error-{rank}.json``) for the launcher, then
-    ends the process: with status 0, :data:`~ddpw.errors.PAUSED_EXIT_STATUS` after a pause, 130
-    after Ctrl-C, or 1 after an exception.
+    Reads the job that the launcher wrote to ``JOB_DIR``, runs it and writes the result (its
+    tensors on the CPU, :mod:`ddpw.shipping`) or the traceback to ``JOB_DIR/result-{rank}.pkl``
+    or ``error-{rank}.json`` for the launcher, then ends the process: with status 0,
+    :data:`~ddpw.errors.PAUSED_EXIT_STATUS` after a pause, 130 after Ctrl-C, or 1 after an
+    exception.
     """
     _end_with_parent()
     exit_now(execute(Path(argv[0])))
@@ -125,7 +126,8 @@ def execute(job_dir: Path) -> int:
         with open(job_dir / "job.pkl", "rb") as f:
             job = pickle.load(f)
         result = run(job)
-        _write_atomically(job_dir / f"result-{rank}.pkl", cloudpickle.dumps(result))
+        # On the CPU, so that a caller without this rank's device (a login node) can read it.
+        _write_atomically(job_dir / f"result-{rank}.pkl", dumps(result)[0])
         _leave_process_group()
         status = 0
     except BaseException as error:

@@ -1,0 +1,105 @@
+"""Pickling for another process: a job on its way to the workers, a result on its way back.
+
+Objects travel with cloudpickle, so that classes and functions of the caller's ``__main__``
+travel by value. torch pickles a tensor's data with the device it lives on, and unpickling puts
+it back there: a job whose model was moved to ``cuda`` (or whose data set holds CUDA tensors)
+would land on the same GPU in every worker, before Accelerate places each rank on its own
+(one CUDA context and one model copy per rank on ``cuda:0``); a result holding CUDA tensors
+could not be unpickled on a machine without a GPU at all, such as a SLURM login node. So
+:func:`dumps` sends the data of every tensor that is not on the CPU as a CPU copy, and tells
+what it moved. Parameters stay parameters, ``requires_grad`` and a tensor's attributes are kept
+(torch's own pickling does that, only the data is replaced), an object reached twice (tied
+weights) stays one object, and tensors that shared a device's memory (views) share the copy.
+Tensors on the CPU pass through as torch pickles them, without a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import cloudpickle
+import torch
+from torch.serialization import location_tag
+
+
+@dataclasses.dataclass
+class Moved:
+    """What :func:`dumps` sent as CPU copies.
+
+    :param storages: the number of tensor storages (one per block of device memory, however
+        many tensors view it).
+    :param nbytes: their size.
+    :param devices: the devices they were on (``cuda:0``...), as torch would have restored them.
+    """
+
+    storages: int = 0
+    nbytes: int = 0
+    devices: set[str] = dataclasses.field(default_factory=set)
+
+    def note(self, what: str) -> str:
+        """One line that says what was moved, for the user who put ``what`` on a device."""
+        devices = ", ".join(sorted(self.devices))
+        return (f"[ddpw] {what} holds {self.storages} tensor storage(s) "
+                f"({self.nbytes / 2**20:.1f} MiB) on {devices}: they travel to the worker "
+                f"processes as CPU copies, so that none of them lands on {devices} in every "
+                f"process; Accelerate puts a Trainer's model on each rank's own device (a "
+                f"function moves its tensors to ddpw.world().device itself).")
+
+
+def dumps(obj: Any) -> tuple[bytes, Moved]:
+    """Pickle ``obj`` with cloudpickle, the data of its tensors that are not on the CPU as CPU
+    copies; return the bytes and what was moved."""
+    with io.BytesIO() as file:
+        pickler = _CpuPickler(file)
+        pickler.dump(obj)
+        return file.getvalue(), pickler.moved
+
+
+def on_a_device(storage: torch.UntypedStorage) -> str | None:
+    """Where torch would restore ``storage`` when it is unpickled (``cuda:1``), when that is not
+    the CPU; ``None`` for the CPU and for the ``meta`` device, which holds no data to copy."""
+    tag = location_tag(storage)
+    return None if tag == "cpu" or storage.device.type == "meta" else tag
+
+
+class _CpuPickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, which sends the storages of :func:`on_a_device` as CPU copies.
+
+    torch pickles a tensor's data as a typed storage (a tensor of the dtypes that it pickles
+    as an untyped storage, such as ``uint16``, cannot be unpickled with torch 2.13, on any
+    device).
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.moved = Moved()
+        # One copy per block of device memory and dtype, so that views of it share their copy
+        # (the same object is pickled once).
+        self._copies: dict[tuple[str, int, torch.dtype], torch.TypedStorage] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.TypedStorage):
+            device = on_a_device(obj._untyped_storage)
+            if device is not None:
+                return _as_is, (self._cpu_copy(obj, device),)
+        return super().reducer_override(obj)
+
+    def _cpu_copy(self, storage: torch.TypedStorage, device: str) -> torch.TypedStorage:
+        untyped = storage._untyped_storage
+        key = (device, untyped.data_ptr(), storage.dtype)
+        if key in self._copies:
+            return self._copies[key]
+        data = torch.UntypedStorage(untyped.nbytes()).copy_(untyped)
+        copy = torch.TypedStorage(wrap_storage=data, dtype=storage.dtype, _internal=True)
+        self.moved.storages += 1
+        self.moved.nbytes += untyped.nbytes()
+        self.moved.devices.add(device)
+        if untyped.nbytes():  # empty storages may share an address, never data
+            self._copies[key] = copy
+        return copy
+
+
+def _as_is(value: Any) -> Any:
+    return value
