@@ -156,3 +156,70 @@ class ErrorNotingTrainer(BlobTrainer):
             (folder / f"rank-{self.global_rank}.error").write_text(
                 f"{type(error).__name__}: {error}")
             raise
+
+
+class ProbeNet(Net):
+    """A Net that notes, inside ``forward``, the dtype of its first layer's output: under
+    autocast, the dtype that autocast computes in (``bfloat16``, ``float16``), else the
+    parameters' own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.body[0](x)
+        self.forward_dtype = hidden.dtype
+        return self.body[1:](hidden)
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """Every parameter of ``model``, flattened into one CPU tensor."""
+    return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+
+
+class ProbeTrainer(InspectingTrainer):
+    """Also reports where the job really ran: its device, where the parameters and the
+    optimiser's state live, the dtype seen inside ``forward`` (a :class:`ProbeNet`'s), the
+    process-group backend and the CUDA memory it holds (the main rank's, and every rank's in
+    ``"ranks"``); the GradScaler's state, and the parameters right after set-up (a restored
+    checkpoint's).
+
+    With fp16 the GradScaler starts small and grows every 3 steps, so that its scale changes
+    (and overflows now and then) within a short run: a resume that lost its state would differ.
+    """
+
+    def accelerator_kwargs(self, p_config):
+        kwargs = super().accelerator_kwargs(p_config)
+        if p_config.mixed_precision == "fp16":
+            from accelerate.utils import GradScalerKwargs
+
+            kwargs["kwargs_handlers"] = [GradScalerKwargs(init_scale=256.0, growth_interval=3)]
+        return kwargs
+
+    def setup(self, accelerator, p_config, a_config):
+        super().setup(accelerator, p_config, a_config)
+        self.restored = flat_parameters(self.model)
+        self.restored_scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
+
+    def run(self):
+        import torch.distributed as dist
+
+        result = super().run()
+        model = self.accelerator.unwrap_model(self.model)
+        state = self.optimiser.state.values() if self.optimiser is not None else []
+        # Adam's step counts are 0-d CPU tensors wherever the parameters are.
+        optimiser_devices = {v.device.type for s in state for v in s.values()
+                             if isinstance(v, torch.Tensor) and v.dim() > 0}
+        mine = {"device": self.device.type,
+                "param_devices": sorted({p.device.type for p in model.parameters()}),
+                "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                "optimiser_devices": sorted(optimiser_devices),
+                "forward_dtype": str(getattr(model, "forward_dtype", None)),
+                "backend": dist.get_backend() if dist.is_initialized() else None,
+                "cuda_bytes": torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0}
+        scaler = self.accelerator.scaler
+        # The main rank's facts at the top (the job's result is its); every rank's in "ranks".
+        return {**result, **mine, "ranks": gather_object([mine]),
+                "restored": self.restored, "restored_scaler": self.restored_scaler,
+                "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+class PausingProbeTrainer(PausingTrainer, ProbeTrainer):
+    """A ProbeTrainer that asks for a pause on one rank, in the middle of an epoch."""

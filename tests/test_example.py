@@ -25,3 +25,32 @@ def test_the_example_trains_resumes_and_evaluates_on_two_processes(tmp_path):
                           out.stdout)
     assert evaluated, out.stdout
     assert float(evaluated.group(1)) > 0.8, "the CNN did not learn the digits"
+
+
+def test_the_example_trains_in_bf16_on_the_cpu(tmp_path):
+    pytest.importorskip("sklearn", reason="the example's default data need scikit-learn")
+    out = subprocess.run([sys.executable, str(EXAMPLE), "--demo", "--platform", "cpu",
+                          "--n-procs", "1", "--mixed-precision", "bf16", "--epochs", "4",
+                          "--save-every", "2"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "mixed precision bf16" in out.stdout
+    for name in ("ckpt_2", "ckpt_4"):
+        manifest = ckpt.read_manifest(tmp_path / "checkpoint" / name)
+        assert manifest["mixed_precision"] == "bf16", manifest
+    evaluated = re.search(r"evaluate \(start_at=4, epochs=4\): loss [\d.]+, accuracy ([\d.]+)",
+                          out.stdout)
+    assert evaluated, out.stdout
+    assert float(evaluated.group(1)) > 0.8, "the CNN did not learn the digits in bf16"
+
+
+def test_the_example_refuses_fp16_on_the_cpu_in_one_line(tmp_path):
+    pytest.importorskip("sklearn", reason="the example's default data need scikit-learn")
+    out = subprocess.run([sys.executable, str(EXAMPLE), "--platform", "cpu",
+                          "--mixed-precision", "fp16"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "PlatformConfig.mixed_precision='fp16' is not valid: 'no' or 'bf16' on Platform.CPU: "
+        "fp16 needs CUDA.")

@@ -4,6 +4,7 @@
     python examples/mnist/main.py --platform cpu --n-procs 2 --mode resume --start-at 3 --epochs 6
     python examples/mnist/main.py --platform cpu --n-procs 2 --mode evaluate --start-at 6
     python examples/mnist/main.py --platform slurm --partition debug --n-nodes 2 --n-gpus 0
+    python examples/mnist/main.py --platform gpu --n-gpus 1 --mixed-precision bf16 --demo
 
 ``--demo`` does all three in one go: trains to half the epochs, resumes to the end, evaluates.
 """
@@ -15,6 +16,7 @@ import argparse
 from src import MyDataset, MyModel, MyTrainer, my_optimiser
 
 from ddpw.artefacts import ArtefactsConfig
+from ddpw.errors import ConfigError
 from ddpw.job import JobConfig, JobMode
 from ddpw.platform import Platform, PlatformConfig
 from ddpw.wrapper import Wrapper
@@ -35,6 +37,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--save-every", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"],
+                        help="autocast the forward pass (fp16 needs CUDA GPUs)")
     parser.add_argument("--data", default=None, help="folder with MNIST's IDX files")
     parser.add_argument("--checkpoint-path", default="./checkpoint")
     parser.add_argument("--quiet", action="store_true")
@@ -46,9 +50,13 @@ def main() -> None:
     test_set = MyDataset(train=False, root=args.data)
     platform = Platform.parse(args.platform)
     on_cpus = platform is Platform.CPU or (platform is Platform.SLURM and args.n_gpus == 0)
-    p_config = PlatformConfig(platform=platform, n_procs=args.n_procs if on_cpus else None,
-                              n_gpus=args.n_gpus, n_nodes=args.n_nodes, partition=args.partition,
-                              timeout_min=args.timeout_min, verbose=not args.quiet)
+    try:
+        p_config = PlatformConfig(platform=platform, n_procs=args.n_procs if on_cpus else None,
+                                  n_gpus=args.n_gpus, n_nodes=args.n_nodes,
+                                  partition=args.partition, timeout_min=args.timeout_min,
+                                  mixed_precision=args.mixed_precision, verbose=not args.quiet)
+    except ConfigError as error:  # fp16 on CPUs, say: one line, not a traceback
+        parser.error(str(error))
     a_config = ArtefactsConfig(train_set=train_set, test_set=test_set,
                                batch_size=args.batch_size, model=MyModel(),
                                optimiser_loader=my_optimiser)
