@@ -76,12 +76,12 @@ def route_address(host: str, port: int = DEFAULT_PORT) -> str | None:
     except (socket.gaierror, UnicodeError):
         return None
     for family, kind, protocol, _, address in candidates:
-        with socket.socket(family, kind, protocol) as probe:
-            try:
+        try:  # a family this machine lacks (IPv6 off) is no route
+            with socket.socket(family, kind, protocol) as probe:
                 probe.connect(address)
-            except OSError:
-                continue
-            return _bare(probe.getsockname()[0])
+                return _bare(probe.getsockname()[0])
+        except OSError:
+            continue
     return None
 
 
@@ -122,7 +122,11 @@ def interface_for_gloo(env: Mapping[str, str] = os.environ) -> str | None:
         port = DEFAULT_PORT
     route = route_address(master, port) if master else None
     arrivals = arrival_addresses(port) if route is not None and _is_loopback(route) else []
-    return gloo_interface(env.get(NCCL_IFNAME), local_interfaces(), route, arrivals)
+    try:
+        interfaces = local_interfaces()
+    except (OSError, psutil.Error):  # then gloo makes its own choice, as without ddpw
+        return None
+    return gloo_interface(env.get(NCCL_IFNAME), interfaces, route, arrivals)
 
 
 @contextlib.contextmanager

@@ -40,12 +40,14 @@ class MachineFacts:
     :param mps_available: whether an Apple MPS device is usable.
     :param cpu_count: cores this process may run on.
     :param env: the environment variables.
+    :param parent_pid: the process id of this process's parent.
     """
 
     cuda_devices: int
     mps_available: bool
     cpu_count: int
     env: Mapping[str, str] = field(default_factory=dict)
+    parent_pid: int = 0
 
     @classmethod
     def probe(cls) -> MachineFacts:
@@ -60,7 +62,8 @@ class MachineFacts:
         cuda = torch.cuda.device_count()
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return cls(cuda_devices=cuda, mps_available=mps, cpu_count=cores or 1, env=dict(os.environ))
+        return cls(cuda_devices=cuda, mps_available=mps, cpu_count=cores or 1, env=dict(os.environ),
+                   parent_pid=os.getppid())
 
 
 class LaunchMode(Enum):
@@ -129,7 +132,7 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
 
     :raises ConfigError: when the machine cannot run what ``config`` asks for, with what to change.
     """
-    launch = _launch_around(facts.env)
+    launch = _launch_around(facts.env, facts.parent_pid)
     if config.platform is not Platform.SLURM:
         _check_devices(config, facts, in_place=launch is not None)
     cpu_slurm = config.platform is Platform.SLURM and not config.uses_gpus
@@ -148,8 +151,10 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         return _slurm_plan(config, accelerator_kwargs)
     procs = config.procs_per_node
     threads = config.cpus_per_task
-    if threads is None and procs > 1:
-        # GPU processes too: torchrun's default of one thread each starves their data loading.
+    if threads is None and procs > 1 and (config.platform is Platform.CPU
+                                           or "OMP_NUM_THREADS" not in facts.env):
+        # GPU processes too: torchrun's default of one thread each starves their data loading
+        # (unless the user chose OMP_NUM_THREADS, which torchrun then keeps).
         threads = max(1, facts.cpu_count // procs)
     if procs == 1:
         # The environment matters only to a script that ddpw-launch runs in this process, whose
@@ -213,8 +218,7 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
     slurm["slurm_setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={sig}"]
     # A world of one is started without accelerate launch, whose config would give a plain
     # Accelerator() its mixed precision: the environment gives it, to every process alike.
-    env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
-           NODE_RUNNER_ENV: "1"}
+    env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_MIXED_PRECISION": config.mixed_precision}
     if not config.uses_gpus:
         env["ACCELERATE_USE_CPU"] = "1"
     launch_args = ("--multi_gpu", "--num_processes", str(config.world_size),
@@ -269,7 +273,7 @@ def _check_devices(config: PlatformConfig, facts: MachineFacts, in_place: bool) 
             "Platform.CPU" + (" or Platform.GPU." if facts.cuda_devices else "."))
 
 
-def _launch_around(env: Mapping[str, str]) -> tuple[int, bool] | None:
+def _launch_around(env: Mapping[str, str], parent_pid: int) -> tuple[int, bool] | None:
     """The world size of the launch that this process is one rank of, and whether its
     process-group variables must be derived from a multi-task ``srun`` step's; ``None`` when
     the process is not inside a launch."""
@@ -277,9 +281,11 @@ def _launch_around(env: Mapping[str, str]) -> tuple[int, bool] | None:
         return int(env["WORLD_SIZE"]), False
     if _in_multi_task_srun(env):
         return int(env["SLURM_NTASKS"]), True
-    if env.get(NODE_RUNNER_ENV) == "1":
+    if env.get(NODE_RUNNER_ENV) == str(parent_pid):
         # The one process of a one-process ddpw SLURM job: a world of one needs no process
-        # group, as in a world of one on one machine.
+        # group, as in a world of one on one machine. (The variable names the node runner's
+        # pid: the processes that this process starts in turn, and jobs it submits, inherit
+        # it, and they are no ranks of this job.)
         return 1, False
     return None
 

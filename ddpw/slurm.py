@@ -61,7 +61,7 @@ from .launcher import (
     run_accelerate,
     write_job,
 )
-from .plan import LaunchPlan, MachineFacts, rendezvous_port
+from .plan import NODE_RUNNER_ENV, LaunchPlan, rendezvous_port
 from .platform import PlatformConfig
 from .trainer import CHECKPOINT_RECORD_ENV, RESUME_ENV, Trainer
 from .utils import is_restartable
@@ -512,7 +512,7 @@ class NodeTask:
         start = (self._begin_attempt(folder, attempt) if node == 0 else
                  _await_json(folder / f"attempt-{attempt}.json"))
         env = {CHECKPOINT_RECORD_ENV: str(folder / "checkpoints.txt"),
-               REQUEUE_SIGNAL_ENV: self.requeue_signal}
+               REQUEUE_SIGNAL_ENV: self.requeue_signal, NODE_RUNNER_ENV: str(os.getpid())}
         if start["resume"] is not None:
             env[RESUME_ENV] = start["resume"]
             if node == 0:
@@ -524,8 +524,9 @@ class NodeTask:
             if self.plan.slurm["nodes"] > 1:
                 # The other nodes' processes would wait for this node's at the rendezvous,
                 # holding the allocation until it times out.
-                subprocess.run(["scancel", os.environ["SLURM_JOB_ID"]], capture_output=True,
-                               timeout=60)
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    subprocess.run(["scancel", os.environ["SLURM_JOB_ID"]],
+                                   capture_output=True, timeout=60)
             raise RuntimeError(missing)
         procs = self.plan.world_size // self.plan.slurm["nodes"]
         outcome = self._run(node, env, Logs(folder, first_rank=node * procs, node=node), sig)
@@ -554,7 +555,9 @@ class NodeTask:
             return None
         import torch
 
-        seen = MachineFacts.probe().cuda_devices
+        # Not NVML's count alone, which includes GPUs that this torch's CUDA cannot use (an
+        # old driver): this process starts its workers afresh, so initialising CUDA is safe.
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if seen >= wanted:
             return None
         why = ("this torch is built without CUDA" if torch.version.cuda is None else

@@ -13,9 +13,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
+from conftest import real_parts_required
 
 from ddpw.network import (
     GLOO_IFNAME,
@@ -92,11 +94,6 @@ def test_arrivals_are_the_local_ends_of_connections_from_elsewhere_only():
 ENDS = (("a", "10.231.0.1"), ("b", "10.231.0.2"))
 
 
-def _required() -> bool:
-    return (os.environ.get("CI", "").lower() in ("1", "true", "yes")
-            or os.environ.get("DDPW_REQUIRE_REAL", "") == "1")
-
-
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
 
@@ -126,7 +123,7 @@ def namespaces():
         for namespace in made:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
         said = getattr(error, "stderr", None) or error
-        if _required():
+        if real_parts_required():
             pytest.fail(f"network namespaces cannot be made, and CI or DDPW_REQUIRE_REAL=1 "
                         f"requires them: {said}", pytrace=False)
         pytest.skip(f"network namespaces cannot be made here: {said}")
@@ -208,20 +205,19 @@ def _two_ranks(namespaces, port: int, *args: str) -> list[tuple[int | None, str,
         env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": master, "MASTER_PORT": str(port), "STAND_IN_IF": interface}
         processes.append(_in_namespace(namespace, RANK, env, *args))
+    deadline = time.monotonic() + 120  # a bound for a busy machine, not a speed
     try:
-        for _ in range(240):
+        while time.monotonic() < deadline:
             statuses = [p.poll() for p in processes]
             if all(s == 0 for s in statuses) or any(s not in (None, 0) for s in statuses):
                 break
-            try:
-                processes[0].wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
+            time.sleep(0.2)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    return [(p.returncode, *p.communicate(timeout=30)) for p in processes]
+    outputs = [p.communicate(timeout=30) for p in processes]
+    return [(p.returncode, *output) for p, output in zip(processes, outputs, strict=True)]
 
 
 def test_the_flag_group_reaches_across_machines_whose_names_resolve_to_loopback(

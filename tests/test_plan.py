@@ -15,8 +15,13 @@ TORCHRUN_ENV = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}
 SRUN_ENV = {"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "4"}
 
 
-def machine(cuda=0, mps=False, cpus=8, env=None):
-    return MachineFacts(cuda_devices=cuda, mps_available=mps, cpu_count=cpus, env=env or {})
+#: The process id of the node runner that started the process in :func:`node_runner_env`.
+NODE_RUNNER_PID = 4242
+
+
+def machine(cuda=0, mps=False, cpus=8, env=None, parent_pid=NODE_RUNNER_PID):
+    return MachineFacts(cuda_devices=cuda, mps_available=mps, cpu_count=cpus, env=env or {},
+                        parent_pid=parent_pid)
 
 
 def cpu(n_procs=None, **kwargs):
@@ -155,6 +160,11 @@ def test_gpu_several_use_accelerate(cuda):
     assert plan.accelerator_kwargs["cpu"] is False
     assert plan.accelerate_config["use_cpu"] is False
     assert plan.accelerate_config["distributed_type"] == "MULTI_GPU"
+
+
+def test_gpu_processes_keep_the_users_omp_num_threads():
+    plan = resolve_plan(gpu(4), machine(cuda=4, cpus=64, env={"OMP_NUM_THREADS": "3"}))
+    assert "OMP_NUM_THREADS" not in plan.env and plan.threads_per_process is None
 
 
 def test_gpu_cpus_per_task_sets_threads():
@@ -395,7 +405,8 @@ def node_runner_env(plan, **slurm):
     """What a process that ddpw's node runner starts sees in a one-process SLURM job: the
     plan's environment and SLURM's variables of a one-task step, no torchrun variables."""
     return {**plan.env, "SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0",
-            "SLURM_NTASKS": "1", "SLURM_NODEID": "0", "SLURM_LOCALID": "0", **slurm}
+            "SLURM_NTASKS": "1", "SLURM_NODEID": "0", "SLURM_LOCALID": "0",
+            "DDPW_NODE_RUNNER": str(NODE_RUNNER_PID), **slurm}
 
 
 @pytest.mark.parametrize("fields", [{"n_procs": 1}, {"n_gpus": 1}])
@@ -411,6 +422,15 @@ def test_a_script_that_ddpw_started_on_slurm_runs_in_place_in_a_world_of_one(fie
     assert inner.srun_env is False  # no process group to make up for a world of one
     assert inner.slurm == {}
     assert inner.accelerator_kwargs["cpu"] is (config.n_gpus == 0)
+
+
+def test_what_the_node_runners_process_starts_in_turn_is_no_rank_of_its_job():
+    """A process that the job's script starts (or a job it submits) inherits the variable, but
+    not as the node runner's child: a Wrapper there launches as it would anywhere."""
+    config = PlatformConfig(platform=Platform.SLURM, n_procs=1)
+    env = node_runner_env(resolve_plan(config, machine()))
+    assert resolve_plan(config, machine(env=env, parent_pid=1234)).mode is LaunchMode.SLURM
+    assert resolve_plan(cpu(2), machine(env=env, parent_pid=1234)).mode is LaunchMode.ACCELERATE
 
 
 def test_a_slurm_step_that_ddpw_did_not_start_still_submits():
