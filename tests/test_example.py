@@ -14,34 +14,33 @@ from ddpw import checkpoint as ckpt
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mnist" / "main.py"
 
 
-def test_the_example_trains_resumes_and_evaluates_on_two_processes(tmp_path):
+def run_example(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the example with ``--demo`` and ``args``; return the run and the accuracy that its
+    evaluation of ``ckpt_4`` printed."""
     pytest.importorskip("sklearn", reason="the example's default data need scikit-learn")
     out = subprocess.run([sys.executable, str(EXAMPLE), "--demo", "--platform", "cpu",
-                          "--n-procs", "2", "--epochs", "4", "--save-every", "2", "--quiet"],
+                          "--epochs", "4", "--save-every", "2", *args],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2", "ckpt_4"]
     evaluated = re.search(r"evaluate \(start_at=4, epochs=4\): loss [\d.]+, accuracy ([\d.]+)",
                           out.stdout)
     assert evaluated, out.stdout
-    assert float(evaluated.group(1)) > 0.8, "the CNN did not learn the digits"
+    return out, float(evaluated.group(1))
+
+
+def test_the_example_trains_resumes_and_evaluates_on_two_processes(tmp_path):
+    _, accuracy = run_example(tmp_path, "--n-procs", "2", "--quiet")
+    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2", "ckpt_4"]
+    assert accuracy > 0.8, "the CNN did not learn the digits"
 
 
 def test_the_example_trains_in_bf16_on_the_cpu(tmp_path):
-    pytest.importorskip("sklearn", reason="the example's default data need scikit-learn")
-    out = subprocess.run([sys.executable, str(EXAMPLE), "--demo", "--platform", "cpu",
-                          "--n-procs", "1", "--mixed-precision", "bf16", "--epochs", "4",
-                          "--save-every", "2"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert out.returncode == 0, out.stderr
+    out, accuracy = run_example(tmp_path, "--n-procs", "1", "--mixed-precision", "bf16")
     assert "mixed precision bf16" in out.stdout
     for name in ("ckpt_2", "ckpt_4"):
         manifest = ckpt.read_manifest(tmp_path / "checkpoint" / name)
         assert manifest["mixed_precision"] == "bf16", manifest
-    evaluated = re.search(r"evaluate \(start_at=4, epochs=4\): loss [\d.]+, accuracy ([\d.]+)",
-                          out.stdout)
-    assert evaluated, out.stdout
-    assert float(evaluated.group(1)) > 0.8, "the CNN did not learn the digits in bf16"
+    assert accuracy > 0.8, "the CNN did not learn the digits in bf16"
 
 
 def test_the_example_refuses_fp16_on_the_cpu_in_one_line(tmp_path):
