@@ -223,3 +223,17 @@ class ProbeTrainer(InspectingTrainer):
 
 class PausingProbeTrainer(PausingTrainer, ProbeTrainer):
     """A ProbeTrainer that asks for a pause on one rank, in the middle of an epoch."""
+
+
+def wait_for_ranks(folder, process, world_size: int = 2, timeout: float = 120) -> list[int]:
+    """Wait until every rank of a job that ``process`` started has written its pid to
+    ``{folder}/ready-{rank}``; return the pids, in rank order."""
+    import time
+    from pathlib import Path
+
+    ready = [Path(folder) / f"ready-{rank}" for rank in range(world_size)]
+    deadline = time.monotonic() + timeout  # a bound for a busy machine, not a speed
+    while not all(p.is_file() and p.read_text() for p in ready):
+        assert time.monotonic() < deadline and process.poll() is None, "the job did not start"
+        time.sleep(0.2)
+    return [int(p.read_text()) for p in ready]

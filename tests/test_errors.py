@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from jobs import BlobTrainer, Net, artefacts, job
+from jobs import BlobTrainer, Net, artefacts, job, wait_for_ranks
 
 import ddpw.launcher
 from ddpw import (
@@ -199,12 +199,7 @@ def test_a_signal_to_the_caller_ends_every_process_of_the_job(tmp_path, sig):
     """))
     caller = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, text=True,
                               stderr=subprocess.PIPE)
-    ready = [tmp_path / f"ready-{rank}" for rank in (0, 1)]
-    deadline = time.monotonic() + 120  # a bound for a busy machine, not a speed
-    while not all(p.is_file() and p.read_text() for p in ready):
-        assert time.monotonic() < deadline and caller.poll() is None, "the job did not start"
-        time.sleep(0.2)
-    workers = [int(p.read_text()) for p in ready]
+    workers = wait_for_ranks(tmp_path, caller)
     caller.send_signal(sig)
     _, err = caller.communicate(timeout=120)  # a bound for a busy machine, not a speed
     assert caller.returncode != 0

@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import psutil
+from jobs import wait_for_ranks
 
 
 def test_the_third_signal_kills_a_job_that_ignores_the_first_two(tmp_path,
@@ -32,12 +33,7 @@ def test_the_third_signal_kills_a_job_that_ignores_the_first_two(tmp_path,
     """))
     caller = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, text=True,
                               stderr=subprocess.PIPE)
-    ready = [tmp_path / f"ready-{rank}" for rank in (0, 1)]
-    deadline = time.monotonic() + 120
-    while not all(p.is_file() and p.read_text() for p in ready):
-        assert time.monotonic() < deadline and caller.poll() is None, caller.communicate()
-        time.sleep(0.2)
-    workers = [psutil.Process(int(p.read_text())) for p in ready]
+    workers = [psutil.Process(pid) for pid in wait_for_ranks(tmp_path, caller)]
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
             caller.send_signal(sig)
