@@ -21,9 +21,10 @@ from .platform import Platform, PlatformConfig
 #: Variables that ``torchrun``, ``accelerate launch`` and ``ddpw-launch`` give every process.
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
-#: Set to ``1`` for every process that ddpw's SLURM node runner starts, so that a script there
-#: runs in place whatever its world size: the one process of a one-process job has no torchrun
-#: variables to show it, and would otherwise submit a second job from the compute node.
+#: Set to the node runner's pid for every process that ddpw's SLURM node runner starts, so that
+#: a script there runs in place whatever its world size: the one process of a one-process job
+#: has no torchrun variables to show it, and would otherwise submit a second job from the
+#: compute node. Only the node runner's own children count (see :func:`resolve_plan`).
 NODE_RUNNER_ENV = "DDPW_NODE_RUNNER"
 
 #: Cores, and so compute threads, that a SLURM job asks for each GPU process when
