@@ -5,9 +5,9 @@ The seed's API lives in its own modules (``ddpw.platform``, ``ddpw.artefacts``, 
 ``ddpw.wrapper``); the names are also importable from ``ddpw`` itself.
 """
 
-from . import _requeue_signal
+from . import process
 
-_requeue_signal.install()  # first, before torch is imported (see the module)
+process.note_requeue_signal()  # first, before torch is imported (see ddpw.process)
 
 from .artefacts import ArtefactsConfig  # noqa: E402
 from .errors import ConfigError, JobPaused, WorkerError  # noqa: E402

@@ -46,17 +46,15 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .environment import TEST_CHECKPOINT_FAULT as TEST_FAULT
 from .errors import ConfigError
+from .files import fsync, stage
 
 FORMAT = "ddpw-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
 
-#: Environment variable for the crash tests only: ``FILE:ACTION`` makes the process that has just
-#: written ``FILE`` into a checkpoint die (``kill``), fail as if the disk were full (``full``), or
-#: send ``SIGTERM`` to process ``PID`` and wait until a ``SIGTERM`` comes back (``sigterm=PID``).
-TEST_FAULT = "DDPW_TEST_CHECKPOINT_FAULT"
 
 
 # --- names and positions -------------------------------------------------------------------------
@@ -341,34 +339,28 @@ def publish(staging: Path, folder: Path, digests: dict[str, str],
     with ThreadPoolExecutor() as pool:
         hashed = pool.map(lambda n: _sha256(staging / n), missing)
         digests = {**digests, **dict(zip(missing, hashed, strict=True))}
-        list(pool.map(lambda n: _fsync(staging / n), files))
+        list(pool.map(lambda n: fsync(staging / n), files))
     entries = {name: {"bytes": (staging / name).stat().st_size, "sha256": digests[name]}
                for name in files}
     done = available(folder.parent, prefix)
     sequence = 1 + max((_sequence(folder.parent / name) for name in done), default=0)
     write_json(staging / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest,
                                     "sequence": sequence, "files": entries})
-    _fsync(staging / MANIFEST)
-    _fsync(staging)
+    fsync(staging / MANIFEST)
+    fsync(staging)
     # The new marker is on disk before the folder moves, so that a full disk cannot strike
     # between the two and leave a checkpoint in place that the job reports as not written.
-    marker = folder.parent / f".{prefix}_{LATEST}.partial"
-    try:
-        with _naming(marker):
-            marker.write_text(folder.name + "\n")
-            _fsync(marker)
-    except OSError:
-        marker.unlink(missing_ok=True)
-        raise
+    marker = stage(folder.parent / f"{prefix}_{LATEST}", f"{folder.name}\n".encode(),
+                   durable=True)
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(staging, folder)
-    _fsync(folder.parent)
+    fsync(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
     os.replace(marker, folder.parent / f"{prefix}_{LATEST}")
-    _fsync(folder.parent)
+    fsync(folder.parent)
 
 
 def prune(checkpoint_path: str | Path, prefix: str, keep_last: int,
@@ -567,11 +559,3 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(16 << 20):
             hasher.update(chunk)
     return hasher.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,12 +22,15 @@ from typing import Any
 
 import click
 
+from . import jobfolder
 from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
-from .launcher import LOST_PEER, Logs, describe_status, new_job_folder, root_cause, run_accelerate
+from .launcher import Logs, run_accelerate
+from .outcome import LOST_PEER, describe_status, root_cause
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
 from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
+from .process import exit_now
 from .slurm import ON_INTERRUPT, submit
-from .worker import exit_now, run_script
+from .worker import run_script
 
 EXAMPLES = """\b
 Examples:
@@ -151,7 +154,7 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
             torch.set_num_threads(plan.threads_per_process)
         run_script(script, list(script_args), module=module, end_with_parent=False)
     name = settings.get("name", "DDPW")
-    folder = new_job_folder(log_dir, name)
+    folder = jobfolder.make(log_dir, name)
     click.echo(f"[ddpw] {plan.world_size} processes; every rank's output in {folder}",
                err=True)
     outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))

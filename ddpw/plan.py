@@ -15,17 +15,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from . import environment
 from .errors import ConfigError
 from .platform import Platform, PlatformConfig
 
 #: Variables that ``torchrun``, ``accelerate launch`` and ``ddpw-launch`` give every process.
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
-
-#: Set to the node runner's pid for every process that ddpw's SLURM node runner starts, so that
-#: a script there runs in place whatever its world size: the one process of a one-process job
-#: has no torchrun variables to show it, and would otherwise submit a second job from the
-#: compute node. Only the node runner's own children count (see :func:`resolve_plan`).
-NODE_RUNNER_ENV = "DDPW_NODE_RUNNER"
 
 #: Cores, and so compute threads, that a SLURM job asks for each GPU process when
 #: ``PlatformConfig.cpus_per_task`` is not given; fewer at submission where a node of the
@@ -282,7 +277,7 @@ def _launch_around(env: Mapping[str, str], parent_pid: int) -> tuple[int, bool] 
         return int(env["WORLD_SIZE"]), False
     if _in_multi_task_srun(env):
         return int(env["SLURM_NTASKS"]), True
-    if env.get(NODE_RUNNER_ENV) == str(parent_pid):
+    if env.get(environment.NODE_RUNNER) == str(parent_pid):
         # The one process of a one-process ddpw SLURM job: a world of one needs no process
         # group, as in a world of one on one machine. (The variable names the node runner's
         # pid: the processes that this process starts in turn, and jobs it submits, inherit

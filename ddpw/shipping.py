@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import torch
 from torch.serialization import location_tag
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .jobfolder import Payload
 
 
 @dataclasses.dataclass
@@ -55,6 +61,45 @@ def dumps(obj: Any) -> tuple[bytes, Moved]:
         pickler = _CpuPickler(file)
         pickler.dump(obj)
         return file.getvalue(), pickler.moved
+
+
+def ship(payload: Payload) -> bytes:
+    """Pickle ``payload`` for the worker processes (:func:`dumps`), saying once what travels as
+    CPU copies, unless ``PlatformConfig.verbose`` is false.
+
+    :raises ConfigError: naming the first part of the payload that cannot be pickled.
+    """
+    try:
+        data, moved = dumps(payload)
+    except Exception as error:
+        culprit = _unpicklable_part(payload) or "the job"
+        raise ConfigError(
+            f"cannot send {culprit} to the worker processes: {type(error).__name__}: {error}. "
+            f"Everything a job carries (target, arguments, datasets, model) is pickled with "
+            f"cloudpickle; open files, locks, sockets, generators and live processes cannot be. "
+            f"Create such objects inside the job instead.") from error
+    if moved.storages and payload.p_config.verbose:
+        print(moved.note("the job"), file=sys.stderr, flush=True)
+    return data
+
+
+def _unpicklable_part(payload: Payload) -> str | None:
+    target, parts = payload.target, []
+    if not callable(target):  # a Trainer: each of its attributes
+        parts += [(f"{type(target).__name__}.{k}", v) for k, v in vars(target).items()]
+    parts.append((f"the target {getattr(target, '__qualname__', type(target).__name__)}",
+                  target))
+    parts += [(f"argument {i} of start()", a) for i, a in enumerate(payload.args)]
+    parts += [(f"keyword argument {k!r} of start()", v) for k, v in payload.kwargs.items()]
+    if payload.a_config is not None:
+        parts += [(f"ArtefactsConfig.{f.name}", getattr(payload.a_config, f.name))
+                  for f in dataclasses.fields(payload.a_config)]
+    for name, value in parts:
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            return f"{name} ({type(value).__name__})"
+    return None
 
 
 def on_a_device(storage: torch.UntypedStorage) -> str | None:

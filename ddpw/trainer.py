@@ -39,7 +39,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import _requeue_signal, checkpoint
+from . import checkpoint, environment, jobfolder, process
 from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
@@ -47,12 +47,6 @@ from .errors import ConfigError, JobPaused, PeerFailed
 from .job import JobConfig, JobMode
 from .network import gloo_interface_chosen
 from .platform import Platform, PlatformConfig
-
-#: Set by ddpw's SLURM node runner: the file where the main rank notes each checkpoint that it
-#: publishes, so that a requeued job knows where to resume.
-CHECKPOINT_RECORD_ENV = "DDPW_CHECKPOINT_RECORD"
-#: Set by ddpw's SLURM node runner in a requeued job: the newest checkpoint noted.
-RESUME_ENV = "DDPW_RESUME_FROM"
 
 
 class Trainer:
@@ -176,7 +170,7 @@ class Trainer:
     def _requeued_from(self) -> str | None:
         """In a SLURM job that requeued itself: the newest checkpoint that this trainer wrote
         before, which the job resumes from whatever ``start_at`` says."""
-        j, noted = self.j_config, os.environ.get(RESUME_ENV)
+        j, noted = self.j_config, os.environ.get(environment.RESUME_FROM)
         if not noted:
             return None
         folder = Path(noted)
@@ -417,7 +411,7 @@ class Trainer:
             # Only a flag: the work happens at the next step boundary, where all ranks agree.
             self._pause_requested = True
 
-        if _requeue_signal.take():  # SLURM's warning came while the process started
+        if process.requeue_signal_came():  # SLURM's warning came while the process started
             self._pause_requested = True
 
         previous = {}
@@ -557,10 +551,9 @@ class Trainer:
             "batches": self.batch, "world_size": self.world_size,
             "platform": self.p_config.platform.name,
             "mixed_precision": self.p_config.mixed_precision})
-        record = os.environ.get(CHECKPOINT_RECORD_ENV)
+        record = os.environ.get(environment.CHECKPOINT_RECORD)
         if record:
-            with open(record, "a") as f:
-                f.write(f"{folder.resolve()}\n")
+            jobfolder.note_checkpoint(Path(record), folder)
         if j.keep_last:
             checkpoint.prune(j.checkpoint_path, j.checkpoint_name_prefix, j.keep_last,
                              protect=(self.resume_from, folder.name))

@@ -19,10 +19,11 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-from accelerate import Accelerator
+if TYPE_CHECKING:  # the SLURM node runner reads restartable() without importing torch
+    import torch
+    from accelerate import Accelerator
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,16 @@
 """The one entry point of every ddpw process, whatever the platform.
 
-:func:`run` runs a :class:`Job` in the current process: in the caller's process for a world of
-one, or in each process that ``accelerate launch`` starts, through :func:`main`.
+:func:`run` runs a :class:`~ddpw.jobfolder.Payload` in the current process: in the caller's
+process for a world of one, or in each process that ``accelerate launch`` starts, through
+:func:`main`.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import os
-import pickle
 import runpy
-import signal
 import sys
-import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +19,24 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
-from .artefacts import ArtefactsConfig
+from . import environment, jobfolder, process
 from .errors import JobPaused, PeerFailed
-from .plan import LaunchMode, LaunchPlan, rendezvous_port
-from .platform import PlatformConfig
+from .jobfolder import Payload
+from .plan import LaunchMode, rendezvous_port
+from .process import exit_now, exit_status, ignore_signals
 from .shipping import dumps
-from .trainer import RESUME_ENV, Trainer
+from .trainer import Trainer
 from .utils import World, current_world
 
 
-@dataclass
-class Job:
-    """What every process of a job needs: the target, its arguments, the configs and the plan."""
+def run(payload: Payload) -> Any:
+    """Run ``payload`` in this process, as one rank of its world; return what the target
+    returned.
 
-    target: Trainer | Callable[..., Any]
-    p_config: PlatformConfig
-    a_config: ArtefactsConfig | None
-    plan: LaunchPlan
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def run(job: Job) -> Any:
-    """Run ``job`` in this process, as one rank of its world; return what the target returned.
-
-    A :class:`~ddpw.trainer.Trainer` is set up and run; a function is called with the job's
+    A :class:`~ddpw.trainer.Trainer` is set up and run; a function is called with the payload's
     arguments, with :func:`ddpw.utils.world` telling it its rank.
     """
-    plan = job.plan
+    plan = payload.plan
     if plan.mode is LaunchMode.IN_PLACE:
         # The caller's launch owns the process group, so it stays up after the job; but a gloo
         # group still alive at interpreter shutdown can abort the process (seen with torch 2.13
@@ -64,20 +48,22 @@ def run(job: Job) -> Any:
     threads = torch.get_num_threads()
     if plan.threads_per_process is not None:
         torch.set_num_threads(plan.threads_per_process)
-    trainer = job.target if isinstance(job.target, Trainer) else None
-    if trainer is not None and os.environ.get(RESUME_ENV):
-        # A requeued SLURM job: choose again, now that the job has checkpoints of its own.
-        trainer.check(job.p_config, job.a_config, world_size=plan.world_size)
-    extra = trainer.accelerator_kwargs(job.p_config) if trainer is not None else {}
+    trainer = payload.target if isinstance(payload.target, Trainer) else None
+    if trainer is not None:
+        trainer.resume_from = payload.resume_from
+        if os.environ.get(environment.RESUME_FROM):
+            # A requeued SLURM job: choose again, now that the job has checkpoints of its own.
+            trainer.check(payload.p_config, payload.a_config, world_size=plan.world_size)
+    extra = trainer.accelerator_kwargs(payload.p_config) if trainer is not None else {}
     accelerator = Accelerator(**plan.accelerator_kwargs, **extra)
     try:
         with current_world(World.of(accelerator)):
             if trainer is not None:
                 with trainer.pause_on_signals():
-                    trainer.setup(accelerator, job.p_config, job.a_config)
+                    trainer.setup(accelerator, payload.p_config, payload.a_config)
                     return trainer.run()
-            set_seed(job.p_config.seed, device_specific=True)
-            return job.target(*job.args, **job.kwargs)
+            set_seed(payload.p_config.seed, device_specific=True)
+            return payload.target(*payload.args, **payload.kwargs)
     finally:
         if plan.mode is LaunchMode.IN_PROCESS:
             # Accelerate keeps its state in process-wide singletons; a later start() in the same
@@ -104,49 +90,39 @@ def _export_srun_env() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Entry point of a launched process: ``python -m ddpw.entry JOB_DIR``.
+    """Entry point of a launched process: ``python -m ddpw.entry FOLDER``.
 
-    Reads the job that the launcher wrote to ``JOB_DIR``, runs it and writes the result (its
-    tensors on the CPU, :mod:`ddpw.shipping`) or the traceback to ``JOB_DIR/result-{rank}.pkl``
-    or ``error-{rank}.json`` for the launcher, then ends the process: with status 0,
-    :data:`~ddpw.errors.PAUSED_EXIT_STATUS` after a pause, 130 after Ctrl-C, or 1 after an
+    Reads the payload that the launcher wrote to the payload folder ``FOLDER``
+    (:mod:`ddpw.jobfolder`), runs it and writes this rank's result (its tensors on the CPU,
+    :mod:`ddpw.shipping`) or its report of the exception, then ends the process: with status
+    0, :data:`~ddpw.errors.PAUSED_EXIT_STATUS` after a pause, 130 after Ctrl-C, or 1 after an
     exception.
     """
-    _end_with_parent()
+    process.end_with_parent()
     exit_now(execute(Path(argv[0])))
 
 
-def execute(job_dir: Path) -> int:
-    """Run the job in ``job_dir`` as this process's rank and report; return the exit status."""
+def execute(folder: Path) -> int:
+    """Run the payload in ``folder`` as this process's rank and report; return the exit
+    status."""
     rank = int(os.environ.get("RANK", "0"))
     try:
-        meta = json.loads((job_dir / "meta.json").read_text())
-        # The caller's import path, so that its modules (a script's folder) import here too.
-        sys.path[:0] = [p for p in meta["sys_path"] if p not in sys.path]
-        with open(job_dir / "job.pkl", "rb") as f:
-            job = pickle.load(f)
-        result = run(job)
+        payload = jobfolder.read_payload(folder)
+        result = run(payload)
         # On the CPU, so that a caller without this rank's device (a login node) can read it.
-        _write_atomically(job_dir / f"result-{rank}.pkl", dumps(result)[0])
+        jobfolder.write_result(folder, rank, dumps(result)[0])
         _leave_process_group()
-        status = 0
+        return 0
     except BaseException as error:
-        if isinstance(error, JobPaused):
+        paused = error.checkpoint if isinstance(error, JobPaused) else None
+        if paused is not None:
             # The checkpoint is written: let no further signal (the agent ends the other ranks
             # with SIGTERM as soon as one exits) turn this clean pause into a kill.
-            pause_signals = job.target.j_config.pause_signals
-            for name in {"SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", *pause_signals}:
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
-        report = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc(),
-                  "paused": error.checkpoint if isinstance(error, JobPaused) else None,
-                  "secondary": isinstance(error, PeerFailed)}
-        _write_atomically(job_dir / f"error-{rank}.json", json.dumps(report).encode())
-        if isinstance(error, SystemExit):
-            status = error.code if isinstance(error.code, int) else 1
-        else:
-            traceback.print_exc()
-            status = 130 if isinstance(error, KeyboardInterrupt) else 1
-    return status
+            ignore_signals(payload.target.j_config.pause_signals)
+        jobfolder.write_report(folder, rank, error, paused=paused,
+                               secondary=isinstance(error, PeerFailed))
+        # A rank that returned no result has failed, whatever its SystemExit said.
+        return exit_status(error) or 1
 
 
 def run_script(target: str, args: list[str], module: bool = False,
@@ -163,7 +139,7 @@ def run_script(target: str, args: list[str], module: bool = False,
         the user's shell).
     """
     if end_with_parent:
-        _end_with_parent()
+        process.end_with_parent()
     sys.argv = [target, *args]
     try:
         if module:
@@ -172,53 +148,13 @@ def run_script(target: str, args: list[str], module: bool = False,
             sys.path.insert(0, str(Path(target).resolve().parent))
             runpy.run_path(target, run_name="__main__")
         status = 0
-    except SystemExit as error:
-        if error.code is None or isinstance(error.code, int):
-            status = error.code or 0
-        else:  # as Python itself does with sys.exit("message")
-            print(error.code, file=sys.stderr)
-            status = 1
     except BaseException as error:
-        traceback.print_exc()
-        status = 130 if isinstance(error, KeyboardInterrupt) else 1
+        status = exit_status(error)
     if status == 0:
         _leave_process_group()
     exit_now(status)
 
 
-def _end_with_parent() -> None:
-    """Have the kernel send SIGTERM (a pause signal) to this process when its launcher dies.
-
-    Without it, workers whose caller was killed (kill -9, the OOM killer) would run on unseen.
-    """
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the launcher died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def exit_now(status: int) -> None:
-    """End this process with ``status`` after the atexit handlers, without finalising the
-    interpreter."""
-    # Finalising the interpreter after gloo collectives intermittently aborts the process
-    # (std::terminate in a C++ destructor, torch 2.13), which would turn a finished rank into a
-    # failed one: run the atexit handlers, flush, and leave without finalising.
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 def _leave_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)

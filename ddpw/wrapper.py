@@ -11,14 +11,17 @@ from typing import Any
 
 from accelerate.utils import gather_object
 
+from . import jobfolder
 from .artefacts import ArtefactsConfig
 from .errors import ConfigError, WorkerError
-from .launcher import launch, ship
+from .jobfolder import Payload
+from .launcher import launch
 from .plan import LaunchMode, MachineFacts, resolve_plan
 from .platform import Platform, PlatformConfig
+from .shipping import ship
 from .slurm import ON_INTERRUPT, submit
 from .trainer import Trainer
-from .worker import Job, run
+from .worker import run
 
 
 class Wrapper:
@@ -94,14 +97,15 @@ class Wrapper:
         elif not callable(target):
             raise ConfigError(f"Wrapper.start({target!r}): the target must be a ddpw Trainer or "
                               f"a function.")
-        job = Job(target=target, p_config=self.p_config, a_config=self.a_config, plan=plan,
-                  args=args, kwargs=kwargs)
+        payload = Payload(target=target, p_config=self.p_config, a_config=self.a_config,
+                          plan=plan, args=args, kwargs=kwargs,
+                          resume_from=target.resume_from if isinstance(target, Trainer) else None)
         if plan.mode is LaunchMode.ACCELERATE:
-            results = launch(job)
+            results = launch(payload)
         elif plan.mode is LaunchMode.SLURM:
             logs = (target.j_config.console_logs_path if isinstance(target, Trainer)
-                    else "./logs/console_logs")
-            submission = submit(self.p_config, plan, logs, job=job)
+                    else jobfolder.DEFAULT_ROOT)
+            submission = submit(self.p_config, plan, logs, payload=payload)
             return submission.wait(self.on_interrupt) if self.wait else submission
         elif plan.mode is LaunchMode.IN_PLACE:
             if plan.world_size != self.p_config.world_size:
@@ -113,20 +117,20 @@ class Wrapper:
                 warnings.warn(f"the launch asks for mixed precision {launched_precision!r}; "
                               f"this job uses PlatformConfig.mixed_precision="
                               f"{self.p_config.mixed_precision!r}.", stacklevel=2)
-            results = gather_object([run(job)])
+            results = gather_object([run(payload)])
         else:
-            results = [_run_here(job)]
+            results = [_run_here(payload)]
         return results[0] if isinstance(target, Trainer) else results
 
 
-def _run_here(job: Job) -> Any:
+def _run_here(payload: Payload) -> Any:
     """Run a world of one in this process, as a launched process would run it.
 
     The job runs on a copy, as it does in launched processes, so the caller's model and trainer
     come out of a job untouched whatever the world size; and a failure is a
     :class:`~ddpw.errors.WorkerError` here too.
     """
-    copy = pickle.loads(ship(job))
+    copy = pickle.loads(ship(payload))
     try:
         return run(copy)
     except Exception as error:

@@ -29,8 +29,9 @@ from jobs import (
 from ddpw import ConfigError, JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
 from ddpw import checkpoint as ckpt
 from ddpw.errors import PAUSED_EXIT_STATUS
+from ddpw.jobfolder import Payload
 from ddpw.plan import MachineFacts, resolve_plan
-from ddpw.worker import Job, run
+from ddpw.worker import run
 
 CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
@@ -166,7 +167,8 @@ def run_without_copy(trainer, a_config):
     that a patched pickle sees only what the checkpoint code does."""
     trainer.check(CPU1, a_config)
     plan = resolve_plan(CPU1, MachineFacts.probe())
-    return run(Job(target=trainer, p_config=CPU1, a_config=a_config, plan=plan))
+    return run(Payload(target=trainer, p_config=CPU1, a_config=a_config, plan=plan,
+                       resume_from=trainer.resume_from))
 
 
 def evaluate(path: Path, start_at=1):

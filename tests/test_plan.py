@@ -491,10 +491,11 @@ def sbatch_script(config, kind, folder):
     slurm.submit gives submitit's executor, from the plan that resolve_plan made."""
     import submitit
 
-    from ddpw.slurm import executor_parameters
+    from ddpw.slurm import RequeuePolicy, executor_parameters
 
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    executor.update_parameters(**executor_parameters(resolve_plan(config, machine(cuda=0)), kind))
+    plan = resolve_plan(config, machine(cuda=0))
+    executor.update_parameters(**executor_parameters(plan, RequeuePolicy(kind)))
     # What the executor hands sbatch: submitit.slurm.slurm._make_sbatch_string(**parameters).
     return executor._executor._make_submission_file_text("run", "uid").splitlines()
 
@@ -520,7 +521,7 @@ def test_the_sbatch_script_of_cpu_processes_asks_for_no_gpu(tmp_path):
     --n-gpus: no GPU asked of sbatch, which a CPU partition would refuse."""
     config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_procs=1, partition="debug",
                             requeue_signal="SIGUSR1", signal_delay_s=120)
-    script = sbatch_script(config, "plain", tmp_path)
+    script = sbatch_script(config, "runs on", tmp_path)
     assert not [line for line in script if "gpu" in line.lower() or "gres" in line.lower()]
     for line in ("#SBATCH --nodes=2", "#SBATCH --cpus-per-task=1", "#SBATCH --partition=debug",
                  "#SBATCH --signal=USR1@120", "#SBATCH --no-requeue",

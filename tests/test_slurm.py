@@ -131,7 +131,7 @@ def test_what_sbatch_refuses_is_one_line_and_leaves_no_job_folder(cluster, monke
                                                                    said):
     fields = dict(fields)  # the parameters' own dict stays as it is for a rerun
     if not fields.pop("check", True):
-        monkeypatch.setattr("ddpw.slurm._check_gpus", lambda *args: None)
+        monkeypatch.setattr("ddpw.slurm.cluster._check_gpus", lambda *args: None)
     p_config = PlatformConfig(**{**SLURM_CPU, **fields})
     with pytest.raises(ConfigError) as caught:
         Wrapper(p_config).start(where, 0)
@@ -379,14 +379,14 @@ def test_a_one_process_slurm_task_gives_a_plain_accelerate_script_its_precision(
     the node's task starts directly, not through accelerate launch."""
     from ddpw.launcher import Logs
     from ddpw.plan import MachineFacts, resolve_plan
-    from ddpw.slurm import _run_single
+    from ddpw.slurm.node import run_single
 
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_ACCELERATE)
     config = PlatformConfig(**SLURM_CPU, n_procs=1, mixed_precision="bf16")
     plan = resolve_plan(config, MachineFacts.probe())
     entry = ["--module", "ddpw.entry", "--script", str(script), str(tmp_path / "seen.json")]
-    outcome = _run_single(plan, entry, Logs(tmp_path), forward=())
+    outcome = run_single(plan, entry, Logs(tmp_path), forward=())
     assert not outcome.failures, (tmp_path / "rank-0.stderr.log").read_text()
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen == {"mixed_precision": "bf16", "device": "cpu",

@@ -1,0 +1,29 @@
+"""Every environment variable through which ddpw tells its own processes something.
+
+ddpw's processes learn what the caller decided from the pickled payload
+(:class:`ddpw.jobfolder.Payload`). Only what is decided after the payload was written, or
+before it can be read, travels in the environment instead, under these names.
+"""
+
+#: Set by the SLURM node runner for every process it starts: the node runner's own pid, so that
+#: a script there runs in place whatever its world size (the one process of a one-process job
+#: has no torchrun variables to show it, and would otherwise submit a second job from the
+#: compute node). Only the node runner's own children count (:func:`ddpw.plan.resolve_plan`).
+NODE_RUNNER = "DDPW_NODE_RUNNER"
+
+#: Set by the SLURM node runner: the name of the requeue signal, which ``import ddpw`` notes
+#: from the process's first moment (:func:`ddpw.process.note_requeue_signal`).
+REQUEUE_SIGNAL = "DDPW_REQUEUE_SIGNAL"
+
+#: Set by the SLURM node runner: the job folder's record of the checkpoints the job published
+#: (:func:`ddpw.jobfolder.note_checkpoint`), from which a requeued attempt resumes.
+CHECKPOINT_RECORD = "DDPW_CHECKPOINT_RECORD"
+
+#: Set by the SLURM node runner in a requeued attempt: the newest checkpoint of that record, the
+#: one the attempt resumes from (:func:`ddpw.resume.choose`).
+RESUME_FROM = "DDPW_RESUME_FROM"
+
+#: For the crash tests only: ``FILE:ACTION`` makes the process that has just written ``FILE``
+#: into a checkpoint die (``kill``), fail as if the disk were full (``full``), or send ``SIGTERM``
+#: to process ``PID`` and wait until a ``SIGTERM`` comes back (``sigterm=PID``).
+TEST_CHECKPOINT_FAULT = "DDPW_TEST_CHECKPOINT_FAULT"

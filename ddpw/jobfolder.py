@@ -1,0 +1,252 @@
+"""The job folder: what the caller hands a job's processes, what they hand back, and the names
+of every file in it. Each file is written once, by one writer, with
+:func:`ddpw.files.write_atomically`, so that a reader sees all of it or nothing.
+
+A **payload folder** carries one launch: a private temporary folder for a launch on this machine,
+``job/`` in a SLURM job's folder::
+
+    job.pkl          the Payload (written by the caller; ddpw.shipping)
+    meta.json        the caller's import path
+    result-R.pkl     what rank R returned, its tensors on the CPU (written by rank R)
+    error-R.json     rank R's report when it raised or paused (written by rank R)
+    agent.log        what torchrun's agent logged (a launch on this machine)
+
+A **SLURM job's folder**, ``NAME-TIME`` under the console logs path, which the nodes share with
+the submitting machine (as clusters' home and project file systems are)::
+
+    job/                 the payload folder
+    slurm/               submitit's files: JOBID_0_log.out is node 0's console
+    rank-R.stdout.log    every rank's output (attempts after a requeue are appended)
+    rank-R.stderr.log
+    agent-nodeN.log      what torchrun's agent on node N logged (made when it logs)
+    attempt-K.json       attempt K's start (K = SLURM_RESTART_COUNT): its checkpoint (node 0)
+    node-N.json          how node N's processes ended in the last attempt, and whether node 0
+                         requeued the job (node N)
+    checkpoints.txt      the checkpoints the job published, newest last (the main rank)
+
+``ddpw-launch`` keeps a folder of the same name for a launch on this machine, with the rank and
+agent logs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import JobPaused, WorkerError
+from .files import write_atomically
+from .outcome import Outcome, explain
+
+if TYPE_CHECKING:
+    from .artefacts import ArtefactsConfig
+    from .plan import LaunchPlan
+    from .platform import PlatformConfig
+    from .trainer import Trainer
+
+#: Where job folders go unless told otherwise (``JobConfig.console_logs_path``,
+#: ``ddpw-launch --log-dir``).
+DEFAULT_ROOT = "./logs/console_logs"
+#: The payload folder inside a SLURM job's folder.
+PAYLOAD = "job"
+#: submitit's folder inside a SLURM job's folder.
+SUBMITIT = "slurm"
+
+
+@dataclass
+class Payload:
+    """What every process of a launch needs: the target, its arguments, the configs and the plan.
+
+    :param resume_from: the checkpoint a Trainer starts from, chosen before any process
+        started (:func:`ddpw.resume.choose`); ``None`` starts fresh.
+    """
+
+    target: Trainer | Callable[..., Any]
+    p_config: PlatformConfig
+    a_config: ArtefactsConfig | None
+    plan: LaunchPlan
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    resume_from: str | None = None
+
+
+def make(root: str | Path, name: str) -> Path:
+    """Make and return a new job folder ``root/NAME-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... when
+    jobs of that name start within one second)."""
+    base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+# --- the payload folder --------------------------------------------------------------------------
+
+def write_payload(folder: Path, data: bytes) -> None:
+    """Write a pickled :class:`Payload` (:func:`ddpw.shipping.ship`) where
+    ``python -m ddpw.entry FOLDER`` reads it, with this process's import path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder / "job.pkl", data)
+    write_atomically(folder / "meta.json",
+                     json.dumps({"sys_path": [p for p in sys.path if p]}).encode())
+
+
+def read_payload(folder: Path) -> Payload:
+    """The :class:`Payload` in ``folder``, after putting the caller's import path first, so
+    that the caller's modules (a script's folder) import here too."""
+    meta = json.loads((folder / "meta.json").read_text())
+    sys.path[:0] = [p for p in meta["sys_path"] if p not in sys.path]
+    with open(folder / "job.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def write_result(folder: Path, rank: int, data: bytes) -> None:
+    """Rank ``rank``'s pickled return value."""
+    write_atomically(folder / f"result-{rank}.pkl", data)
+
+
+def write_report(folder: Path, rank: int, error: BaseException, paused: str | None = None,
+                 secondary: bool = False) -> None:
+    """Rank ``rank``'s report of the exception that ended it.
+
+    :param paused: the checkpoint written, when the exception is a pause.
+    :param secondary: the rank stopped only because another failed
+        (:class:`~ddpw.errors.PeerFailed`).
+    """
+    report = {"rank": rank, "time": time.time(), "paused": paused, "secondary": secondary,
+              "traceback": "".join(traceback.format_exception(type(error), error,
+                                                              error.__traceback__))}
+    write_atomically(folder / f"error-{rank}.json", json.dumps(report).encode())
+
+
+def reports(folder: Path, world_size: int) -> dict[int, dict[str, Any]]:
+    """The reports of the ranks that ended with an exception (or a pause), by rank."""
+    found = {}
+    for rank in range(world_size):
+        path = folder / f"error-{rank}.json"
+        if path.is_file():
+            found[rank] = json.loads(path.read_text())
+    return found
+
+
+def results_present(folder: Path, world_size: int) -> bool:
+    """Whether every rank's result is in ``folder``."""
+    return all((folder / f"result-{rank}.pkl").is_file() for rank in range(world_size))
+
+
+def collect(folder: Path, world_size: int, outcome: Outcome) -> list[Any]:
+    """The ranks' results from ``folder`` in rank order, or the error that explains why not.
+
+    :raises JobPaused: when the training job paused and saved a checkpoint.
+    :raises KeyboardInterrupt: when Ctrl-C stopped the launch.
+    :raises WorkerError: when a rank raised or died, or a signal stopped the launch.
+    """
+    import cloudpickle
+
+    found = reports(folder, world_size)
+    # A rank pauses only once every rank has written its part of the checkpoint.
+    paused = [report["paused"] for report in found.values() if report["paused"]]
+    if paused:
+        raise JobPaused(paused[0])
+    if not outcome.failures and results_present(folder, world_size):
+        return [cloudpickle.loads((folder / f"result-{rank}.pkl").read_bytes())
+                for rank in range(world_size)]
+    if outcome.stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt
+    if outcome.stopped_by is not None:
+        killed = [rank for rank, (status, _) in sorted(outcome.failures.items())
+                  if status == -signal.SIGKILL]
+        how = (f" (rank(s) {', '.join(map(str, killed))} did not stop and were killed with "
+               f"SIGKILL at the third signal)" if killed and len(outcome.received) >= 3 else "")
+        raise WorkerError(f"the job was stopped by {outcome.stopped_by.name}; every process "
+                          f"of it has ended{how}")
+    log = agent_log(folder)
+    agent = log.read_text(errors="replace").rstrip() if log.is_file() else ""
+    raise explain(found, outcome.failures, world_size, agent)
+
+
+# --- the logs ------------------------------------------------------------------------------------
+
+def rank_log(folder: Path, rank: int, stream: str) -> Path:
+    """Rank ``rank``'s ``stdout`` or ``stderr`` log."""
+    return folder / f"rank-{rank}.{stream}.log"
+
+
+def agent_log(folder: Path, node: int | None = None) -> Path:
+    """Where the records of torchrun's agent and of ``accelerate launch`` go: ``agent.log``, or
+    ``agent-node{N}.log`` on node ``N`` of a job of several nodes (each runs its own launch
+    into the same folder)."""
+    return folder / ("agent.log" if node is None else f"agent-node{node}.log")
+
+
+# --- a SLURM job's attempts ----------------------------------------------------------------------
+
+def attempt_file(folder: Path, attempt: int) -> Path:
+    """Attempt ``attempt``'s start, written by node 0: ``{"attempt": K, "resume": PATH}``."""
+    return folder / f"attempt-{attempt}.json"
+
+
+def node_file(folder: Path, node: int) -> Path:
+    """How node ``node``'s processes ended in the last attempt, written by that node."""
+    return folder / f"node-{node}.json"
+
+
+def checkpoint_record(folder: Path) -> Path:
+    """The checkpoints the job published, one absolute path a line, newest last."""
+    return folder / "checkpoints.txt"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to one of the job folder's JSON files."""
+    write_atomically(path, json.dumps(data).encode())
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """What a JSON file of the job folder holds; ``{}`` when it is not there."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def await_json(path: Path, timeout: float = 300.0) -> dict[str, Any]:
+    """What another node writes to ``path``, once it is there.
+
+    :raises RuntimeError: when it is not there after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"node 0 did not begin this attempt: no {path} after {timeout} s")
+        time.sleep(0.2)
+    return json.loads(path.read_text())
+
+
+def clear_attempt(folder: Path) -> None:
+    """Remove what the last attempt's processes and nodes reported (node 0, as an attempt
+    begins)."""
+    payload = folder / PAYLOAD
+    for stale in [*payload.glob("result-*.pkl"), *payload.glob("error-*.json"),
+                  *folder.glob("node-*.json")]:
+        stale.unlink(missing_ok=True)
+
+
+def note_checkpoint(record: Path, checkpoint: Path) -> None:
+    """Add a checkpoint just published to ``record`` (:func:`checkpoint_record`)."""
+    with open(record, "a") as f:
+        f.write(f"{checkpoint.resolve()}\n")
+
+
+def newest_checkpoint(record: Path) -> str | None:
+    """The newest checkpoint noted in ``record`` that still exists."""
+    noted = record.read_text().split() if record.is_file() else []
+    return next((path for path in reversed(noted) if Path(path).is_dir()), None)
