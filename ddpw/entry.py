@@ -1,10 +1,10 @@
 """Command line of every process that ddpw launches, on every platform.
 
-``python -m ddpw.entry JOB_DIR`` runs a job that :class:`~ddpw.wrapper.Wrapper` wrote to
-``JOB_DIR`` (:func:`ddpw.worker.main`); ``python -m ddpw.entry --script PATH ARGS...`` or
-``--module NAME ARGS...`` runs a user's script for ``ddpw-launch``
-(:func:`ddpw.worker.run_script`). Kept apart from :mod:`ddpw.worker` (which the package
-imports) so that running it as a module does not import it twice.
+``python -m ddpw.entry FOLDER`` runs the payload that :class:`~ddpw.wrapper.Wrapper` wrote to
+the payload folder ``FOLDER`` (:func:`ddpw.worker.main`, :mod:`ddpw.jobfolder`);
+``python -m ddpw.entry --script PATH ARGS...`` or ``--module NAME ARGS...`` runs a user's script
+for ``ddpw-launch`` (:func:`ddpw.worker.run_script`). Kept apart from :mod:`ddpw.worker` so
+that running it as a module does not import that module twice.
 """
 
 import sys

@@ -24,11 +24,9 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +37,24 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint, environment, jobfolder, process
+from . import environment, resume
 from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
-from .checkpoint import Position
-from .errors import ConfigError, JobPaused, PeerFailed
+from .checkpoint import transaction
+from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
-from .network import gloo_interface_chosen
+from .metrics import RunningSums, check_per_sample
 from .platform import Platform, PlatformConfig
+from .vote import PauseVote
+
+
+@dataclass
+class _Machinery:
+    """ddpw's own state on a :class:`Trainer`, all under one attribute (``_ddpw``) that a
+    subclass will not take by chance: the pause vote and the epoch's running sums."""
+
+    vote: PauseVote = field(default_factory=PauseVote)
+    sums: RunningSums = field(default_factory=RunningSums)
 
 
 class Trainer:
@@ -89,12 +97,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         #: The checkpoint this job starts from, chosen by :meth:`check` before any process starts.
         self.resume_from: str | None = None
-        self._sums: dict[str, torch.Tensor] = {}
-        self._sum_batches = 0
-        self._pause_requested = False
-        self._flag_group: Any = None
-        #: The pause flags' all-reduce started at the last step boundary, not yet read.
-        self._flag_in_flight: tuple[Any, torch.Tensor] | None = None
+        self._ddpw = _Machinery()
 
     # --- what a subclass writes ----------------------------------------------------------------
 
@@ -151,50 +154,8 @@ class Trainer:
                               f"needs a callable model -> torch.optim.Optimizer.")
         if not training and a_config.test_set is None:
             raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
-        self.resume_from = self._requeued_from() if training else None
-        if self.resume_from is None and j.restores:
-            self.resume_from = checkpoint.resolve(j.checkpoint_path, j.checkpoint_name_prefix,
-                                                  j.start_at)
-        if self.resume_from is None:
-            if not training and j.start_at == checkpoint.LATEST:
-                raise ConfigError(f"JobConfig.start_at='latest': there is no checkpoint with "
-                                  f"prefix '{j.checkpoint_name_prefix}' in {j.checkpoint_path} "
-                                  f"to evaluate.")
-            return
-        folder = Path(j.checkpoint_path) / self.resume_from
-        checkpoint.verify(folder)
-        checkpoint.check_fits(folder, a_config.model)
-        if training:
-            self._check_position(folder, a_config, world_size or p_config.world_size)
-
-    def _requeued_from(self) -> str | None:
-        """In a SLURM job that requeued itself: the newest checkpoint that this trainer wrote
-        before, which the job resumes from whatever ``start_at`` says."""
-        j, noted = self.j_config, os.environ.get(environment.RESUME_FROM)
-        if not noted:
-            return None
-        folder = Path(noted)
-        mine = folder.parent == Path(j.checkpoint_path).resolve()
-        return folder.name if mine and Position.parse(folder.name, j.checkpoint_name_prefix) \
-            else None
-
-    def _check_position(self, folder: Path, a_config: ArtefactsConfig, world_size: int) -> None:
-        state = json.loads((folder / "state.json").read_text())
-        position = Position(state["epochs_done"], state["batches"])
-        if position.epochs > self.j_config.epochs:
-            raise ConfigError(f"JobConfig.epochs={self.j_config.epochs} is before the checkpoint "
-                              f"{folder.name}, which has {position.epochs} epochs done: ask for "
-                              f"at least {position.epochs}.")
-        consumed = position.batches * state["batch_size"] * state["world_size"]
-        per_batch = a_config.batch_size * world_size
-        if consumed % per_batch:
-            raise ConfigError(
-                f"checkpoint {folder.name} paused after {consumed} samples of epoch "
-                f"{position.epochs + 1}, which is no whole number of this job's batches of "
-                f"{a_config.batch_size} x {world_size} processes: resume it with "
-                f"batch_size x world size dividing {consumed} (it was written with "
-                f"{state['batch_size']} x {state['world_size']}), or from an end-of-epoch "
-                f"checkpoint.")
+        self.resume_from = resume.choose(j, a_config, world_size or p_config.world_size,
+                                         requeued=os.environ.get(environment.RESUME_FROM))
 
     # --- set-up, run on every rank -------------------------------------------------------------
 
@@ -308,11 +269,9 @@ class Trainer:
             self.log_metrics(self.metrics)
             if j.saves_after(self.epoch):
                 self.save_checkpoint()
-            if self.epochs_done < j.epochs and self._pause_agreed():
+            if self.epochs_done < j.epochs and self._ddpw.vote.agreed(self.world_size):
                 self._pause(saved=j.saves_after(self.epoch))
-        if self._flag_in_flight is not None:  # from the last epoch's last step boundary
-            self._flag_in_flight[0].wait()
-            self._flag_in_flight = None
+        self._ddpw.vote.settle()  # the last epoch's last step boundary started a vote
         return dict(self.metrics)
 
     def train_epoch(self) -> dict[str, float]:
@@ -324,11 +283,11 @@ class Trainer:
         """
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
-        loader = self.train_loader
+        loader, sums = self.train_loader, self._ddpw.sums
         if self.batch:
             loader = self.accelerator.skip_first_batches(loader, self.batch)
         else:
-            self._sums, self._sum_batches = {}, 0
+            sums.clear()
         samples_per_batch = self.a_config.batch_size * self.world_size
         started, first = time.perf_counter(), self.batch
         # Nothing asks for len(loader): a stream (an IterableDataset without __len__) has none,
@@ -345,10 +304,7 @@ class Trainer:
                     self.scheduler.step()
                 self.optimiser.zero_grad()
             self.batch += 1
-            for key, value in values.items():
-                value = value.detach().float()
-                self._sums[key] = self._sums[key] + value if key in self._sums else value
-            self._sum_batches += 1
+            sums.add(values)
             if self.verbose and self.batch % 10 == 0:
                 rate = (self.batch - first) * samples_per_batch / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values['loss'].item():.4f}", samples_s=f"{rate:.0f}")
@@ -358,11 +314,9 @@ class Trainer:
                 # lose; the last batch of the epoch is left to the epoch boundary. Accelerate's
                 # loaders read a batch ahead, so they know the last one, in a stream too.
                 last = self.accelerator.gradient_state.end_of_dataloader
-                if not last and self._pause_agreed(overlap=True):
+                if not last and self._ddpw.vote.agreed(self.world_size, overlap=True):
                     self._pause(saved=False)
-        means = {k: self.accelerator.reduce(v / max(self._sum_batches, 1), reduction="mean")
-                 for k, v in self._sums.items()}
-        return {k: float(v) for k, v in means.items()}
+        return sums.means(self.accelerator)
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
@@ -377,7 +331,7 @@ class Trainer:
         values: dict[str, list[torch.Tensor]] = {}
         for batch in self._progress(loader, "evaluate"):
             output = self.evaluate_step(batch)
-            _check_per_sample(output, type(self).__name__)
+            check_per_sample(output, type(self).__name__)
             for key, value in self.accelerator.gather_for_metrics(output).items():
                 values.setdefault(key, []).append(value.detach().double().cpu())
         self.model.train()
@@ -394,84 +348,19 @@ class Trainer:
 
         Safe to call from a signal handler or another thread; any one rank asking is enough.
         """
-        self._pause_requested = True
+        self._ddpw.vote.request()
 
-    @contextlib.contextmanager
-    def pause_on_signals(self) -> Iterator[None]:
-        """While the block runs, each of ``j_config.pause_signals`` asks for a pause.
+    def pause_on_signals(self) -> contextlib.AbstractContextManager[None]:
+        """While the block (``with trainer.pause_on_signals():``) runs, each of
+        ``j_config.pause_signals`` asks for a pause.
 
         :func:`ddpw.worker.run` wraps the whole job (set-up included) in it. Signal handlers
         belong to the main thread: elsewhere the signals keep their own handlers.
         """
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            # Only a flag: the work happens at the next step boundary, where all ranks agree.
-            self._pause_requested = True
-
-        if process.requeue_signal_came():  # SLURM's warning came while the process started
-            self._pause_requested = True
-
-        previous = {}
-        for name in self.j_config.pause_signals:
-            sig = getattr(signal, name)
-            previous[sig] = signal.signal(sig, handler)
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-    def _pause_agreed(self, overlap: bool = False) -> bool:
-        """Whether any rank has been asked to pause: all ranks get the same answer at the same
-        step boundary.
-
-        With ``overlap`` (within an epoch), the answer is the all-reduce of the flags started
-        at the last step boundary, and this boundary's starts without waiting: the message
-        travels while the next step computes, so a step never waits for it, and a pause comes
-        one step later than it could. Without (between epochs), the answer includes this very
-        moment's flags.
-        """
-        earlier = False
-        if self._flag_in_flight is not None:
-            work, value = self._flag_in_flight
-            self._flag_in_flight = None
-            work.wait()
-            earlier = bool(value.item() > 0)
-        if earlier or not overlap or self.world_size == 1:
-            return earlier or self._any_rank(self._pause_requested)
-        self._flag_in_flight = self._reduce_flag(self._pause_requested, wait=False)
-        return False
-
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any rank (every rank must call it at the same point).
-
-        The flag travels on the CPU, through a gloo group when the job's own backend is another,
-        so that asking costs no device synchronisation; :mod:`ddpw.network` chooses the
-        group's network interface.
-        """
-        if self.world_size == 1:
-            return flag
-        return bool(self._reduce_flag(flag, wait=True)[1].item() > 0)
-
-    def _reduce_flag(self, flag: bool, wait: bool) -> tuple[Any, torch.Tensor]:
-        """Start (and with ``wait``, finish) the sum of ``flag`` over the ranks; return the
-        all-reduce's handle and the tensor that holds the sum once it is done."""
-        import torch.distributed as dist
-
-        if self._flag_group is None and dist.get_backend() != "gloo":
-            # Gloo would bind the interface that the hostname resolves to, which the other
-            # machines may not reach (NCCL may have been told another): choose it.
-            with gloo_interface_chosen():
-                self._flag_group = dist.new_group(backend="gloo")
-        value = torch.tensor([float(flag)])
-        work = dist.all_reduce(value, group=self._flag_group, async_op=not wait)
-        return work, value
+        return self._ddpw.vote.on_signals(self.j_config.pause_signals)
 
     def _pause(self, saved: bool) -> None:
-        folder = self._position_folder() if saved else self.save_checkpoint()
+        folder = transaction.position_folder(self) if saved else self.save_checkpoint()
         if self.verbose:
             self.accelerator.print(f"\n[ddpw] paused at epoch {self.epoch}, batch {self.batch}: "
                                    f"saved {folder}")
@@ -491,93 +380,7 @@ class Trainer:
         :raises PeerFailed: on the ranks whose own part went well when another rank's failed,
             with that rank's error (on a full disk, the file it could not write).
         """
-        folder = self._position_folder()
-        staging = checkpoint.staging_path(folder)
-        # Three steps, each ending with every rank learning whether any rank failed, so that a
-        # failure (a full disk, say) never leaves the others waiting at a barrier.
-        self._agree(folder, lambda: self._begin_checkpoint(staging), main_only=True)
-        digests = self._agree(folder, lambda: self._write_checkpoint_files(staging))
-        self._agree(folder, lambda: self._publish_checkpoint(staging, folder, digests),
-                    main_only=True)
-        return folder
-
-    def _position_folder(self) -> Path:
-        """The folder of the checkpoint of the current position."""
-        j = self.j_config
-        return (Path(j.checkpoint_path) /
-                Position(self.epochs_done, self.batch).name(j.checkpoint_name_prefix))
-
-    def _agree(self, folder: Path, step: Callable[[], Any], main_only: bool = False) -> Any:
-        """Run ``step`` (on the main rank alone with ``main_only``) and learn whether it failed
-        on any rank; every rank must call it at the same point.
-
-        :raises PeerFailed: on a rank whose step went well when another's failed, naming each
-            failed rank and its error (``[Errno 28] No space left on device: PATH``, say).
-        """
-        result, error = None, None
-        if self.accelerator.is_main_process or not main_only:
-            try:
-                result = step()
-            except Exception as caught:
-                error = caught
-        if self._any_rank(error is not None):
-            if self.accelerator.is_main_process:
-                shutil.rmtree(checkpoint.staging_path(folder), ignore_errors=True)
-            # Only when a step failed: every rank learns what failed and where, so that each
-            # rank's own error names the cause (a full disk, say), not merely another rank.
-            reason = None if error is None else f"{type(error).__name__}: {error}"
-            reasons = [reason]
-            if self.world_size > 1:
-                import torch.distributed as dist
-
-                reasons = [None] * self.world_size
-                dist.all_gather_object(reasons, reason, group=self._flag_group)
-            if error is not None:
-                raise error
-            failed = "; ".join(f"rank {rank} failed with {why}"
-                               for rank, why in enumerate(reasons) if why is not None)
-            raise PeerFailed(f"checkpoint {folder} was not written: {failed}")
-        return result
-
-    def _begin_checkpoint(self, staging: Path) -> None:
-        j = self.j_config
-        checkpoint.tidy(j.checkpoint_path, j.checkpoint_name_prefix)
-        staging.mkdir(parents=True)
-
-    def _publish_checkpoint(self, staging: Path, folder: Path, digests: dict[str, str]) -> None:
-        j = self.j_config
-        checkpoint.publish(staging, folder, digests, {
-            "prefix": j.checkpoint_name_prefix, "epochs_done": self.epochs_done,
-            "batches": self.batch, "world_size": self.world_size,
-            "platform": self.p_config.platform.name,
-            "mixed_precision": self.p_config.mixed_precision})
-        record = os.environ.get(environment.CHECKPOINT_RECORD)
-        if record:
-            jobfolder.note_checkpoint(Path(record), folder)
-        if j.keep_last:
-            checkpoint.prune(j.checkpoint_path, j.checkpoint_name_prefix, j.keep_last,
-                             protect=(self.resume_from, folder.name))
-
-    def _write_checkpoint_files(self, staging: Path) -> dict[str, str]:
-        acc = self.accelerator
-        parts: dict[str, Any] = {f"rank-{self.global_rank}": {
-            "rng": checkpoint.rng_state(self.device), "sums": self._sums,
-            "sum_batches": self._sum_batches}}
-        if not acc.is_main_process:
-            return checkpoint.write_all(staging, parts)
-        if self.optimiser is not None:
-            parts["optimiser"] = self.optimiser.state_dict()
-        if self.scheduler is not None:
-            parts["scheduler"] = self.scheduler.state_dict()
-        if acc.scaler is not None:
-            parts["scaler"] = acc.scaler.state_dict()
-        parts["state"] = {
-            "epochs_done": self.epochs_done, "batches": self.batch,
-            "global_step": self.global_step, "batch_size": self.a_config.batch_size,
-            "world_size": self.world_size, "data_seed": self.p_config.seed,
-            "gradient_accumulation_steps": self.j_config.gradient_accumulation_steps,
-            "metrics": self.metrics}
-        return checkpoint.write_all(staging, parts, model=acc.unwrap_model(self.model))
+        return transaction.save(self, self._ddpw.vote, self._ddpw.sums)
 
     def restore_checkpoint(self, name: str) -> None:
         """Load checkpoint ``name`` into the model, optimiser, scheduler, RNGs and position.
@@ -585,36 +388,7 @@ class Trainer:
         Its files are verified against the manifest by :meth:`check`, which
         :class:`~ddpw.wrapper.Wrapper` calls before the job starts.
         """
-        acc, j = self.accelerator, self.j_config
-        folder = Path(j.checkpoint_path) / name
-        checkpoint.read_model(folder, acc.unwrap_model(self.model), self.device)
-        if self.optimiser is not None and (folder / "optimiser.json").is_file():
-            self.optimiser.load_state_dict(checkpoint.read_part(folder, "optimiser"))
-        if self.scheduler is not None and (folder / "scheduler.json").is_file():
-            self.scheduler.load_state_dict(checkpoint.read_part(folder, "scheduler"))
-        if acc.scaler is not None and (folder / "scaler.json").is_file():
-            acc.scaler.load_state_dict(checkpoint.read_part(folder, "scaler"))
-        state = checkpoint.read_part(folder, "state")
-        self.epochs_done = self.epoch = state["epochs_done"]
-        self.global_step, self.metrics = state["global_step"], state["metrics"]
-        rank_file = f"rank-{self.global_rank}"
-        same_run_shape = (
-            (state["world_size"], state["batch_size"], state.get("gradient_accumulation_steps"))
-            == (self.world_size, self.a_config.batch_size, j.gradient_accumulation_steps))
-        if same_run_shape:
-            rank_state = checkpoint.read_part(folder, rank_file)  # RNG states live on the CPU
-            checkpoint.set_rng_state(rank_state["rng"], self.device)
-            self._sums = {k: v.to(self.device) for k, v in rank_state["sums"].items()}
-            self._sum_batches = rank_state["sum_batches"]
-            self.batch = state["batches"]
-        else:
-            # Another world size or batch size: the saved RNG streams do not fit, so derive one
-            # from the seed and the position; the same samples remain to be seen in the epoch.
-            consumed = state["batches"] * state["batch_size"] * state["world_size"]
-            self.batch = consumed // (self.a_config.batch_size * self.world_size)
-            set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
-                     device_specific=True)
-            self._sums, self._sum_batches = {}, 0
+        transaction.restore(self, name, self._ddpw.sums)
 
     # --- output ---------------------------------------------------------------------------------
 
@@ -635,19 +409,3 @@ class Trainer:
         return tqdm(loader, desc=description, disable=not self.verbose, leave=False,
                     dynamic_ncols=True, unit="batch", initial=initial)
 
-
-def _check_per_sample(output: Any, owner: str) -> None:
-    if not isinstance(output, dict) or not output:
-        raise TypeError(f"{owner}.evaluate_step must return a non-empty dict of per-sample "
-                        f"tensors, not {type(output).__name__}.")
-    sizes = set()
-    for key, value in output.items():
-        if not isinstance(value, torch.Tensor) or value.dim() != 1:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise TypeError(f"{owner}.evaluate_step returned {key!r} of shape {shape}: metrics "
-                            f"must be 1-D, one value per sample (e.g. reduction='none'), so "
-                            f"that they average exactly across ranks.")
-        sizes.add(value.shape[0])
-    if len(sizes) > 1:
-        raise TypeError(f"{owner}.evaluate_step returned metrics of different lengths {sizes}: "
-                        f"each must have one value per sample of the batch.")

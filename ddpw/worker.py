@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
-from . import environment, jobfolder, process
+from . import environment, jobfolder, process, resume
 from .errors import JobPaused, PeerFailed
 from .jobfolder import Payload
 from .plan import LaunchMode, rendezvous_port
@@ -50,10 +50,11 @@ def run(payload: Payload) -> Any:
         torch.set_num_threads(plan.threads_per_process)
     trainer = payload.target if isinstance(payload.target, Trainer) else None
     if trainer is not None:
-        trainer.resume_from = payload.resume_from
-        if os.environ.get(environment.RESUME_FROM):
-            # A requeued SLURM job: choose again, now that the job has checkpoints of its own.
-            trainer.check(payload.p_config, payload.a_config, world_size=plan.world_size)
+        requeued = os.environ.get(environment.RESUME_FROM)
+        # A requeued SLURM attempt chooses again, now that the job has checkpoints of its own.
+        trainer.resume_from = (resume.choose(trainer.j_config, payload.a_config,
+                                             plan.world_size, requeued=requeued)
+                               if requeued else payload.resume_from)
     extra = trainer.accelerator_kwargs(payload.p_config) if trainer is not None else {}
     accelerator = Accelerator(**plan.accelerator_kwargs, **extra)
     try:

@@ -31,8 +31,8 @@ class Wrapper:
     :param a_config: the model and data, for :class:`~ddpw.trainer.Trainer` jobs; functions need
         none.
     :param wait: SLURM only: ``False`` makes :meth:`start` return a
-        :class:`~ddpw.slurm.Submission` as soon as the job is submitted, rather than wait for
-        its result.
+        :class:`~ddpw.slurm.submission.Submission` as soon as the job is submitted, rather than
+        wait for its result.
     :param on_interrupt: SLURM only: on Ctrl-C while :meth:`start` waits, ``"ask"`` whether to
         cancel the job (cancel it when there is no terminal to ask on), ``"cancel"`` it, or
         ``"keep"`` it running.
@@ -84,7 +84,7 @@ class Wrapper:
         :returns: for a Trainer, the main process's metrics as plain floats (the evaluation
             metrics for ``EVALUATE``, the last epoch's for ``TRAIN`` and ``RESUME``); for a
             function, the list of what it returned on each rank, in rank order; with
-            ``wait=False``, the :class:`~ddpw.slurm.Submission`.
+            ``wait=False``, the :class:`~ddpw.slurm.submission.Submission`.
         :raises ConfigError: for anything that cannot run, before any process starts.
         :raises WorkerError: when a rank raises or dies; the job's processes are all ended.
         """

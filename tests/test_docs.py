@@ -64,12 +64,12 @@ def test_the_launch_page_shows_every_option_of_ddpw_launch(html):
 
 
 def public_objects():
-    """``(qualified name, object)`` of every public module, and of every public class,
-    function, method and property defined in one."""
-    for info in pkgutil.iter_modules(ddpw.__path__):
-        if info.name.startswith("_"):
+    """``(qualified name, object)`` of every public module (those of subpackages included),
+    and of every public class, function, method and property defined in one."""
+    for info in pkgutil.walk_packages(ddpw.__path__, "ddpw."):
+        if "._" in info.name:
             continue
-        module = importlib.import_module(f"ddpw.{info.name}")
+        module = importlib.import_module(info.name)
         yield f"module-{module.__name__}", module
         for name, obj in vars(module).items():
             if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:

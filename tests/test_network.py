@@ -188,7 +188,7 @@ RANK = textwrap.dedent("""
 
         trainer = Trainer(JobConfig())
         trainer.accelerator = Accelerator(cpu=True)
-        flagged = trainer._any_rank(rank == 1)
+        flagged = trainer._ddpw.vote.any_rank(rank == 1, trainer.world_size)
     print(json.dumps({"flagged": flagged, "left": os.environ.get("GLOO_SOCKET_IFNAME"),
                       "backend": dist.get_backend()}))
     sys.stdout.flush()

@@ -11,13 +11,22 @@ Two times per run, both from the moment the submitting command starts:
   ``sbatch --wait``; ddpw's ``Wrapper.start`` polls ``sacct``).
 Each variant runs as a fresh process in its own empty folder, alternately, after one warm-up of
 each; the table gives medians, spreads and the ratios of medians.
+
+Where the time to the first step goes (the result's ``extra["breakdown_s"]``, medians):
+- command start → submitted: until sbatch has the job (ddpw: the script's imports, the
+  artefacts, ``Wrapper.start``'s checks, ``sinfo`` and the pickled job; by hand: sbatch alone);
+- submitted → node started: SLURM's scheduling, until the batch script runs (ddpw: the first
+  line that submitit's runner logs on the node, after its Python has started);
+- node started → first step: the node's launch, the ranks' imports and set-up, one step.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +46,7 @@ SBATCH = """#!/bin/bash
 #SBATCH --cpus-per-task=2
 #SBATCH --time=10
 #SBATCH --output={folder}/slurm-%j.out
+date +%s.%N > {folder}/node-started
 export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 BENCH_FIRST_STEP={folder}/first-step
 srun {python} -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 \\
     --mixed_precision no --dynamo_backend no --main_process_port 0 \\
@@ -64,11 +74,31 @@ def ddpw_job(partition: str, epochs: int) -> None:
                                batch_size=32, model=MyModel(), optimiser_loader=my_optimiser)
     j_config = JobConfig(epochs=epochs, save_every=epochs,
                          checkpoint_path=str(Path("checkpoint").resolve()))
-    Wrapper(p_config, a_config).start(Timed(j_config))
+    # start() with wait=False, then wait(): what start() does by itself, with the moment of
+    # submission noted in between.
+    submission = Wrapper(p_config, a_config, wait=False).start(Timed(j_config))
+    Path("submitted").write_text(repr(time.time()))
+    Path("job-folder").write_text(str(submission.folder))
+    submission.wait()
 
 
-def run_once(variant: str, partition: str, epochs: int) -> tuple[float, float] | None:
-    """(seconds to the first step, total seconds) of one run, or ``None`` if it failed."""
+def node_started(folder: Path) -> float | None:
+    """When submitit's runner first logged on node 0 of the ddpw job in ``folder``."""
+    import datetime
+
+    job_folder = Path((folder / "job-folder").read_text())
+    for log in sorted((job_folder / "slurm").glob("*_0_log.out")):
+        for line in log.read_text(errors="replace").splitlines():
+            match = re.search(r"submitit \w+ \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\)", line)
+            if match:
+                when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                return when.timestamp()
+    return None
+
+
+def run_once(variant: str, partition: str, epochs: int) -> tuple[float, float, list[float]] | None:
+    """(seconds to the first step, total seconds, the :data:`SEGMENTS` of the first) of one
+    run, or ``None`` if it failed."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         folder = Path(tmp)
         if variant == "ddpw":
@@ -88,10 +118,22 @@ def run_once(variant: str, partition: str, epochs: int) -> tuple[float, float] |
             print(f"FAILED ({done.returncode}): {variant}\n"
                   + "\n".join(done.stderr.splitlines()[-8:]), file=sys.stderr)
             return None
-        return float(first.read_text()) - started, total
+        first_step = float(first.read_text())
+        if variant == "ddpw":
+            submitted, node = float((folder / "submitted").read_text()), node_started(folder)
+        else:
+            # sbatch --wait returns at the end: the job id is known once sbatch has the job,
+            # which the scheduler's own record gives (SubmitTime, to the second) no better
+            # than the command's start does; sbatch alone takes a few milliseconds.
+            submitted, node = started, float((folder / "node-started").read_text())
+        node = node if node is not None else submitted
+        return first_step - started, total, [submitted - started, node - submitted,
+                                             first_step - node]
 
 
 HANDWRITTEN_VARIANT = "sbatch + accelerate launch (by hand)"
+#: The segments of the time to the first step (see the module's docstring).
+SEGMENTS = ("command start → submitted", "submitted → node started", "node started → first step")
 
 
 def measure(repeats: int, quick: bool, partition: str = "debug",
@@ -104,7 +146,7 @@ def measure(repeats: int, quick: bool, partition: str = "debug",
     variants = {HANDWRITTEN_VARIANT: "handwritten", "ddpw Wrapper.start": "ddpw"}
     for variant in variants.values():
         run_once(variant, partition, epochs)  # warm-up
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    runs: dict[str, list[tuple[float, float, list[float]]]] = {name: [] for name in variants}
     failed = {name: 0 for name in variants}
     for _ in range(repeats):
         for name, variant in variants.items():
@@ -115,10 +157,16 @@ def measure(repeats: int, quick: bool, partition: str = "debug",
                 runs[name].append(result)
     cases = ("1 node x 2 processes: submit to first step",
              f"1 node x 2 processes: submit to the end ({epochs} epochs)")
-    return with_ratios([
-        Result("slurm", case, name, "s", [r[i] for r in runs[name]], HANDWRITTEN_VARIANT,
-               failed=failed[name])
-        for i, case in enumerate(cases) for name in variants])
+    results = [Result("slurm", case, name, "s", [r[i] for r in runs[name]], HANDWRITTEN_VARIANT,
+                      failed=failed[name])
+               for i, case in enumerate(cases) for name in variants]
+    for result in results[:len(variants)]:  # the first case's: where its time went
+        segments = [r[2] for r in runs[result.variant]]
+        if segments:
+            result.extra["breakdown_s"] = {
+                name: statistics.median(s[i] for s in segments)
+                for i, name in enumerate(SEGMENTS)}
+    return with_ratios(results)
 
 
 def main() -> None:
@@ -136,6 +184,8 @@ def main() -> None:
         print(f"{r.case:50} {r.variant:38} {r.median:7.2f} s "
               f"(min {min(r.values):.2f}, max {max(r.values):.2f})  x{r.ratio:.3f}  "
               f"failed {r.failed}")
+        for name, seconds in r.extra.get("breakdown_s", {}).items():
+            print(f"{'':50} {name:38} {seconds:7.2f} s")
 
 
 if __name__ == "__main__":

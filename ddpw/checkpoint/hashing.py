@@ -1,0 +1,100 @@
+"""A checkpoint's files hashed as they are written (or afterwards), and the crash tests' hook
+that strikes once a named file is written."""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import hashlib
+import json
+import os
+import select
+import signal
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..environment import TEST_CHECKPOINT_FAULT as TEST_FAULT
+
+
+def write_hashed(path: Path, pieces: Iterable[bytes | memoryview]) -> str:
+    """Write ``pieces`` one after another as the file ``path``; return the file's SHA-256.
+
+    :raises OSError: naming ``path``, also where the failed write (a full disk) names no file.
+    """
+    hasher = hashlib.sha256()
+    # Writing and hashing both release the GIL: each piece is hashed while the next is written.
+    with _naming(path), ThreadPoolExecutor(1) as pool, open(path, "wb") as f:
+        pending = None
+        for piece in pieces:
+            f.write(piece)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(hasher.update, piece)
+        if pending is not None:
+            pending.result()
+    _test_fault(path)
+    return hasher.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> str:
+    """Write ``obj`` as JSON; return the file's SHA-256."""
+    return write_hashed(path, [json.dumps(obj).encode()])
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of the file ``path``, read in chunks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Name ``path`` in an :class:`OSError` that names no file, as a failed write (a full disk)
+    does not."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
+
+
+def _test_fault(path: Path) -> None:
+    """For the crash tests only: act as :data:`TEST_FAULT` says once ``path`` is written.
+
+    ``sigterm=PID`` makes a second pause signal certainly arrive during a save: ``PID`` (the
+    process that started the job) passes the ``SIGTERM`` on to the job's processes, and the
+    write goes on only once this process has received it. ``faulthandler`` notes the arrival (it
+    can be set up from this writer thread, where :func:`signal.signal` cannot) and hands the
+    signal on to the process's own handler. It dumps every thread: the signal may land on a
+    thread of torch's own, which has no Python traceback to write.
+    """
+    fault = os.environ.get(TEST_FAULT)
+    name, _, action = (fault or "").rpartition(":")
+    if name != path.name:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("sigterm="):
+        pid = int(action.removeprefix("sigterm="))
+        arrival, note = os.pipe()
+        faulthandler.register(signal.SIGTERM, file=note, all_threads=True, chain=True)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            arrived = select.select([arrival], [], [], 120)[0]
+        finally:
+            faulthandler.unregister(signal.SIGTERM)
+            os.close(arrival)
+            os.close(note)
+        if not arrived:
+            raise RuntimeError(f"{TEST_FAULT}: process {pid} did not pass SIGTERM on")
+        print(f"{TEST_FAULT}: wrote {path}, sent SIGTERM to {pid}, received it back, going on",
+              file=sys.stderr, flush=True)
+        return
+    raise OSError(28, "No space left on device (injected by " + TEST_FAULT + ")", str(path))

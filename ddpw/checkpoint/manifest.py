@@ -1,0 +1,100 @@
+"""A checkpoint's manifest: written last by :func:`publish`, which puts the folder in place, and
+checked by :func:`verify` before anything is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..files import fsync, stage
+from .hashing import sha256, write_json
+from .names import LATEST, MANIFEST, available, sequence
+
+FORMAT = "ddpw-checkpoint"
+VERSION = 1
+
+
+def publish(staging: Path, folder: Path, digests: dict[str, str],
+            manifest: dict[str, Any]) -> None:
+    """Write the manifest into ``staging``, flush it all to disk and rename it to ``folder``.
+
+    Files whose digest is not in ``digests`` (written by other ranks) are hashed here. The
+    manifest's ``sequence`` orders checkpoints by when they were written. A folder already at
+    ``folder`` (the same position, from an earlier run) is moved aside first and deleted once
+    the new one is in place (:func:`~ddpw.checkpoint.names.tidy` puts it back if a crash comes in
+    between). Then the ``latest`` marker, written beforehand, names the new checkpoint. A failure
+    before the rename (a full disk) leaves neither the new marker nor ``folder``.
+    """
+    prefix = manifest["prefix"]
+    files = sorted(p.name for p in staging.iterdir() if p.is_file())
+    missing = [name for name in files if name not in digests]
+    with ThreadPoolExecutor() as pool:
+        hashed = pool.map(lambda n: sha256(staging / n), missing)
+        digests = {**digests, **dict(zip(missing, hashed, strict=True))}
+        list(pool.map(lambda n: fsync(staging / n), files))
+    entries = {name: {"bytes": (staging / name).stat().st_size, "sha256": digests[name]}
+               for name in files}
+    done = available(folder.parent, prefix)
+    number = 1 + max((sequence(folder.parent / name) for name in done), default=0)
+    write_json(staging / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest,
+                                    "sequence": number, "files": entries})
+    fsync(staging / MANIFEST)
+    fsync(staging)
+    # The new marker is on disk before the folder moves, so that a full disk cannot strike
+    # between the two and leave a checkpoint in place that the job reports as not written.
+    marker = stage(folder.parent / f"{prefix}_{LATEST}", f"{folder.name}\n".encode(),
+                   durable=True)
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    fsync(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(marker, folder.parent / f"{prefix}_{LATEST}")
+    fsync(folder.parent)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint folder, after checking its format and version."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"checkpoint {folder}: cannot read {MANIFEST} ({error}); the "
+                          f"checkpoint is damaged: use another one.") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a ddpw checkpoint manifest.")
+    if manifest.get("version", 0) > VERSION:
+        raise ConfigError(f"checkpoint {folder} has format version {manifest['version']}, newer "
+                          f"than this ddpw reads ({VERSION}): upgrade ddpw to load it.")
+    return manifest
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest; return the manifest.
+
+    :raises ConfigError: naming the first file that is missing, truncated or altered.
+    """
+    manifest = read_manifest(folder)
+    files = manifest["files"]
+    for name, entry in files.items():
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["bytes"]:
+            found = "missing" if size is None else f"{size} bytes"
+            raise ConfigError(f"checkpoint {folder} is damaged: {name} is {found}, the manifest "
+                              f"says {entry['bytes']} bytes. Use another checkpoint.")
+    with ThreadPoolExecutor() as pool:
+        actual = dict(zip(files, pool.map(lambda n: sha256(folder / n), files), strict=True))
+    for name, entry in files.items():
+        if actual[name] != entry["sha256"]:
+            raise ConfigError(f"checkpoint {folder} is damaged: the SHA-256 of {name} differs "
+                              f"from the manifest's (the file was altered or corrupted). Use "
+                              f"another checkpoint.")
+    return manifest
