@@ -2,20 +2,28 @@
 on one CPU process, several CPU processes, CUDA GPUs, Apple MPS or SLURM.
 
 The seed's API lives in its own modules (``ddpw.platform``, ``ddpw.artefacts``, ``ddpw.job``,
-``ddpw.wrapper``); the names are also importable from ``ddpw`` itself.
+``ddpw.wrapper``); the names are also importable from ``ddpw`` itself. They are loaded when first
+used (:pep:`562`), so that ``import ddpw`` (and ``ddpw-launch --help``, ``--dry-run``, a SLURM
+node on its way to ``accelerate launch``) does not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from . import process
 
 process.note_requeue_signal()  # first, before torch is imported (see ddpw.process)
 
-from .artefacts import ArtefactsConfig  # noqa: E402
-from .errors import ConfigError, JobPaused, WorkerError  # noqa: E402
-from .job import JobConfig, JobMode  # noqa: E402
-from .platform import Platform, PlatformConfig  # noqa: E402
-from .trainer import Trainer  # noqa: E402
-from .utils import World, restartable, world  # noqa: E402
-from .wrapper import Wrapper  # noqa: E402
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ loads them
+    from .artefacts import ArtefactsConfig
+    from .errors import ConfigError, JobPaused, WorkerError
+    from .job import JobConfig, JobMode
+    from .platform import Platform, PlatformConfig
+    from .trainer import Trainer
+    from .utils import World, restartable, world
+    from .wrapper import Wrapper
 
 __version__ = "0.1.0"
 
@@ -35,3 +43,35 @@ __all__ = [
     "restartable",
     "world",
 ]
+
+#: The module that defines each public name of the package.
+_HOMES = {
+    "ArtefactsConfig": "artefacts",
+    "ConfigError": "errors",
+    "JobConfig": "job",
+    "JobMode": "job",
+    "JobPaused": "errors",
+    "Platform": "platform",
+    "PlatformConfig": "platform",
+    "Trainer": "trainer",
+    "WorkerError": "errors",
+    "World": "utils",
+    "Wrapper": "wrapper",
+    "restartable": "utils",
+    "world": "utils",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its module on first use (``ddpw.Wrapper``,
+    ``from ddpw import Wrapper``)."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later look-ups find it without coming here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

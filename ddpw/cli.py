@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.formatting import term_len
 
 from . import jobfolder
 from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
-from .launcher import Logs, run_accelerate
 from .outcome import LOST_PEER, describe_status, root_cause
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
 from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
 from .process import exit_now
-from .slurm import ON_INTERRUPT, submit
-from .worker import run_script
+from .slurm import ON_INTERRUPT
 
 EXAMPLES = """\b
 Examples:
@@ -39,7 +38,7 @@ Examples:
   ddpw-launch -m my_package.train --epochs 3          (run a module)
   ddpw-launch --config cluster.toml train.py           (settings from a file)
   ddpw-launch --platform cpu --n-procs 4 --dry-run train.py
-  ddpw-launch --platform slurm --n-nodes 2 --n-gpus 4 --partition gpu \
+  ddpw-launch --platform slurm --n-nodes 2 --n-gpus 4 --partition gpu \\
       --account proj --slurm-parameter mail_type=END train.py
 
 \b
@@ -48,14 +47,41 @@ Exit status: the job's; 0 on success, the first failing rank's status otherwise,
 On SLURM: 143 when the job was cancelled, 124 when it ran out of time.
 """
 
-#: The settings a --config file may hold, with the options that set them.
-FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partition",
-          "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
-          "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit", "name",
-          "mixed_precision", "master_port")
+#: The headings of ``--help``, each with the options listed under it (by parameter name, shown
+#: in the order they are declared); the rest are listed under "Other".
+HELP_SECTIONS = {
+    "Where to run": ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task",
+                     "mixed_precision", "master_port"),
+    "SLURM": ("partition", "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
+              "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit", "no_wait",
+              "on_interrupt"),
+    "Logs and output": ("name", "log_dir", "all_ranks", "dry_run"),
+}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"],
+class _SectionedCommand(click.Command):
+    """A command whose help lists its options under the headings of :data:`HELP_SECTIONS`."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Hidden options have no record.
+        records = {param.name: record for param in self.get_params(ctx)
+                   if isinstance(param, click.Option) and (record := param.get_help_record(ctx))}
+        sectioned = {name for names in HELP_SECTIONS.values() for name in names}
+        sections = {heading: [name for name in records if name in names]
+                    for heading, names in HELP_SECTIONS.items()}
+        sections["Other"] = [name for name in records if name not in sectioned]
+        # write_dl aligns the help texts of one call on its widest name (up to 30 characters):
+        # padded to the widest of all, every section's texts start in the same column.
+        width = min(max(term_len(name) for name, _ in records.values()), 30)
+        for heading, names in sections.items():
+            if names:
+                with formatter.section(heading):
+                    formatter.write_dl([(records[name][0].ljust(width), records[name][1])
+                                        for name in names])
+
+
+@click.command(cls=_SectionedCommand,
+               context_settings={"help_option_names": ["-h", "--help"],
                                  "allow_interspersed_args": False},
                epilog=EXAMPLES)
 @click.option("--platform", type=click.Choice(["cpu", "gpu", "mps", "slurm", "auto"],
@@ -105,7 +131,7 @@ FIELDS = ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partitio
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML or YAML file with any of the settings above (underscores or dashes "
                    "in names); options given on the command line win.")
-@click.option("--log-dir", default="./logs/console_logs", show_default=True,
+@click.option("--log-dir", default=jobfolder.DEFAULT_ROOT, show_default=True,
               type=click.Path(file_okay=False),
               help="Every rank's output is kept in LOG_DIR/NAME-TIME/rank-R.std{out,err}.log.")
 @click.option("--all-ranks", is_flag=True,
@@ -145,9 +171,12 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
             entry[3] = str(Path(script).resolve())
         sys.exit(_submit(p_config, plan, entry, log_dir, no_wait, on_interrupt, all_ranks))
     if plan.mode is not LaunchMode.ACCELERATE:
-        # A world of one, or already inside a launch: the script runs in this process, which
-        # has imported torch already (a process of its own would import it again, a second).
+        # A world of one, or already inside a launch: the script runs in this process (one of
+        # its own would import torch a second time). Imported here, not above, so that --help
+        # and --dry-run never import torch.
         import torch
+
+        from .worker import run_script
 
         os.environ.update(plan.env)
         if plan.threads_per_process is not None:
@@ -157,9 +186,17 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     folder = jobfolder.make(log_dir, name)
     click.echo(f"[ddpw] {plan.world_size} processes; every rank's output in {folder}",
                err=True)
+    from .launcher import Logs, run_accelerate  # not for --help and --dry-run: they are light
+
     outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))
     # Finalising an interpreter that has imported torch takes about half a second, for nothing.
     exit_now(_exit_status(outcome.failures, outcome.stopped_by, folder, all_ranks))
+
+
+#: The settings a --config file may hold: the options that set a
+#: :class:`~ddpw.platform.PlatformConfig` field, in the order they are declared.
+FIELDS = tuple(param.name for param in main.params
+               if param.name in {field.name for field in dataclasses.fields(PlatformConfig)})
 
 
 def _refuse_what_python_would(script: str, module: bool) -> None:
@@ -234,6 +271,8 @@ def _submit(p_config: PlatformConfig, plan: LaunchPlan, entry: list[str], log_di
             no_wait: bool, on_interrupt: str, all_ranks: bool) -> int:
     """Submit the script to SLURM; wait for it unless ``no_wait``; return the exit status."""
     try:
+        from .slurm.submission import submit
+
         submission = submit(p_config, plan, log_dir, script=entry[2:])
     except ConfigError as error:
         # What the cluster refuses is no misuse of the command: its one line, without the usage.

@@ -1,8 +1,13 @@
-"""The two errors that ddpw raises on purpose.
+"""What ends a ddpw job other than success: the errors it raises on purpose, and the pause.
 
-:class:`ConfigError` means the job was never started: something in the configuration, the machine
-or the checkpoints on disk does not fit. :class:`WorkerError` means the job started and a rank
-failed; it carries that rank's number and traceback.
+- :class:`ConfigError`: the job was never started; something in the configuration, the machine
+  or the checkpoints on disk does not fit.
+- :class:`WorkerError`: the job started and a rank failed; it carries that rank's number and
+  traceback.
+- :class:`JobPaused`: the job stopped at a step boundary and saved a checkpoint to resume from;
+  a :class:`SystemExit` with status :data:`PAUSED_EXIT_STATUS` (75).
+- :class:`PeerFailed`: raised on the ranks that stop because another rank failed, which reports
+  the cause.
 """
 
 from __future__ import annotations

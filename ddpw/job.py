@@ -13,6 +13,7 @@ from enum import Enum
 
 from ._checks import check_int, check_type, fail
 from .checkpoint import Position
+from .jobfolder import DEFAULT_ROOT
 
 
 class JobMode(Enum):
@@ -50,7 +51,8 @@ class JobConfig:
         boundary, a checkpoint is written and :class:`~ddpw.errors.JobPaused` ends the job.
     :param checkpoint_path: folder holding the checkpoints.
     :param checkpoint_name_prefix: checkpoint ``k`` is the folder ``{prefix}_{k}``.
-    :param console_logs_path: folder for the processes' console logs (SLURM jobs).
+    :param console_logs_path: folder for the processes' console logs (SLURM jobs):
+        ``./logs/console_logs`` (:data:`ddpw.jobfolder.DEFAULT_ROOT`) unless given.
     :param training_logs_path: folder for the per-epoch metrics (``metrics.jsonl``).
     :param gradient_accumulation_steps: batches whose gradients add up before one optimiser step.
     """
@@ -63,7 +65,7 @@ class JobConfig:
     pause_signals: tuple[str, ...] = PAUSE_SIGNALS
     checkpoint_path: str = "./checkpoint"
     checkpoint_name_prefix: str = "ckpt"
-    console_logs_path: str = "./logs/console_logs"
+    console_logs_path: str = DEFAULT_ROOT
     training_logs_path: str = "./logs/training_logs"
     gradient_accumulation_steps: int = 1
 

@@ -24,7 +24,7 @@ TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 #: Cores, and so compute threads, that a SLURM job asks for each GPU process when
 #: ``PlatformConfig.cpus_per_task`` is not given; fewer at submission where a node of the
-#: partition has fewer cores per GPU (:func:`ddpw.slurm.fit_cores`).
+#: partition has fewer cores per GPU (:func:`ddpw.slurm.cluster.fit_cores`).
 SLURM_CORES_PER_GPU = 8
 
 
@@ -47,19 +47,40 @@ class MachineFacts:
 
     @classmethod
     def probe(cls) -> MachineFacts:
-        """The facts of this machine and process."""
-        import torch
+        """The facts of this machine and process.
 
-        # device_count() asks NVML, which leaves CUDA uninitialised here, so that this process
-        # may still fork children that use CUDA; is_available() would run cuInit. Where NVML
-        # cannot answer (no NVML library, MIG devices named by UUID), torch counts with the
-        # CUDA runtime instead, which does initialise CUDA: children forked after that fail as
-        # soon as they use CUDA, while processes started afresh (spawn, ddpw's) do not.
-        cuda = torch.cuda.device_count()
-        mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+        The CUDA and MPS devices are torch's answer wherever a GPU driver is present
+        (:func:`gpu_driver_present`: an NVIDIA, ROCm or WSL driver, or macOS). Elsewhere torch
+        could find none, and it is not imported for the question: ``ddpw-launch --dry-run``
+        stays light.
+        """
+        cuda, mps = _torch_devices() if gpu_driver_present() else (0, False)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return cls(cuda_devices=cuda, mps_available=mps, cpu_count=cores or 1, env=dict(os.environ),
                    parent_pid=os.getppid())
+
+
+def gpu_driver_present() -> bool:
+    """Whether this machine has a driver through which torch might reach a GPU: NVIDIA's
+    (``/proc/driver/nvidia``), ROCm's (``/dev/kfd``, which torch.cuda counts too), WSL's
+    (``/dev/dxg``, where NVIDIA's is not in ``/proc``), or any system but Linux (macOS's MPS)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(path) for path in ("/proc/driver/nvidia", "/dev/kfd", "/dev/dxg"))
+
+
+def _torch_devices() -> tuple[int, bool]:
+    """The CUDA devices visible to this process, and whether an MPS device is usable."""
+    import torch
+
+    # device_count() asks NVML, which leaves CUDA uninitialised here, so that this process
+    # may still fork children that use CUDA; is_available() would run cuInit. Where NVML
+    # cannot answer (no NVML library, MIG devices named by UUID), torch counts with the
+    # CUDA runtime instead, which does initialise CUDA: children forked after that fail as
+    # soon as they use CUDA, while processes started afresh (spawn, ddpw's) do not.
+    cuda = torch.cuda.device_count()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return cuda, mps
 
 
 class LaunchMode(Enum):

@@ -12,13 +12,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from jobs import wait_for_mid_epoch
 
 from ddpw import checkpoint as ckpt
-from ddpw.cli import main
+from ddpw.cli import FIELDS, main
 from ddpw.errors import PAUSED_EXIT_STATUS
+from ddpw.jobfolder import DEFAULT_ROOT
 from ddpw.plan import MachineFacts
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -297,6 +299,46 @@ def test_help_has_examples():
     assert result.exit_code == 0
     assert "ddpw-launch --platform cpu --n-procs 2 train.py" in result.output
     assert "Exit status" in result.output
+
+
+def test_help_lists_every_option_once_under_its_heading():
+    result = CliRunner().invoke(main, ["--help"], terminal_width=100)
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    headings = [line for line in lines if re.fullmatch(r"[A-Z][\w ]*:", line)]
+    assert headings == ["Where to run:", "SLURM:", "Logs and output:", "Other:"]
+    heading, listed = None, []
+    for line in lines:
+        if line in headings:
+            heading = line[:-1]
+        elif heading and (row := re.match(r"  (-\w, )?(--[\w-]+)", line)):
+            listed.append((heading, row.group(2)))
+    names = [name for _, name in listed]
+    context = main.make_context("ddpw-launch", ["x.py"])
+    every = [param.opts[-1] for param in main.get_params(context)
+             if isinstance(param, click.Option)]
+    assert sorted(names) == sorted(every) and len(set(names)) == len(names)
+    assert ("Where to run", "--platform") in listed
+    assert ("SLURM", "--partition") in listed
+    assert ("Logs and output", "--log-dir") in listed
+    assert ("Other", "--help") in listed
+    # The help texts of every section start in one column.
+    columns = {line.index(text) for line in lines
+               for text in ("CPU processes per node", "SLURM partition.", "Show this message")
+               if text in line}
+    assert len(columns) == 1, columns
+
+
+def test_config_fields_are_the_options_that_set_a_platform_config_field():
+    assert FIELDS == ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partition",
+                      "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
+                      "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit",
+                      "name", "mixed_precision", "master_port")
+
+
+def test_log_dir_defaults_to_the_job_folders_root():
+    (log_dir,) = (param for param in main.params if param.name == "log_dir")
+    assert log_dir.default == DEFAULT_ROOT == "./logs/console_logs"
 
 
 def test_sigterm_to_ddpw_launch_pauses_a_ddpw_trainer_and_exits_75(tmp_path):

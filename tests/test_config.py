@@ -13,6 +13,7 @@ from ddpw.artefacts import ArtefactsConfig
 from ddpw.checkpoint import join, split
 from ddpw.errors import ConfigError
 from ddpw.job import JobConfig, JobMode
+from ddpw.jobfolder import DEFAULT_ROOT
 from ddpw.platform import Platform, PlatformConfig
 
 
@@ -419,6 +420,10 @@ def test_evaluate_ignores_epochs():
 def test_job_fields(field, value):
     with pytest.raises(ConfigError, match=names("JobConfig", field, value)):
         JobConfig(**{field: value})
+
+
+def test_console_logs_go_where_ddpw_launch_puts_them():
+    assert JobConfig().console_logs_path == DEFAULT_ROOT == "./logs/console_logs"
 
 
 def test_save_every_zero_never_saves():

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from ddpw import plan as plan_module
 from ddpw.errors import ConfigError
-from ddpw.plan import LaunchMode, LaunchPlan, MachineFacts, resolve_plan
+from ddpw.plan import LaunchMode, LaunchPlan, MachineFacts, gpu_driver_present, resolve_plan
 from ddpw.platform import Platform, PlatformConfig
 
 TORCHRUN_ENV = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}
@@ -479,7 +480,9 @@ def test_command_of_a_hand_made_plan():
 def test_probe_this_machine():
     facts = MachineFacts.probe()
     # 0 on a machine without CUDA (like the CPU-only CI machine); the visible count elsewhere.
+    # Torch's answers, whether the probe asked torch or found no GPU driver to ask it about.
     assert facts.cuda_devices == torch.cuda.device_count()
+    assert facts.mps_available == torch.backends.mps.is_available()
     assert isinstance(facts.cpu_count, int)
     assert 1 <= facts.cpu_count <= (os.cpu_count() or 1)
     assert isinstance(facts.mps_available, bool)
@@ -541,4 +544,46 @@ def test_probe_counts_cuda_devices_without_initialising_cuda(monkeypatch):
     # A CUDA build's runtime count (cudaGetDeviceCount, which runs cuInit).
     monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", initialises_cuda, raising=False)
     monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 3)
+    monkeypatch.setattr(plan_module, "gpu_driver_present", lambda: True)
     assert MachineFacts.probe().cuda_devices == 3
+
+
+def test_probe_without_a_gpu_driver_does_not_import_torch(monkeypatch):
+    """What ddpw-launch --dry-run probes on a machine without a GPU driver: no torch needed."""
+    monkeypatch.setattr(plan_module, "gpu_driver_present", lambda: False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    facts = MachineFacts.probe()
+    assert (facts.cuda_devices, facts.mps_available) == (0, False)
+    assert 1 <= facts.cpu_count <= (os.cpu_count() or 1)
+    assert dict(facts.env) == dict(os.environ)
+
+
+def test_probe_with_a_gpu_driver_asks_torch(monkeypatch):
+    monkeypatch.setattr(plan_module, "gpu_driver_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    facts = MachineFacts.probe()
+    assert (facts.cuda_devices, facts.mps_available) == (2, True)
+
+
+@pytest.mark.parametrize("system, paths, present", [
+    ("linux", set(), False),
+    ("linux", {"/proc/driver/nvidia"}, True),
+    ("linux", {"/dev/kfd"}, True),  # ROCm, whose GPUs torch.cuda counts
+    ("linux", {"/dev/dxg"}, True),  # WSL, where NVIDIA's driver is not in /proc
+    ("darwin", set(), True),  # MPS
+    ("win32", set(), True),
+])
+def test_gpu_driver_present(monkeypatch, system, paths, present):
+    monkeypatch.setattr(plan_module.sys, "platform", system)
+    with monkeypatch.context() as patch:  # os.path.exists faked for this call alone
+        patch.setattr(plan_module.os.path, "exists", lambda path: path in paths)
+        assert gpu_driver_present() is present
+
+
+def test_gpu_driver_present_agrees_with_torch_here():
+    """A machine without a GPU driver has no device that torch can see: the probe's shortcut
+    changes no fact on this machine."""
+    if not gpu_driver_present():
+        assert torch.cuda.device_count() == 0
+        assert not torch.backends.mps.is_available()

@@ -11,11 +11,45 @@ The package is split along the machine boundary:
 
 Both sides meet in the job folder, whose files :mod:`ddpw.jobfolder` names; the nodes must
 share it with the submitting machine (as SLURM clusters' home and project file systems are).
+
+The names below are importable from ``ddpw.slurm`` itself, loaded when first used (as
+``import ddpw`` loads its own), so that ``ddpw-launch --help`` reads :data:`ON_INTERRUPT`
+without loading either side.
 """
 
-from .cluster import check_cluster, fit_cores, gres_gpus
-from .node import NodeTask, RequeuePolicy
-from .submission import ON_INTERRUPT, Submission, executor_parameters, submit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cluster import check_cluster, fit_cores, gres_gpus
+    from .node import NodeTask, RequeuePolicy
+    from .submission import Submission, executor_parameters, submit
+
+#: What to do with a waited-for job on Ctrl-C (:meth:`Submission.wait
+#: <ddpw.slurm.submission.Submission.wait>`): ask (cancel when there is no terminal to ask on),
+#: cancel it, or keep it running.
+ON_INTERRUPT = ("ask", "cancel", "keep")
 
 __all__ = ["ON_INTERRUPT", "NodeTask", "RequeuePolicy", "Submission", "check_cluster",
            "executor_parameters", "fit_cores", "gres_gpus", "submit"]
+
+#: The module that defines each name.
+_HOMES = {"check_cluster": "cluster", "fit_cores": "cluster", "gres_gpus": "cluster",
+          "NodeTask": "node", "RequeuePolicy": "node", "Submission": "submission",
+          "executor_parameters": "submission", "submit": "submission"}
+
+
+def __getattr__(name: str) -> Any:
+    """Load a name from its module on first use."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -23,12 +23,9 @@ from ..jobfolder import Payload
 from ..outcome import Outcome
 from ..plan import LaunchPlan
 from ..platform import PlatformConfig
+from . import ON_INTERRUPT
 from .cluster import check_cluster
 from .node import NodeTask, RequeuePolicy
-
-#: What to do with a waited-for job on Ctrl-C: ask (cancel when there is no terminal to ask
-#: on), cancel it, or keep it running.
-ON_INTERRUPT = ("ask", "cancel", "keep")
 
 #: Job states after which nothing more happens.
 _FINAL = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "OUT_OF_MEMORY",

@@ -2,8 +2,8 @@
 
     python scripts/bench/launch.py [--repeats 5] [--quick]
 
-Two cases, each a fresh process per run, timed by :func:`common.run_command` (wall seconds and
-the largest peak RSS of any one process), the variants taking turns after a warm-up of each:
+Three cases, each a fresh process per run, timed by :func:`common.run_command` (wall seconds
+and the largest peak RSS of any one process), the variants taking turns after a warm-up of each:
 
 - 2 CPU processes, one all-reduce: ddpw's ``Wrapper.start`` (a function on every rank),
   ``ddpw-launch`` (a plain Accelerate script), plain ``accelerate launch`` (the same script: the
@@ -12,6 +12,9 @@ the largest peak RSS of any one process), the variants taking turns after a warm
   that ddpw's own launch uses.
 - 1 process: plain ``python`` running the Accelerate script (the baseline), ``Wrapper.start``
   with ``n_procs=1`` (which runs in the calling process) and ``ddpw-launch --n-procs 1``.
+- Command start-up: ``python -c pass`` (the baseline), ``python -c "import ddpw"`` and
+  ``ddpw-launch --help``, neither of which imports torch. Each run takes milliseconds, so this
+  case runs four times the repeats.
 
 Where the time goes: the payloads (``payloads/``) stamp the moment each rank's process was
 created (the kernel's record, so the interpreter's start is counted), its imports were done
@@ -47,6 +50,7 @@ PAYLOADS = Path(__file__).resolve().parent / "payloads"
 ROW = "launch"
 TWO = "2 processes, one all-reduce"
 ONE = "1 process, one all-reduce"
+STARTUP = "command start-up"
 #: A run that takes longer than this has hung: it is ended (with its processes) and fails.
 LIMIT_S = 180
 
@@ -114,6 +118,13 @@ def variants(n_procs: int) -> dict[str, tuple[list[str], dict[str, str]]]:
             "ddpw Wrapper.start": (wrapper, {}),
             "ddpw-launch": (ddpw_launch, {}),
             "torchrun --standalone": (torchrun, threads)}
+
+
+def startup_variants() -> dict[str, list[str]]:
+    """The commands of the start-up case; the first is the baseline."""
+    return {"python -c pass": [PYTHON, "-c", "pass"],
+            "python -c 'import ddpw'": [PYTHON, "-c", "import ddpw"],
+            "ddpw-launch --help": [*console_script("ddpw-launch", "ddpw"), "--help"]}
 
 
 def timed(command: list[str], env: dict[str, str], limit_s: float = LIMIT_S) -> Run:
@@ -204,10 +215,30 @@ def measure_case(case: str, n_procs: int, repeats: int, quick: bool) -> list[Res
     return results
 
 
+def measure_startup(repeats: int, quick: bool) -> list[Result]:
+    """The start-up case, interleaved: no stamps, and no ``timeout`` process, whose own start
+    would be a good part of a run of milliseconds."""
+    commands = startup_variants()
+
+    def measure_of(command: list[str]) -> Callable[[], Run]:
+        return lambda: run_command(command, timeout=LIMIT_S)
+
+    outcomes = interleave({name: measure_of(command) for name, command in commands.items()},
+                          4 * repeats, 0 if quick else 1)
+    baseline = next(iter(commands))
+    return [Result(row=ROW, case=STARTUP, variant=name, metric="s",
+                   values=[r.seconds for r in runs], baseline=baseline, failed=failed,
+                   extra={"command": shlex.join(commands[name])},
+                   peak_rss_mb=max((r.peak_rss_mb for r in runs), default=None))
+            for name, (runs, failed) in outcomes.items()]
+
+
 def measure(repeats: int, quick: bool) -> list[Result]:
-    """Both cases: 2 processes against ``accelerate launch``, 1 against plain ``python``."""
+    """Every case: 2 processes against ``accelerate launch``, 1 against plain ``python``, and
+    the commands' start-up against ``python -c pass``."""
     return with_ratios([*measure_case(TWO, 2, repeats, quick),
-                        *measure_case(ONE, 1, repeats, quick)])
+                        *measure_case(ONE, 1, repeats, quick),
+                        *measure_startup(repeats, quick)])
 
 
 def print_table(results: list[Result]) -> None:

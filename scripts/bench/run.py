@@ -4,7 +4,8 @@
 
 Rows (each a module of this folder with ``measure(repeats, quick)``):
 
-- ``launch``: a job that does one all-reduce, through ddpw and through the raw launchers;
+- ``launch``: a job that does one all-reduce, through ddpw and through the raw launchers, and
+  the start-up of ``import ddpw`` and ``ddpw-launch --help`` against ``python -c pass``;
 - ``training``: samples per second of the Trainer against the same loop by hand;
 - ``checkpoint``: save and load times and bytes against ``torch.save`` and Accelerate;
 - ``resume``: time from the command's start to the first resumed training step;

@@ -1,0 +1,101 @@
+"""``import ddpw`` stays light: its public names load when first used (PEP 562), and what runs
+before any job does (``ddpw-launch --help``, ``--dry-run``, a SLURM node on its way to
+``accelerate launch``) never imports torch.
+
+Each check runs in a clean interpreter, which reports every module it imports
+(``PYTHONPROFILEIMPORTTIME``, as ``python -X importtime`` does, the console script included).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ddpw
+from ddpw.plan import gpu_driver_present
+
+#: The installed command (a console script, which python's -X options cannot reach).
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("ddpw-launch"))
+
+
+def imported(command: list[str], cwd: Path | None = None) -> set[str]:
+    """The modules that ``command``, a Python program, imports before it ends.
+
+    One imported through :func:`importlib.import_module` is not reported itself (as
+    ``ddpw.__getattr__`` loads the public names), but the modules it imports in turn are.
+    """
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return set(re.findall(r"^import time:.*\|\s*(\S+)$", done.stderr, re.MULTILINE))
+
+
+def torch_in(modules: set[str]) -> bool:
+    """Whether torch was imported: itself, or any of its modules."""
+    return any(name == "torch" or name.startswith("torch.") for name in modules)
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_the_check_sees_torch_when_a_public_name_needs_it():
+    """The checks below can fail: loading the Trainer (through the Wrapper) imports torch."""
+    modules = imported(python("from ddpw import Wrapper"))
+    assert {"ddpw.trainer", "torch"} <= modules
+    assert torch_in(modules)
+
+
+@pytest.mark.parametrize("code", ["import ddpw", "import ddpw.cli", "import ddpw.slurm.node",
+                                  "from ddpw import ConfigError, JobPaused, WorkerError, "
+                                  "Platform, PlatformConfig, World, restartable, world"])
+def test_importing_does_not_import_torch(code):
+    """``ddpw.slurm.node`` is what submitit unpickles on a SLURM node before ``accelerate
+    launch``; the rest is what the command line and a script's first lines import."""
+    modules = imported(python(code))
+    assert "ddpw" in modules
+    assert not torch_in(modules)
+
+
+def test_ddpw_launch_help_does_not_import_torch():
+    modules = imported([CONSOLE_SCRIPT, "--help"])
+    assert "ddpw.cli" in modules
+    assert not torch_in(modules)
+
+
+def test_ddpw_launch_dry_run_imports_torch_only_to_count_gpus(tmp_path):
+    """Where there is no GPU driver, the plan is made without torch; where there is one, torch
+    counts the devices."""
+    (tmp_path / "x.py").write_text("")
+    modules = imported([CONSOLE_SCRIPT, "--platform", "cpu", "--n-procs", "2", "--dry-run",
+                        "x.py"], cwd=tmp_path)
+    assert "ddpw.plan" in modules
+    assert torch_in(modules) is gpu_driver_present()
+
+
+def test_the_public_names_are_the_seeds_and_load_from_their_modules():
+    assert ddpw.__all__ == ["ArtefactsConfig", "ConfigError", "JobConfig", "JobMode",
+                            "JobPaused", "Platform", "PlatformConfig", "Trainer", "WorkerError",
+                            "World", "Wrapper", "__version__", "restartable", "world"]
+    for name in ddpw.__all__:
+        value = getattr(ddpw, name)
+        if name != "__version__":
+            assert getattr(sys.modules[value.__module__], name) is value
+    assert set(ddpw.__all__) <= set(dir(ddpw))
+    from ddpw import Wrapper
+    from ddpw.platform import Platform, PlatformConfig
+    from ddpw.wrapper import Wrapper as InItsModule
+
+    assert Wrapper is InItsModule
+    assert (ddpw.Platform, ddpw.PlatformConfig) == (Platform, PlatformConfig)
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="module 'ddpw' has no attribute 'Wraper'"):
+        ddpw.Wraper  # noqa: B018
+    assert not hasattr(ddpw, "Wraper")
