@@ -1,9 +1,9 @@
 """Writing a file so that a reader sees either nothing or all of it.
 
-Every file that one ddpw process writes for another to read (a rank's result or report, a SLURM
-node's record, a checkpoint's ``latest`` marker) goes through :func:`write_atomically`: the
-data goes to a hidden ``.{name}.partial`` beside it, which is renamed into place, an atomic
-step on every POSIX file system.
+Every file that one ddpw process writes for another to read whole (a rank's result or report, a
+SLURM node's record, a checkpoint's ``latest`` marker) goes through :func:`write_atomically`:
+the data goes to a hidden ``.{name}.partial`` beside it, which is renamed into place, an atomic
+step on every POSIX file system. (Logs, which grow a line at a time, are appended to.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The job folder: what the caller hands a job's processes, what they hand back, and the names
-of every file in it. Each file is written once, by one writer, with
-:func:`ddpw.files.write_atomically`, so that a reader sees all of it or nothing.
+of every file in it. Each file that another process reads whole is written once, by one writer,
+with :func:`ddpw.files.write_atomically`, so that a reader sees all of it or nothing; the logs
+and the checkpoint record, which grow a line at a time, are appended to.
 
 A **payload folder** carries one launch: a private temporary folder for a launch on this machine,
 ``job/`` in a SLURM job's folder::
@@ -56,9 +57,9 @@ if TYPE_CHECKING:
 #: ``ddpw-launch --log-dir``).
 DEFAULT_ROOT = "./logs/console_logs"
 #: The payload folder inside a SLURM job's folder.
-PAYLOAD = "job"
+PAYLOAD_DIR = "job"
 #: submitit's folder inside a SLURM job's folder.
-SUBMITIT = "slurm"
+SUBMITIT_DIR = "slurm"
 
 
 @dataclass
@@ -112,9 +113,19 @@ def read_payload(folder: Path) -> Payload:
         return pickle.load(f)
 
 
+def result_file(folder: Path, rank: int | str) -> Path:
+    """Where rank ``rank``'s pickled return value goes."""
+    return folder / f"result-{rank}.pkl"
+
+
+def report_file(folder: Path, rank: int | str) -> Path:
+    """Where rank ``rank``'s report of the exception that ended it goes."""
+    return folder / f"error-{rank}.json"
+
+
 def write_result(folder: Path, rank: int, data: bytes) -> None:
     """Rank ``rank``'s pickled return value."""
-    write_atomically(folder / f"result-{rank}.pkl", data)
+    write_atomically(result_file(folder, rank), data)
 
 
 def write_report(folder: Path, rank: int, error: BaseException, paused: str | None = None,
@@ -128,14 +139,14 @@ def write_report(folder: Path, rank: int, error: BaseException, paused: str | No
     report = {"rank": rank, "time": time.time(), "paused": paused, "secondary": secondary,
               "traceback": "".join(traceback.format_exception(type(error), error,
                                                               error.__traceback__))}
-    write_atomically(folder / f"error-{rank}.json", json.dumps(report).encode())
+    write_atomically(report_file(folder, rank), json.dumps(report).encode())
 
 
 def reports(folder: Path, world_size: int) -> dict[int, dict[str, Any]]:
     """The reports of the ranks that ended with an exception (or a pause), by rank."""
     found = {}
     for rank in range(world_size):
-        path = folder / f"error-{rank}.json"
+        path = report_file(folder, rank)
         if path.is_file():
             found[rank] = json.loads(path.read_text())
     return found
@@ -143,7 +154,7 @@ def reports(folder: Path, world_size: int) -> dict[int, dict[str, Any]]:
 
 def results_present(folder: Path, world_size: int) -> bool:
     """Whether every rank's result is in ``folder``."""
-    return all((folder / f"result-{rank}.pkl").is_file() for rank in range(world_size))
+    return all(result_file(folder, rank).is_file() for rank in range(world_size))
 
 
 def collect(folder: Path, world_size: int, outcome: Outcome) -> list[Any]:
@@ -161,7 +172,7 @@ def collect(folder: Path, world_size: int, outcome: Outcome) -> list[Any]:
     if paused:
         raise JobPaused(paused[0])
     if not outcome.failures and results_present(folder, world_size):
-        return [cloudpickle.loads((folder / f"result-{rank}.pkl").read_bytes())
+        return [cloudpickle.loads(result_file(folder, rank).read_bytes())
                 for rank in range(world_size)]
     if outcome.stopped_by == signal.SIGINT:
         raise KeyboardInterrupt
@@ -198,7 +209,7 @@ def attempt_file(folder: Path, attempt: int) -> Path:
     return folder / f"attempt-{attempt}.json"
 
 
-def node_file(folder: Path, node: int) -> Path:
+def node_file(folder: Path, node: int | str) -> Path:
     """How node ``node``'s processes ended in the last attempt, written by that node."""
     return folder / f"node-{node}.json"
 
@@ -234,9 +245,10 @@ def await_json(path: Path, timeout: float = 300.0) -> dict[str, Any]:
 def clear_attempt(folder: Path) -> None:
     """Remove what the last attempt's processes and nodes reported (node 0, as an attempt
     begins)."""
-    payload = folder / PAYLOAD
-    for stale in [*payload.glob("result-*.pkl"), *payload.glob("error-*.json"),
-                  *folder.glob("node-*.json")]:
+    payload_dir = folder / PAYLOAD_DIR
+    for stale in [*payload_dir.glob(result_file(payload_dir, "*").name),
+                  *payload_dir.glob(report_file(payload_dir, "*").name),
+                  *folder.glob(node_file(folder, "*").name)]:
         stale.unlink(missing_ok=True)
 
 

@@ -62,11 +62,13 @@ class MachineFacts:
 
 def gpu_driver_present() -> bool:
     """Whether this machine has a driver through which torch might reach a GPU: NVIDIA's
-    (``/proc/driver/nvidia``), ROCm's (``/dev/kfd``, which torch.cuda counts too), WSL's
-    (``/dev/dxg``, where NVIDIA's is not in ``/proc``), or any system but Linux (macOS's MPS)."""
+    (``/proc/driver/nvidia``, which the kernel shows in every container, or its
+    ``/dev/nvidiactl``), ROCm's (``/dev/kfd``, which torch.cuda counts too), WSL's (``/dev/dxg``,
+    where NVIDIA's is not in ``/proc``), or any system but Linux (macOS's MPS)."""
     if not sys.platform.startswith("linux"):
         return True
-    return any(os.path.exists(path) for path in ("/proc/driver/nvidia", "/dev/kfd", "/dev/dxg"))
+    return any(os.path.exists(path) for path in ("/proc/driver/nvidia", "/dev/nvidiactl",
+                                                 "/dev/kfd", "/dev/dxg"))
 
 
 def _torch_devices() -> tuple[int, bool]:

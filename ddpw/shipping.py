@@ -25,6 +25,7 @@ import torch
 from torch.serialization import location_tag
 
 from .errors import ConfigError
+from .utils import is_trainer
 
 if TYPE_CHECKING:
     from .jobfolder import Payload
@@ -85,7 +86,7 @@ def ship(payload: Payload) -> bytes:
 
 def _unpicklable_part(payload: Payload) -> str | None:
     target, parts = payload.target, []
-    if not callable(target):  # a Trainer: each of its attributes
+    if is_trainer(target):
         parts += [(f"{type(target).__name__}.{k}", v) for k, v in vars(target).items()]
     parts.append((f"the target {getattr(target, '__qualname__', type(target).__name__)}",
                   target))

@@ -95,7 +95,8 @@ class Trainer:
         self.batch = 0
         self.global_step = 0
         self.metrics: dict[str, float] = {}
-        #: The checkpoint this job starts from, chosen by :meth:`check` before any process starts.
+        #: The checkpoint this job starts from: chosen by :meth:`check` before any process
+        #: starts, and set on every rank from the payload before :meth:`setup`.
         self.resume_from: str | None = None
         self._ddpw = _Machinery()
 
@@ -125,14 +126,17 @@ class Trainer:
     # --- checks made before any process starts ------------------------------------------------
 
     def check(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None,
-              world_size: int | None = None) -> None:
+              world_size: int | None = None) -> str | None:
         """Check that the configs and the checkpoints on disk allow this job to run, and choose
-        the checkpoint to start from (:attr:`resume_from`), verifying every file of it.
+        the checkpoint to start from (:func:`ddpw.resume.choose`), verifying every file of it.
 
-        Called by :class:`~ddpw.wrapper.Wrapper` before it starts any process.
+        Called by :class:`~ddpw.wrapper.Wrapper` before it starts any process; the choice goes
+        to every rank in the payload (:attr:`ddpw.jobfolder.Payload.resume_from`).
 
         :param world_size: the number of processes the job will have (the launch's, when it runs
             inside one); ``p_config.world_size`` by default.
+        :returns: the checkpoint's name, also set as :attr:`resume_from`; ``None`` to start
+            from scratch.
         :raises ConfigError: naming the field or file and what would be valid.
         """
         j = self.j_config
@@ -156,6 +160,7 @@ class Trainer:
             raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
         self.resume_from = resume.choose(j, a_config, world_size or p_config.world_size,
                                          requeued=os.environ.get(environment.RESUME_FROM))
+        return self.resume_from
 
     # --- set-up, run on every rank -------------------------------------------------------------
 

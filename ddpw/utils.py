@@ -16,6 +16,7 @@ others::
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,6 +107,14 @@ def restartable(fn: F) -> F:
     """
     fn.__ddpw_restartable__ = True  # type: ignore[attr-defined]
     return fn
+
+
+def is_trainer(target: Any) -> bool:
+    """Whether ``target`` is a :class:`~ddpw.trainer.Trainer`, asked without importing the
+    trainer's module, which a function's job does without: whoever made a Trainer has imported
+    it."""
+    module = sys.modules.get("ddpw.trainer")
+    return module is not None and isinstance(target, module.Trainer)
 
 
 def is_restartable(fn: Any) -> bool:

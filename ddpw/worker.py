@@ -25,8 +25,7 @@ from .jobfolder import Payload
 from .plan import LaunchMode, rendezvous_port
 from .process import exit_now, exit_status, ignore_signals
 from .shipping import dumps
-from .trainer import Trainer
-from .utils import World, current_world
+from .utils import World, current_world, is_trainer
 
 
 def run(payload: Payload) -> Any:
@@ -48,7 +47,7 @@ def run(payload: Payload) -> Any:
     threads = torch.get_num_threads()
     if plan.threads_per_process is not None:
         torch.set_num_threads(plan.threads_per_process)
-    trainer = payload.target if isinstance(payload.target, Trainer) else None
+    trainer = payload.target if is_trainer(payload.target) else None
     if trainer is not None:
         requeued = os.environ.get(environment.RESUME_FROM)
         # A requeued SLURM attempt chooses again, now that the job has checkpoints of its own.
@@ -122,8 +121,9 @@ def execute(folder: Path) -> int:
             ignore_signals(payload.target.j_config.pause_signals)
         jobfolder.write_report(folder, rank, error, paused=paused,
                                secondary=isinstance(error, PeerFailed))
-        # A rank that returned no result has failed, whatever its SystemExit said.
-        return exit_status(error) or 1
+        if isinstance(error, SystemExit):  # a pause, or sys.exit() in the target
+            return error.code if isinstance(error.code, int) else 1
+        return exit_status(error)
 
 
 def run_script(target: str, args: list[str], module: bool = False,

@@ -7,7 +7,7 @@ import pickle
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate.utils import gather_object
 
@@ -19,9 +19,12 @@ from .launcher import launch
 from .plan import LaunchMode, MachineFacts, resolve_plan
 from .platform import Platform, PlatformConfig
 from .shipping import ship
-from .slurm import ON_INTERRUPT, submit
-from .trainer import Trainer
+from .slurm import ON_INTERRUPT
+from .utils import is_trainer
 from .worker import run
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 
 class Wrapper:
@@ -89,21 +92,23 @@ class Wrapper:
         :raises WorkerError: when a rank raises or dies; the job's processes are all ended.
         """
         plan = resolve_plan(self.p_config, MachineFacts.probe())
-        if isinstance(target, Trainer):
+        resume_from = None
+        if is_trainer(target):
             if args or kwargs:
                 raise ConfigError("Wrapper.start(trainer, ...): a Trainer takes no arguments; "
                                   "put what it needs in its own attributes.")
-            target.check(self.p_config, self.a_config, world_size=plan.world_size)
+            resume_from = target.check(self.p_config, self.a_config, world_size=plan.world_size)
         elif not callable(target):
             raise ConfigError(f"Wrapper.start({target!r}): the target must be a ddpw Trainer or "
                               f"a function.")
         payload = Payload(target=target, p_config=self.p_config, a_config=self.a_config,
-                          plan=plan, args=args, kwargs=kwargs,
-                          resume_from=target.resume_from if isinstance(target, Trainer) else None)
+                          plan=plan, args=args, kwargs=kwargs, resume_from=resume_from)
         if plan.mode is LaunchMode.ACCELERATE:
             results = launch(payload)
         elif plan.mode is LaunchMode.SLURM:
-            logs = (target.j_config.console_logs_path if isinstance(target, Trainer)
+            from .slurm.submission import submit  # only here: the rest submits nothing
+
+            logs = (target.j_config.console_logs_path if is_trainer(target)
                     else jobfolder.DEFAULT_ROOT)
             submission = submit(self.p_config, plan, logs, payload=payload)
             return submission.wait(self.on_interrupt) if self.wait else submission
@@ -120,7 +125,7 @@ class Wrapper:
             results = gather_object([run(payload)])
         else:
             results = [_run_here(payload)]
-        return results[0] if isinstance(target, Trainer) else results
+        return results[0] if is_trainer(target) else results
 
 
 def _run_here(payload: Payload) -> Any:

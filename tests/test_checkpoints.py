@@ -165,10 +165,10 @@ def saved(tmp_path):
 def run_without_copy(trainer, a_config):
     """Check and run a world-of-one job here, without the pickled copy that start() makes, so
     that a patched pickle sees only what the checkpoint code does."""
-    trainer.check(CPU1, a_config)
+    resume_from = trainer.check(CPU1, a_config)
     plan = resolve_plan(CPU1, MachineFacts.probe())
     return run(Payload(target=trainer, p_config=CPU1, a_config=a_config, plan=plan,
-                       resume_from=trainer.resume_from))
+                       resume_from=resume_from))
 
 
 def evaluate(path: Path, start_at=1):

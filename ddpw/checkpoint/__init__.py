@@ -21,35 +21,45 @@ or a full disk at any moment leaves the earlier checkpoints as they were and no 
 complete. Loading checks every file against the manifest before reading it.
 
 Submodules: ``names`` (positions, which checkpoints exist, clean-up), ``tensors`` (the parts'
-files), ``hashing`` (hashed writes), ``manifest`` (publish, verify), ``rng`` (RNG states).
+files), ``hashing`` (hashed writes), ``manifest`` (publish, verify), ``rng`` (RNG states), and
+``transaction`` (a Trainer's save and restore, agreed across ranks). The names below are
+importable from ``ddpw.checkpoint`` itself, loaded when first used: ``Position``, which
+:mod:`ddpw.job` checks ``start_at`` with, needs no torch.
 """
 
-from .hashing import TEST_FAULT, write_json
-from .manifest import FORMAT, VERSION, publish, read_manifest, verify
-from .names import (
-    LATEST,
-    MANIFEST,
-    Position,
-    available,
-    by_write_order,
-    latest,
-    prune,
-    resolve,
-    staging_path,
-    tidy,
-)
-from .rng import rng_state, set_rng_state
-from .tensors import (
-    check_fits,
-    join,
-    read_model,
-    read_part,
-    split,
-    write_all,
-    write_model,
-    write_part,
-    write_tensors,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from .hashing import TEST_FAULT, write_json
+    from .manifest import FORMAT, VERSION, publish, read_manifest, verify
+    from .names import (
+        LATEST,
+        MANIFEST,
+        Position,
+        available,
+        by_write_order,
+        latest,
+        prune,
+        resolve,
+        staging_path,
+        tidy,
+    )
+    from .rng import rng_state, set_rng_state
+    from .tensors import (
+        check_fits,
+        join,
+        read_model,
+        read_part,
+        split,
+        write_all,
+        write_model,
+        write_part,
+        write_tensors,
+    )
 
 __all__ = [
     "FORMAT", "LATEST", "MANIFEST", "TEST_FAULT", "VERSION", "Position", "available",
@@ -57,3 +67,19 @@ __all__ = [
     "read_model", "read_part", "resolve", "rng_state", "set_rng_state", "split", "staging_path",
     "tidy", "verify", "write_all", "write_json", "write_model", "write_part", "write_tensors",
 ]
+
+#: The submodule that defines each name.
+_HOMES = {
+    "TEST_FAULT": "hashing", "write_json": "hashing",
+    "FORMAT": "manifest", "VERSION": "manifest", "publish": "manifest",
+    "read_manifest": "manifest", "verify": "manifest",
+    "LATEST": "names", "MANIFEST": "names", "Position": "names", "available": "names",
+    "by_write_order": "names", "latest": "names", "prune": "names", "resolve": "names",
+    "staging_path": "names", "tidy": "names",
+    "rng_state": "rng", "set_rng_state": "rng",
+    "check_fits": "tensors", "join": "tensors", "read_model": "tensors", "read_part": "tensors",
+    "split": "tensors", "write_all": "tensors", "write_model": "tensors", "write_part": "tensors",
+    "write_tensors": "tensors",
+}
+
+__getattr__, __dir__ = lazy_names(__name__, _HOMES, __all__)

@@ -19,8 +19,9 @@ without loading either side.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 if TYPE_CHECKING:
     from .cluster import check_cluster, fit_cores, gres_gpus
@@ -41,15 +42,4 @@ _HOMES = {"check_cluster": "cluster", "fit_cores": "cluster", "gres_gpus": "clus
           "executor_parameters": "submission", "submit": "submission"}
 
 
-def __getattr__(name: str) -> Any:
-    """Load a name from its module on first use."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _HOMES, __all__)

@@ -33,7 +33,6 @@ from ..launcher import Logs, launch_env, run_accelerate
 from ..outcome import Outcome
 from ..plan import LaunchPlan, rendezvous_port
 from ..process import FORWARDED, forwarding
-from ..utils import is_restartable
 
 
 class RequeuePolicy(enum.Enum):
@@ -47,13 +46,6 @@ class RequeuePolicy(enum.Enum):
     RESTARTS = "restarts"
     #: A function: it runs on until SLURM ends it, and the job never requeues.
     RUNS_ON = "runs on"
-
-    @classmethod
-    def of(cls, target: object) -> RequeuePolicy:
-        """The policy of a job whose target is ``target``: a Trainer or a function."""
-        if not callable(target):  # a Trainer, which pauses on the signal
-            return cls.PAUSES
-        return cls.RESTARTS if is_restartable(target) else cls.RUNS_ON
 
 
 @dataclasses.dataclass(frozen=True)

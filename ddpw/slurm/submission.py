@@ -23,6 +23,7 @@ from ..jobfolder import Payload
 from ..outcome import Outcome
 from ..plan import LaunchPlan
 from ..platform import PlatformConfig
+from ..utils import is_restartable, is_trainer
 from . import ON_INTERRUPT
 from .cluster import check_cluster
 from .node import NodeTask, RequeuePolicy
@@ -47,20 +48,22 @@ def submit(p_config: PlatformConfig, plan: LaunchPlan, logs: str | Path,
     import submitit
     from submitit.slurm.slurm import SlurmParseException
 
-    from ..shipping import ship
+    from ..shipping import ship  # here: a script's submission (ddpw-launch) needs no torch
 
     plan = check_cluster(plan, fit=p_config.cpus_per_task is None)
     folder = jobfolder.make(logs, p_config.name).resolve()
     if payload is not None:
-        jobfolder.write_payload(folder / jobfolder.PAYLOAD,
+        jobfolder.write_payload(folder / jobfolder.PAYLOAD_DIR,
                                 ship(dataclasses.replace(payload, plan=plan)))
-        entry = ["--module", "ddpw.entry", str(folder / jobfolder.PAYLOAD)]
-        policy = RequeuePolicy.of(payload.target)
+        entry = ["--module", "ddpw.entry", str(folder / jobfolder.PAYLOAD_DIR)]
+        policy = (RequeuePolicy.PAUSES if is_trainer(payload.target) else
+                  RequeuePolicy.RESTARTS if is_restartable(payload.target) else
+                  RequeuePolicy.RUNS_ON)
     else:
         entry, policy = ["--module", "ddpw.entry", *script], RequeuePolicy.PAUSES
     task = NodeTask(str(folder), plan, tuple(entry), policy, p_config.requeue_limit,
                     p_config.requeue_signal)
-    executor = submitit.AutoExecutor(folder=folder / jobfolder.SUBMITIT, cluster="slurm")
+    executor = submitit.AutoExecutor(folder=folder / jobfolder.SUBMITIT_DIR, cluster="slurm")
     executor.update_parameters(**executor_parameters(plan, policy))
     try:
         # submitit prints what sbatch said on stderr as well: it goes into the one error below.
@@ -121,7 +124,7 @@ class Submission:
     @property
     def console_log(self) -> Path:
         """Node 0's console: the main rank's output, and submitit's messages."""
-        return self.folder / jobfolder.SUBMITIT / f"{self.job_id}_0_log.out"
+        return self.folder / jobfolder.SUBMITIT_DIR / f"{self.job_id}_0_log.out"
 
     def rank_logs(self) -> list[Path]:
         """Every rank's ``stdout`` and ``stderr`` log (complete once the job has ended)."""
@@ -223,11 +226,11 @@ class Submission:
             not ended.
         """
         state = self._ended()
-        payload, where = self.folder / jobfolder.PAYLOAD, f"; logs in {self.folder}"
+        payload_dir, where = self.folder / jobfolder.PAYLOAD_DIR, f"; logs in {self.folder}"
         if state == "COMPLETED" and not self._has_results:
             return None  # a script: its exit status tells the rest
-        if state == "COMPLETED" and self._has_results and self._results_appear(payload):
-            values = jobfolder.collect(payload, self.world_size, Outcome({}, None))
+        if state == "COMPLETED" and self._has_results and self._results_appear(payload_dir):
+            values = jobfolder.collect(payload_dir, self.world_size, Outcome({}, None))
             return values[0] if self._is_trainer else values
         # ddpw's own reason for ending the job (on any node) says more than SLURM's state,
         # CANCELLED included: a node that refuses the job cancels it for the others.
@@ -241,8 +244,8 @@ class Submission:
         # After node 0 requeued the job, what its processes left is from an attempt that ended
         # well; the attempt that failed never got as far as to report.
         requeued = main_node.get("requeued", False)
-        if self._has_results and not requeued and jobfolder.reports(payload, self.world_size):
-            jobfolder.collect(payload, self.world_size, Outcome({}, None))  # raises its error
+        if self._has_results and not requeued and jobfolder.reports(payload_dir, self.world_size):
+            jobfolder.collect(payload_dir, self.world_size, Outcome({}, None))  # raises it
         after = " after requeueing itself" if requeued else ""
         raise WorkerError(f"SLURM job {self.job_id} ended {state}{after}{where}",
                           details=self._node_errors())
@@ -273,11 +276,11 @@ class Submission:
             self._final = state
         return self._final
 
-    def _results_appear(self, payload: Path, timeout: float = 15.0) -> bool:
+    def _results_appear(self, payload_dir: Path, timeout: float = 15.0) -> bool:
         """Whether every rank's result is there, allowing a shared file system the time to
         show files written on the nodes."""
         deadline = time.monotonic() + timeout
-        while not jobfolder.results_present(payload, self.world_size):
+        while not jobfolder.results_present(payload_dir, self.world_size):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
@@ -295,7 +298,7 @@ class Submission:
         """Where submitit records how node ``node``'s task ended."""
         from submitit.core.utils import JobPaths
 
-        return JobPaths(self.folder / jobfolder.SUBMITIT, self.job_id, node).result_pickle
+        return JobPaths(self.folder / jobfolder.SUBMITIT_DIR, self.job_id, node).result_pickle
 
     def _node_record(self, node: int) -> dict[str, Any]:
         return jobfolder.read_json(jobfolder.node_file(self.folder, node))
