@@ -13,8 +13,11 @@ Each variant runs as a fresh process in its own empty folder, alternately, after
 each; the table gives medians, spreads and the ratios of medians.
 
 Where the time to the first step goes (the result's ``extra["breakdown_s"]``, medians):
-- command start → submitted: until sbatch has the job (ddpw: the script's imports, the
-  artefacts, ``Wrapper.start``'s checks, ``sinfo`` and the pickled job; by hand: sbatch alone);
+- command start → start() called: the ddpw script's own work before it calls ``Wrapper.start``
+  (its imports, torch's included, and the example's data and model, which the hand-written
+  variant's ranks make on the node instead); zero by hand;
+- start() called → submitted: ddpw's ``Wrapper.start`` (its imports, checks, ``sinfo``, the
+  pickled job and sbatch); by hand, sbatch alone;
 - submitted → node started: SLURM's scheduling, until the batch script runs (ddpw: the first
   line that submitit's runner logs on the node, after its Python has started);
 - node started → first step: the node's launch, the ranks' imports and set-up, one step.
@@ -76,6 +79,7 @@ def ddpw_job(partition: str, epochs: int) -> None:
                          checkpoint_path=str(Path("checkpoint").resolve()))
     # start() with wait=False, then wait(): what start() does by itself, with the moment of
     # submission noted in between.
+    Path("start-called").write_text(repr(time.time()))
     submission = Wrapper(p_config, a_config, wait=False).start(Timed(j_config))
     Path("submitted").write_text(repr(time.time()))
     Path("job-folder").write_text(str(submission.folder))
@@ -120,20 +124,23 @@ def run_once(variant: str, partition: str, epochs: int) -> tuple[float, float, l
             return None
         first_step = float(first.read_text())
         if variant == "ddpw":
+            called = float((folder / "start-called").read_text())
             submitted, node = float((folder / "submitted").read_text()), node_started(folder)
         else:
             # sbatch --wait returns at the end: the job id is known once sbatch has the job,
             # which the scheduler's own record gives (SubmitTime, to the second) no better
             # than the command's start does; sbatch alone takes a few milliseconds.
-            submitted, node = started, float((folder / "node-started").read_text())
+            called = submitted = started
+            node = float((folder / "node-started").read_text())
         node = node if node is not None else submitted
-        return first_step - started, total, [submitted - started, node - submitted,
-                                             first_step - node]
+        return first_step - started, total, [called - started, submitted - called,
+                                             node - submitted, first_step - node]
 
 
 HANDWRITTEN_VARIANT = "sbatch + accelerate launch (by hand)"
 #: The segments of the time to the first step (see the module's docstring).
-SEGMENTS = ("command start → submitted", "submitted → node started", "node started → first step")
+SEGMENTS = ("command start → start() called", "start() called → submitted",
+            "submitted → node started", "node started → first step")
 
 
 def measure(repeats: int, quick: bool, partition: str = "debug",
