@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,8 +181,52 @@ def test_a_flipped_byte_is_reported_naming_the_file(saved):
     data = bytearray((saved / "optimiser.safetensors").read_bytes())
     data[-3] ^= 0x01
     (saved / "optimiser.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match=r"damaged: the SHA-256 of optimiser\.safetensors"):
+    with pytest.raises(ConfigError, match=r"damaged: the BLAKE3 hash of optimiser\.safetensors"):
         evaluate(saved.parent.parent)
+
+
+def test_the_manifest_names_its_hash_and_records_each_file_by_it(saved):
+    """Format version 2: ``"hash": "blake3"``, and each file's digest under that name, as the
+    blake3 package computes it from the file on disk."""
+    import blake3
+
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert (manifest["version"], manifest["hash"]) == (2, "blake3")
+    assert set(manifest["files"]) == {p.name for p in saved.iterdir()} - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        data = (saved / name).read_bytes()
+        assert entry == {"bytes": len(data), "blake3": blake3.blake3(data).hexdigest()}, name
+
+
+V1 = Path(__file__).parent / "data" / "checkpoint-v1"
+
+
+def test_a_checkpoint_of_format_version_1_still_loads_and_resumes_as_it_did(tmp_path):
+    """``tests/data/checkpoint-v1`` is ``ckpt_2`` of ``job(epochs=2, save_every=2)`` on one
+    process, written by ddpw at 26f0e01 (format version 1, SHA-256); ``expected.json`` holds what
+    that ddpw gave when it resumed the checkpoint to epoch 4 and when it evaluated it. This ddpw
+    verifies it by SHA-256 and gives the same numbers."""
+    shutil.copytree(V1, tmp_path / "checkpoint")
+    folder = tmp_path / "checkpoint" / "ckpt_2"
+    assert "hash" not in json.loads((folder / "manifest.json").read_text())
+    assert ckpt.verify(folder)["version"] == 1
+    expected = json.loads((V1 / "expected.json").read_text())
+    evaluated = Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(tmp_path, mode=JobMode.EVALUATE, start_at=2)))
+    assert evaluated == expected["evaluated_ckpt_2"]
+    resumed = Wrapper(CPU1, artefacts()).start(
+        BlobTrainer(job(tmp_path, start_at=2, epochs=4, save_every=0)))
+    assert resumed == expected["resumed_to_4"]
+
+
+def test_a_damaged_checkpoint_of_format_version_1_is_reported_by_its_sha256(tmp_path):
+    shutil.copytree(V1, tmp_path / "checkpoint")
+    model = tmp_path / "checkpoint" / "ckpt_2" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"damaged: the SHA-256 hash of model\.safetensors"):
+        evaluate(tmp_path, start_at=2)
 
 
 def test_a_truncated_file_is_reported_naming_the_file(saved):
@@ -202,8 +247,8 @@ def test_a_checkpoint_from_a_newer_ddpw_is_refused(saved):
     manifest = json.loads((saved / "manifest.json").read_text())
     manifest["version"] = ckpt.VERSION + 1
     (saved / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=r"format version 2, newer than this ddpw reads.*"
-                                          r"upgrade ddpw"):
+    with pytest.raises(ConfigError, match=rf"format version {ckpt.VERSION + 1} \(hash 'blake3'\), "
+                                          r"newer than this ddpw reads.*upgrade ddpw"):
         evaluate(saved.parent.parent)
 
 

@@ -171,7 +171,7 @@ def test_checkpoint_files(tmp_path):
         "['model.safetensors', 'optimiser.json', 'optimiser.safetensors', 'rank-0.json', "
         "'rank-0.safetensors', 'state.json']",
         "2"]
-    assert out[3].startswith("checkpoint damaged/ckpt_2 is damaged: the SHA-256 of "
+    assert out[3].startswith("checkpoint damaged/ckpt_2 is damaged: the BLAKE3 hash of "
                              "model.safetensors differs from the manifest's")
     page = (DOCS / "guides" / "checkpoints.rst").read_text()
     assert all(line in page for line in out), "the checkpoints page shows another output"

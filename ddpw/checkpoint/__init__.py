@@ -13,7 +13,7 @@ after ``k`` complete epochs, or ``{prefix}_{k}_batch{b}`` for a pause ``b`` batc
 - ``state.json``: the data position (epochs done, batches into the next epoch, optimiser steps,
   batch size, world size, data seed) and the last epoch's metrics;
 - ``manifest.json``, written last: format and version, world size, platform, mixed precision and
-  every file's size and SHA-256.
+  every file's size and hash (BLAKE3; SHA-256 in version 1).
 
 A checkpoint is written into a hidden folder (``.{name}.partial``) and renamed into place once
 complete and flushed to disk; the marker file ``{prefix}_latest`` moves after it. A crash, a kill

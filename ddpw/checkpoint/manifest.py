@@ -12,11 +12,13 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..files import fsync, stage
-from .hashing import sha256, write_json
+from .hashing import ALGORITHM, ALGORITHMS, file_digest, write_json
 from .names import LATEST, MANIFEST, available, sequence
 
 FORMAT = "ddpw-checkpoint"
-VERSION = 1
+#: Version 2 names its hash (``"hash": "blake3"``) and records each file's digest under that
+#: name; version 1 recorded SHA-256 (``"sha256"``) without naming it. Both are read.
+VERSION = 2
 
 
 def publish(staging: Path, folder: Path, digests: dict[str, str],
@@ -34,15 +36,15 @@ def publish(staging: Path, folder: Path, digests: dict[str, str],
     files = sorted(p.name for p in staging.iterdir() if p.is_file())
     missing = [name for name in files if name not in digests]
     with ThreadPoolExecutor() as pool:
-        hashed = pool.map(lambda n: sha256(staging / n), missing)
+        hashed = pool.map(lambda n: file_digest(staging / n), missing)
         digests = {**digests, **dict(zip(missing, hashed, strict=True))}
         list(pool.map(lambda n: fsync(staging / n), files))
-    entries = {name: {"bytes": (staging / name).stat().st_size, "sha256": digests[name]}
+    entries = {name: {"bytes": (staging / name).stat().st_size, ALGORITHM: digests[name]}
                for name in files}
     done = available(folder.parent, prefix)
     number = 1 + max((sequence(folder.parent / name) for name in done), default=0)
-    write_json(staging / MANIFEST, {"format": FORMAT, "version": VERSION, **manifest,
-                                    "sequence": number, "files": entries})
+    write_json(staging / MANIFEST, {"format": FORMAT, "version": VERSION, "hash": ALGORITHM,
+                                    **manifest, "sequence": number, "files": entries})
     fsync(staging / MANIFEST)
     fsync(staging)
     # The new marker is on disk before the folder moves, so that a full disk cannot strike
@@ -70,10 +72,16 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                           f"checkpoint is damaged: use another one.") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a ddpw checkpoint manifest.")
-    if manifest.get("version", 0) > VERSION:
-        raise ConfigError(f"checkpoint {folder} has format version {manifest['version']}, newer "
-                          f"than this ddpw reads ({VERSION}): upgrade ddpw to load it.")
+    if manifest.get("version", 0) > VERSION or hash_of(manifest) not in ALGORITHMS:
+        raise ConfigError(f"checkpoint {folder} has format version {manifest.get('version')} "
+                          f"(hash {hash_of(manifest)!r}), newer than this ddpw reads "
+                          f"({VERSION}): upgrade ddpw to load it.")
     return manifest
+
+
+def hash_of(manifest: dict[str, Any]) -> str:
+    """The hash whose digests ``manifest`` records: what it names, or SHA-256 (version 1)."""
+    return str(manifest.get("hash", "sha256"))
 
 
 def verify(folder: Path) -> dict[str, Any]:
@@ -82,7 +90,7 @@ def verify(folder: Path) -> dict[str, Any]:
     :raises ConfigError: naming the first file that is missing, truncated or altered.
     """
     manifest = read_manifest(folder)
-    files = manifest["files"]
+    files, algorithm = manifest["files"], hash_of(manifest)
     for name, entry in files.items():
         path = folder / name
         size = path.stat().st_size if path.is_file() else None
@@ -91,10 +99,11 @@ def verify(folder: Path) -> dict[str, Any]:
             raise ConfigError(f"checkpoint {folder} is damaged: {name} is {found}, the manifest "
                               f"says {entry['bytes']} bytes. Use another checkpoint.")
     with ThreadPoolExecutor() as pool:
-        actual = dict(zip(files, pool.map(lambda n: sha256(folder / n), files), strict=True))
+        actual = dict(zip(files, pool.map(lambda n: file_digest(folder / n, algorithm), files),
+                          strict=True))
     for name, entry in files.items():
-        if actual[name] != entry["sha256"]:
-            raise ConfigError(f"checkpoint {folder} is damaged: the SHA-256 of {name} differs "
-                              f"from the manifest's (the file was altered or corrupted). Use "
-                              f"another checkpoint.")
+        if actual[name] != entry[algorithm]:
+            raise ConfigError(f"checkpoint {folder} is damaged: the {ALGORITHMS[algorithm]} hash "
+                              f"of {name} differs from the manifest's (the file was altered or "
+                              f"corrupted). Use another checkpoint.")
     return manifest

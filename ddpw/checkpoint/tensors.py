@@ -75,7 +75,8 @@ _DTYPES = {
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
                   metadata: dict[str, str] | None = None) -> str:
-    """Write ``tensors`` as a safetensors file, streaming; return the file's SHA-256.
+    """Write ``tensors`` as a safetensors file, streaming; return the file's digest
+    (:data:`~ddpw.checkpoint.hashing.ALGORITHM`).
 
     Unlike ``safetensors.torch.save_file``, the file is written tensor by tensor from the
     tensors' own memory (CPU tensors are not copied; device tensors are copied to the host
@@ -102,7 +103,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
 def write_part(folder: Path, name: str, obj: Any) -> dict[str, str]:
     """Write ``obj`` as ``{name}.json`` and, if it holds tensors, ``{name}.safetensors``.
 
-    :returns: the SHA-256 of each file written, by file name.
+    :returns: the digest of each file written, by file name.
     """
     tensors: dict[str, torch.Tensor] = {}
     structure = split(obj, tensors)
@@ -116,7 +117,7 @@ def write_part(folder: Path, name: str, obj: Any) -> dict[str, str]:
 def write_model(folder: Path, model: torch.nn.Module) -> dict[str, str]:
     """Write ``model``'s weights as ``model.safetensors``, each tied tensor once.
 
-    :returns: the file's SHA-256, by file name.
+    :returns: the file's digest, by file name.
     """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -140,7 +141,7 @@ def write_all(folder: Path, parts: dict[str, Any], model: torch.nn.Module | None
     The files are written by concurrent threads: copying into the page cache and hashing both
     release the GIL, so a large model and its optimiser state are saved side by side.
 
-    :returns: the SHA-256 of each file written, by file name.
+    :returns: the digest of each file written, by file name.
     """
     jobs = [partial(write_part, folder, name, obj) for name, obj in parts.items()]
     if model is not None:

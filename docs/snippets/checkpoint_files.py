@@ -35,7 +35,7 @@ if __name__ == "__main__":
 
     print(sorted(path.name for path in Path("runs").iterdir()))
     folder = Path("runs") / latest("runs", "ckpt")  # the latest marker names ckpt_2
-    manifest = verify(folder)  # every file's size and SHA-256, or ConfigError
+    manifest = verify(folder)  # every file's size and hash, or ConfigError
     print(sorted(manifest["files"]))
     print(json.loads((folder / "state.json").read_text())["epochs_done"])
 

@@ -6,7 +6,8 @@ Models of 10, 50 and 100 million parameters (a stack of square linear layers) wi
 state, in one process on the CPU. Each row saves to and loads from a fresh folder in the same
 file system, each run after an ``os.sync()``; loads read from the page cache. Loading includes
 putting the tensors back into the model and optimiser. ddpw's save includes hashing and
-fsync; its load includes checking every file's SHA-256 against the manifest.
+fsync; its load includes checking every file's hash (BLAKE3; SHA-256 before format version 2)
+against the manifest.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def timed(action: Callable[[], None], repeats: int, reset: Callable[[], None]) -
 
 def variants(accelerator: Accelerator) -> dict[str, tuple[Callable, Callable]]:
     return {
-        "ddpw (sha256, fsync)": (ddpw_save, ddpw_load),
+        "ddpw (hashed, fsync)": (ddpw_save, ddpw_load),
         "ddpw without fsync and hash check": (ddpw_save_unsynced, ddpw_read),
         BASELINE: (torch_save, torch_load),
         "accelerator.save_state / load_state": (

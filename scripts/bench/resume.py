@@ -12,7 +12,7 @@ it holds the launch, the imports, building the model, reading and checking the c
 step. Loads read from the page cache (the checkpoint was just written, or read by the previous
 run). Two models: the small MLP of the training row, and one of about 18M parameters whose
 checkpoint (weights and Adam state, some 215 MB) makes loading matter. Besides the first-step
-time, each result keeps the restore alone as measured by rank 0 (and, for ddpw, the SHA-256 check
+time, each result keeps the restore alone as measured by rank 0 (and, for ddpw, the hash check
 of every file that its caller makes before starting the processes), the checkpoint's size on disk
 and the command's total time.
 """

@@ -50,7 +50,7 @@ class BenchTrainer(Trainer):
 
     def check(self, *args: Any, **kwargs: Any) -> None:
         # Runs in the calling process before any worker starts; choosing and verifying the
-        # checkpoint (every file's SHA-256) is part of what resuming costs.
+        # checkpoint (every file's hash) is part of what resuming costs.
         started = time.perf_counter()
         super().check(*args, **kwargs)
         Path("verify.json").write_text(json.dumps({"verify_s": time.perf_counter() - started}))
