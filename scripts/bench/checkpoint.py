@@ -5,7 +5,8 @@
 Models of 10, 50 and 100 million parameters (a stack of square linear layers) with its Adam
 state, in one process on the CPU. Each row saves to and loads from a fresh folder in the same
 file system, each run after an ``os.sync()``; loads read from the page cache. Loading includes
-putting the tensors back into the model and optimiser. ddpw's save includes hashing and
+putting the tensors back into the model and optimiser. "torch.save + fsync" flushes its file and
+folders as ddpw's save does, the same durability. ddpw's save includes hashing and
 fsync; its load includes checking every file's hash (BLAKE3; SHA-256 before format version 2)
 against the manifest.
 """
@@ -74,6 +75,18 @@ def torch_save(model, optimiser, folder: Path) -> None:
                folder / "state.pt")
 
 
+def torch_save_synced(model, optimiser, folder: Path) -> None:
+    """torch.save with the durability of ddpw's save: the file, then its folder and the folder
+    above, flushed to disk."""
+    torch_save(model, optimiser, folder)
+    for path in (folder / "state.pt", folder, folder.parent):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def torch_load(model, optimiser, folder: Path) -> None:
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
@@ -96,6 +109,7 @@ def variants(accelerator: Accelerator) -> dict[str, tuple[Callable, Callable]]:
         "ddpw (hashed, fsync)": (ddpw_save, ddpw_load),
         "ddpw without fsync and hash check": (ddpw_save_unsynced, ddpw_read),
         BASELINE: (torch_save, torch_load),
+        "torch.save + fsync / torch.load": (torch_save_synced, torch_load),
         "accelerator.save_state / load_state": (
             lambda m, o, f: accelerator.save_state(str(f)),
             lambda m, o, f: accelerator.load_state(str(f))),
