@@ -48,6 +48,14 @@ from .platform import Platform, PlatformConfig
 from .vote import PauseVote
 
 
+class _Bar(tqdm):
+    """ddpw's progress bars, without tqdm's monitor thread: a thread that starts or ends while
+    a DataLoader forks its workers can leave a worker hung for good in CPython's fork (seen with
+    Python 3.11: the child waits for the thread-state lock that the other thread held)."""
+
+    monitor_interval = 0
+
+
 @dataclass
 class _Machinery:
     """ddpw's own state on a :class:`Trainer`, all under one attribute (``_ddpw``) that a
@@ -411,6 +419,6 @@ class Trainer:
             self.accelerator.print(f"[ddpw] {shown}")
 
     def _progress(self, loader: Iterable[Any], description: str, initial: int = 0) -> Any:
-        return tqdm(loader, desc=description, disable=not self.verbose, leave=False,
+        return _Bar(loader, desc=description, disable=not self.verbose, leave=False,
                     dynamic_ncols=True, unit="batch", initial=initial)
 

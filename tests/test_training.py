@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,16 @@ def test_loaders_with_two_worker_processes_pause_mid_epoch_and_resume_bitwise(tm
     assert resumed == full
     assert final_files(split / "checkpoint" / "ckpt_3") == \
         final_files(straight / "checkpoint" / "ckpt_3")
+
+
+def test_the_progress_bars_start_no_thread():
+    """tqdm's monitor thread, started by the first bar and ending on its own, once left a
+    DataLoader worker hung in CPython's fork (the child waited for the thread-state lock that
+    the ending thread held; test_loaders_with_two_worker_processes... timed out): ddpw's bars go
+    without it. (In a fresh interpreter: in this one, another bar may have started it.)"""
+    code = ("import threading; from ddpw.trainer import _Bar; before = threading.active_count()\n"
+            "for _ in _Bar(range(3), disable=False, leave=False):\n"
+            "    assert threading.active_count() == before, threading.enumerate()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
