@@ -15,7 +15,6 @@ import os
 import pkgutil
 import re
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from click.formatting import term_len
 
 from . import jobfolder
 from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
-from .outcome import LOST_PEER, describe_status, root_cause
+from .outcome import LOST_PEER, Outcome, describe_status, root_cause
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
 from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
 from .process import exit_now
@@ -190,7 +189,7 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
 
     outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))
     # Finalising an interpreter that has imported torch takes about half a second, for nothing.
-    exit_now(_exit_status(outcome.failures, outcome.stopped_by, folder, all_ranks))
+    exit_now(_exit_status(outcome, folder, all_ranks))
 
 
 #: The settings a --config file may hold: the options that set a
@@ -294,7 +293,7 @@ def _submit(p_config: PlatformConfig, plan: LaunchPlan, entry: list[str], log_di
         # With a failing rank to show, its own stderr says more than the nodes' tracebacks.
         click.echo(f"[ddpw] {failed.message if failures else failed}", err=True)
     if status == 1 and failures:
-        return _exit_status(failures, None, submission.folder, all_ranks)
+        return _exit_status(Outcome(failures, None), submission.folder, all_ranks)
     if status:
         click.echo(f"[ddpw] SLURM job {submission.job_id} ended with status {status}; logs in "
                    f"{submission.folder}", err=True)
@@ -385,15 +384,14 @@ def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
                      if k in ("threads_per_process", "accelerator_kwargs")}, **per_node}
 
 
-def _exit_status(failures: dict[int, tuple[int, float]], stopped_by: signal.Signals | None,
-                 folder: Path, all_ranks: bool) -> int:
+def _exit_status(outcome: Outcome, folder: Path, all_ranks: bool) -> int:
+    failures = outcome.failures
     if not failures:
         return 0  # every rank finished, even if a signal came along
-    statuses = {status for status, _ in failures.values()}
-    if PAUSED_EXIT_STATUS in statuses and statuses <= {PAUSED_EXIT_STATUS, -signal.SIGTERM}:
-        return PAUSED_EXIT_STATUS  # paused (a rank may be ended by the agent as it leaves)
-    if stopped_by is not None:
-        return 128 + stopped_by.value
+    if outcome.paused:
+        return PAUSED_EXIT_STATUS
+    if outcome.stopped_by is not None:
+        return 128 + outcome.stopped_by.value
     secondary = {rank for rank in failures if _lost_a_peer(folder / f"rank-{rank}.stderr.log")}
     rank = root_cause(failures, secondary, {})
     status = failures[rank][0]

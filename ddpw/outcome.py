@@ -13,7 +13,7 @@ import re
 import signal
 from typing import Any
 
-from .errors import WorkerError
+from .errors import PAUSED_EXIT_STATUS, WorkerError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,15 @@ class Outcome:
     failures: dict[int, tuple[int, float]]
     stopped_by: signal.Signals | None
     received: tuple[signal.Signals, ...] = ()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the job paused: a rank ended with :data:`~ddpw.errors.PAUSED_EXIT_STATUS`,
+        and every other that failed did so too or was ended by the agent (``SIGTERM``) as the
+        first one left."""
+        statuses = {status for status, _ in self.failures.values()}
+        return (PAUSED_EXIT_STATUS in statuses
+                and statuses <= {PAUSED_EXIT_STATUS, -signal.SIGTERM})
 
 
 #: What a rank says when it fails only because a peer is gone (gloo, NCCL).

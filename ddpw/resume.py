@@ -12,6 +12,7 @@ from pathlib import Path
 from . import checkpoint
 from .artefacts import ArtefactsConfig
 from .checkpoint import Position
+from .checkpoint.transaction import samples_into_epoch
 from .errors import ConfigError
 from .job import JobConfig, JobMode
 
@@ -69,7 +70,7 @@ def _check_position(j_config: JobConfig, folder: Path, a_config: ArtefactsConfig
         raise ConfigError(f"JobConfig.epochs={j_config.epochs} is before the checkpoint "
                           f"{folder.name}, which has {position.epochs} epochs done: ask for "
                           f"at least {position.epochs}.")
-    consumed = position.batches * state["batch_size"] * state["world_size"]
+    consumed = samples_into_epoch(state)
     per_batch = a_config.batch_size * world_size
     if consumed % per_batch:
         raise ConfigError(

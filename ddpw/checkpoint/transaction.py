@@ -133,6 +133,12 @@ def _publish(trainer: Trainer, staging: Path, folder: Path, digests: dict[str, s
               protect=(trainer.resume_from, folder.name))
 
 
+def samples_into_epoch(state: dict[str, Any]) -> int:
+    """How many samples of its unfinished epoch a checkpoint's ``state`` part has consumed, over
+    all ranks: what stays the same when it is resumed with another world or batch size."""
+    return state["batches"] * state["batch_size"] * state["world_size"]
+
+
 def restore(trainer: Trainer, name: str, sums: RunningSums) -> None:
     """Load checkpoint ``name`` into ``trainer``'s model, optimiser, scheduler, scaler, RNGs and
     position, and its running sums into ``sums``
@@ -165,8 +171,8 @@ def restore(trainer: Trainer, name: str, sums: RunningSums) -> None:
     else:
         # Another world size or batch size: the saved RNG streams do not fit, so derive one
         # from the seed and the position; the same samples remain to be seen in the epoch.
-        consumed = state["batches"] * state["batch_size"] * state["world_size"]
-        trainer.batch = consumed // (trainer.a_config.batch_size * trainer.world_size)
+        trainer.batch = samples_into_epoch(state) // (trainer.a_config.batch_size
+                                                      * trainer.world_size)
         set_seed(trainer.p_config.seed + 7919 * trainer.epochs_done + trainer.batch,
                  device_specific=True)
         sums.clear()

@@ -174,12 +174,10 @@ class NodeTask:
     def _requeues(self, outcome: Outcome, sig: signal.Signals) -> bool:
         """Whether the job requeues after SLURM's signal: its processes paused (a Trainer), or
         were ended by the node runner (a restartable function)."""
-        statuses = {status for status, _ in outcome.failures.values()}
         if self.policy is RequeuePolicy.RESTARTS:
+            statuses = {status for status, _ in outcome.failures.values()}
             return bool(statuses) and statuses <= {-signal.SIGTERM, -sig}
-        ended = {PAUSED_EXIT_STATUS, -signal.SIGTERM}
-        return (self.policy is RequeuePolicy.PAUSES and PAUSED_EXIT_STATUS in statuses
-                and statuses <= ended)
+        return self.policy is RequeuePolicy.PAUSES and outcome.paused
 
     def _requeue(self, attempt: int, resume: str | None) -> str | None:
         """Requeue the job; or, past the limit, say why not."""
