@@ -55,6 +55,10 @@ class JobConfig:
         ``./logs/console_logs`` (:data:`ddpw.jobfolder.DEFAULT_ROOT`) unless given.
     :param training_logs_path: folder for the per-epoch metrics (``metrics.jsonl``).
     :param gradient_accumulation_steps: batches whose gradients add up before one optimiser step.
+    :param async_checkpoint: write checkpoints in the background: a save blocks training only
+        while each rank copies its share of the state into host buffers, and every pause, end
+        and error of the job waits for the save in flight
+        (:meth:`~ddpw.trainer.Trainer.save_checkpoint`). ``False`` writes in the training loop.
     """
 
     job_type: JobMode = JobMode.TRAIN
@@ -68,6 +72,7 @@ class JobConfig:
     console_logs_path: str = DEFAULT_ROOT
     training_logs_path: str = "./logs/training_logs"
     gradient_accumulation_steps: int = 1
+    async_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         owner = "JobConfig"
@@ -93,6 +98,7 @@ class JobConfig:
         check_int(owner, "save_every", self.save_every, 0)
         check_int(owner, "keep_last", self.keep_last, 0)
         check_int(owner, "gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        check_type(owner, "async_checkpoint", self.async_checkpoint, bool, "True or False")
         self.pause_signals = tuple(self.pause_signals)
         for name in self.pause_signals:
             if not (isinstance(name, str) and name.startswith("SIG") and hasattr(signal, name)):

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import JobPaused, WorkerError
+from .errors import ConfigError, JobPaused, WorkerError
 from .files import write_atomically
 from .outcome import Outcome, explain
 
@@ -138,7 +138,10 @@ def write_report(folder: Path, rank: int, error: BaseException, paused: str | No
     """
     report = {"rank": rank, "time": time.time(), "paused": paused, "secondary": secondary,
               "traceback": "".join(traceback.format_exception(type(error), error,
-                                                              error.__traceback__))}
+                                                              error.__traceback__)),
+              # Raised to the caller as it was: bad input that only the ranks could see (a
+              # damaged checkpoint, a checkpoint folder that not every rank sees).
+              "config_error": str(error) if isinstance(error, ConfigError) else None}
     write_atomically(report_file(folder, rank), json.dumps(report).encode())
 
 

@@ -29,6 +29,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from typing import Any
 
 import psutil
 
@@ -143,6 +144,17 @@ def gloo_interface_chosen(env: MutableMapping[str, str] = os.environ) -> Iterato
         yield chosen
     finally:
         env.pop(GLOO_IFNAME, None)
+
+
+def gloo_group() -> Any:
+    """A new gloo process group of every rank, on the interface of :func:`gloo_interface_chosen`
+    when the job's own backend is another; every rank must make it at the same point."""
+    import torch.distributed as dist  # only here: this module is imported without torch
+
+    if dist.get_backend() == "gloo":
+        return dist.new_group(backend="gloo")
+    with gloo_interface_chosen():
+        return dist.new_group(backend="gloo")
 
 
 def _bare(address: str) -> str:

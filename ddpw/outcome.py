@@ -13,7 +13,7 @@ import re
 import signal
 from typing import Any
 
-from .errors import PAUSED_EXIT_STATUS, WorkerError
+from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,10 @@ def root_cause(failures: dict[int, tuple[int, float]], secondary: set[int],
 
 
 def explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, float]],
-            world_size: int, agent: str = "") -> WorkerError:
-    """The error that best explains a failed launch: the rank that failed first, and why.
+            world_size: int, agent: str = "") -> WorkerError | ConfigError:
+    """The error that best explains a failed launch: the rank that failed first, and why; or,
+    when that rank found bad input (a damaged checkpoint), the same
+    :class:`~ddpw.errors.ConfigError`.
 
     :param reports: the ranks' error reports (:func:`ddpw.jobfolder.reports`).
     :param agent: what torchrun's agent logged, the details of a rank that died without a
@@ -78,6 +80,8 @@ def explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, f
     rank = root_cause(failures, secondary, {r: report["time"] for r, report in reports.items()})
     if rank is None:
         return WorkerError("the ranks ended without reporting a result", details=said)
+    if rank in reports and reports[rank].get("config_error"):
+        return ConfigError(reports[rank]["config_error"])
     if rank in reports:
         return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
                            details=reports[rank]["traceback"].rstrip())

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import checkpoint
 from .artefacts import ArtefactsConfig
 from .checkpoint import Position
-from .checkpoint.transaction import samples_into_epoch
+from .checkpoint.checkpointer import samples_into_epoch
 from .errors import ConfigError
 from .job import JobConfig, JobMode
 
@@ -20,7 +20,9 @@ from .job import JobConfig, JobMode
 def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
            requeued: str | None = None) -> str | None:
     """The name of the checkpoint in ``j_config.checkpoint_path`` that the job starts from, or
-    ``None`` to start from scratch, after verifying every file of it.
+    ``None`` to start from scratch, after checking its manifest, the size of every file and
+    that its weights fit the model. (The hashes are checked as the ranks read the files:
+    :meth:`ddpw.checkpoint.checkpointer.Checkpointer.restore`.)
 
     A training job resumes from ``requeued`` whatever ``start_at`` says, when that is one of its
     own checkpoints; otherwise ``j_config.start_at`` chooses (:func:`ddpw.checkpoint.resolve`).
@@ -44,7 +46,7 @@ def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
                               f"to evaluate.")
         return None
     folder = Path(j.checkpoint_path) / name
-    checkpoint.verify(folder)
+    checkpoint.check(folder)
     checkpoint.check_fits(folder, a_config.model)
     if training:
         _check_position(j, folder, a_config, world_size)

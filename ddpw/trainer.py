@@ -40,7 +40,9 @@ from tqdm.auto import tqdm
 from . import environment, resume
 from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
-from .checkpoint import transaction
+from .checkpoint import Position
+from .checkpoint.checkpointer import Checkpointer, Contents, samples_into_epoch
+from .checkpoint.rng import rng_state, set_rng_state
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
 from .metrics import RunningSums, check_per_sample
@@ -59,10 +61,12 @@ class _Bar(tqdm):
 @dataclass
 class _Machinery:
     """ddpw's own state on a :class:`Trainer`, all under one attribute (``_ddpw``) that a
-    subclass will not take by chance: the pause vote and the epoch's running sums."""
+    subclass will not take by chance: the pause vote, the epoch's running sums and, once set
+    up, the checkpoints."""
 
     vote: PauseVote = field(default_factory=PauseVote)
     sums: RunningSums = field(default_factory=RunningSums)
+    checkpoints: Checkpointer | None = None
 
 
 class Trainer:
@@ -136,7 +140,9 @@ class Trainer:
     def check(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None,
               world_size: int | None = None) -> str | None:
         """Check that the configs and the checkpoints on disk allow this job to run, and choose
-        the checkpoint to start from (:func:`ddpw.resume.choose`), verifying every file of it.
+        the checkpoint to start from (:func:`ddpw.resume.choose`), checking its manifest, the
+        size of every file and that its weights fit the model (the ranks check the hashes as
+        they read it: :meth:`restore_checkpoint`).
 
         Called by :class:`~ddpw.wrapper.Wrapper` before it starts any process; the choice goes
         to every rank in the payload (:attr:`ddpw.jobfolder.Payload.resume_from`).
@@ -218,6 +224,10 @@ class Trainer:
                     # global RNG at every pass (skip_first_batches copies it from there).
                     loader.base_dataloader.generator = generator
                 setattr(self, f"{name}_loader", loader)
+        self._ddpw.checkpoints = Checkpointer(
+            Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
+            self.global_rank, self.world_size, self.device, on_failure=self.request_pause)
+        self._ddpw.checkpoints.open(writes=j.job_type is not JobMode.EVALUATE)
         if self.resume_from is not None:
             self.restore_checkpoint(self.resume_from)
 
@@ -257,9 +267,14 @@ class Trainer:
                     f"train from {source if self.resume_from else 'scratch'} to epoch "
                     f"{j.epochs}, save every {j.save_every} to {j.checkpoint_path}")
             self.accelerator.print(f"[ddpw] {self.p_config.summary()}; {j.job_type.name}: {what}")
-        if j.job_type is JobMode.EVALUATE:
-            return self.evaluate()
-        return self.train()
+        checkpoints = self._ddpw.checkpoints
+        try:
+            metrics = self.evaluate() if j.job_type is JobMode.EVALUATE else self.train()
+        except BaseException:
+            checkpoints.close(raising=False)  # the job's own error is the one to raise
+            raise
+        checkpoints.close()  # success only once the last checkpoint is published
+        return metrics
 
     def train(self) -> dict[str, float]:
         """Train up to epoch ``epochs``, validating and saving as configured.
@@ -373,7 +388,12 @@ class Trainer:
         return self._ddpw.vote.on_signals(self.j_config.pause_signals)
 
     def _pause(self, saved: bool) -> None:
-        folder = transaction.position_folder(self) if saved else self.save_checkpoint()
+        # A save that failed in the background asked for this pause: its error is raised here,
+        # on every rank at the same step boundary.
+        self.wait_for_checkpoint()
+        folder = (self._ddpw.checkpoints.root / self._position().name(
+            self.j_config.checkpoint_name_prefix) if saved else self.save_checkpoint())
+        self.wait_for_checkpoint()
         if self.verbose:
             self.accelerator.print(f"\n[ddpw] paused at epoch {self.epoch}, batch {self.batch}: "
                                    f"saved {folder}")
@@ -389,19 +409,81 @@ class Trainer:
         Resuming is exact only from a position right after an optimiser step, which is where
         ddpw itself saves.
 
-        :returns: the checkpoint's folder.
+        With ``j_config.async_checkpoint`` (the default), it returns once the state is copied
+        (each rank copies its share into host buffers): the files are written, hashed, flushed
+        and published in the background while training goes on. A save waits for the one
+        before it; :meth:`wait_for_checkpoint` waits for the last.
+
+        :returns: the checkpoint's folder (where it is, or will be, published).
         :raises PeerFailed: on the ranks whose own part went well when another rank's failed,
-            with that rank's error (on a full disk, the file it could not write).
+            with that rank's error (on a full disk, the file it could not write); the rank
+            that failed raises its own error. From a background save, the error is raised at
+            the next step boundary on every rank, or by the next save or wait.
         """
-        return transaction.save(self, self._ddpw.vote, self._ddpw.sums)
+        acc = self.accelerator
+        parts = {"optimiser": self.optimiser, "scheduler": self.scheduler, "scaler": acc.scaler}
+        state = {
+            "epochs_done": self.epochs_done, "batches": self.batch,
+            "global_step": self.global_step, "batch_size": self.a_config.batch_size,
+            "world_size": self.world_size, "data_seed": self.p_config.seed,
+            "gradient_accumulation_steps": self.j_config.gradient_accumulation_steps,
+            "metrics": self.metrics}
+        contents = Contents(
+            model=acc.unwrap_model(self.model), state=state,
+            parts={name: obj.state_dict() for name, obj in parts.items() if obj is not None},
+            own={"rng": rng_state(self.device), **self._ddpw.sums.state()},
+            manifest={"platform": self.p_config.platform.name,
+                      "mixed_precision": self.p_config.mixed_precision})
+        return self._ddpw.checkpoints.save(self._position(), contents, protect=(self.resume_from,))
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the save in flight, if any, is published; raise its error if it failed.
+
+        Pausing, the end of :meth:`run` and an exception out of it all wait, so a job never
+        ends, successfully or not, with a checkpoint half written in the background.
+        """
+        self._ddpw.checkpoints.wait()
 
     def restore_checkpoint(self, name: str) -> None:
-        """Load checkpoint ``name`` into the model, optimiser, scheduler, RNGs and position.
+        """Load checkpoint ``name`` into the model, optimiser, scheduler, scaler, RNGs and
+        position; every rank must call it at the same point.
 
-        Its files are verified against the manifest by :meth:`check`, which
-        :class:`~ddpw.wrapper.Wrapper` calls before the job starts.
+        Each rank checks the hashes of a share of its files as it maps them into memory
+        (:meth:`check`, which :class:`~ddpw.wrapper.Wrapper` calls before the job starts, has
+        checked the manifest and sizes). With the world size, batch size and gradient
+        accumulation it was written with, this rank's RNG states and running sums come back as
+        they were; with others, the RNGs are seeded from the seed and the position, and the
+        batch position is converted to this run's batches.
+
+        :raises ConfigError: on every rank, naming a file that is damaged.
         """
-        transaction.restore(self, name, self._ddpw.sums)
+        acc, j = self.accelerator, self.j_config
+        shape = (self.world_size, self.a_config.batch_size, j.gradient_accumulation_steps)
+        loadables = {name: obj for name, obj in (("optimiser", self.optimiser),
+                                                  ("scheduler", self.scheduler),
+                                                  ("scaler", acc.scaler)) if obj is not None}
+        restored = self._ddpw.checkpoints.restore(
+            name, acc.unwrap_model(self.model), loadables, same_run=lambda state: (
+                state["world_size"], state["batch_size"],
+                state.get("gradient_accumulation_steps")) == shape)
+        state = restored.state
+        self.epochs_done = self.epoch = state["epochs_done"]
+        self.global_step, self.metrics = state["global_step"], state["metrics"]
+        if restored.own is not None:
+            set_rng_state(restored.own["rng"], self.device)
+            self._ddpw.sums.load(restored.own, self.device)
+            self.batch = state["batches"]
+        else:
+            # Another world size or batch size: the saved RNG streams do not fit, so derive one
+            # from the seed and the position; the same samples remain to be seen in the epoch.
+            self.batch = samples_into_epoch(state) // (self.a_config.batch_size
+                                                       * self.world_size)
+            set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
+                     device_specific=True)
+            self._ddpw.sums.clear()
+
+    def _position(self) -> Position:
+        return Position(self.epochs_done, self.batch)
 
     # --- output ---------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import process
-from .network import gloo_interface_chosen
+from .network import gloo_group
 
 
 class PauseVote:
@@ -113,10 +113,7 @@ class PauseVote:
         """Start (and with ``wait``, finish) the sum of ``flag`` over the ranks; return the
         all-reduce's handle and the tensor that holds the sum once it is done."""
         if self._group is None and dist.get_backend() != "gloo":
-            # Gloo would bind the interface that the hostname resolves to, which the other
-            # machines may not reach (NCCL may have been told another): choose it.
-            with gloo_interface_chosen():
-                self._group = dist.new_group(backend="gloo")
+            self._group = gloo_group()
         value = torch.tensor([float(flag)])
         work = dist.all_reduce(value, group=self._group, async_op=not wait)
         return work, value

@@ -133,11 +133,14 @@ def _run_here(payload: Payload) -> Any:
 
     The job runs on a copy, as it does in launched processes, so the caller's model and trainer
     come out of a job untouched whatever the world size; and a failure is a
-    :class:`~ddpw.errors.WorkerError` here too.
+    :class:`~ddpw.errors.WorkerError` here too, and bad input that only the job could see (a
+    damaged checkpoint) a :class:`~ddpw.errors.ConfigError`, as from launched processes.
     """
     copy = pickle.loads(ship(payload))
     try:
         return run(copy)
+    except ConfigError:
+        raise
     except Exception as error:
         raise WorkerError("rank 0 of 1 raised an exception", rank=0,
                           details=traceback.format_exc().rstrip()) from error

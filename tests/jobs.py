@@ -122,9 +122,21 @@ class SlowTrainer(BlobTrainer):
 
 
 def final_files(folder) -> dict[str, bytes]:
-    """The files of a checkpoint that an exact resume must reproduce bit for bit."""
-    return {name: (folder / name).read_bytes()
-            for name in ("model.safetensors", "optimiser.safetensors", "scheduler.json")}
+    """What a checkpoint holds that an exact resume must reproduce bit for bit: each tensor of
+    the model and the optimiser (whichever ranks wrote them, in whichever files), by name,
+    and the scheduler's state if there is one."""
+    from ddpw.checkpoint.layout import tensor_files
+    from ddpw.checkpoint.tensors import map_tensors
+
+    found = {name: (folder / name).read_bytes() for name in ("scheduler.json",)
+             if (folder / name).is_file()}
+    for part in ("model", "optimiser"):
+        paths = tensor_files(folder, part)
+        assert paths, f"{folder} holds no {part} tensors"
+        tensors, _ = map_tensors(paths)
+        found |= {f"{part}/{key}": f"{t.dtype} {tuple(t.shape)}".encode() + t.numpy().tobytes()
+                  for key, t in tensors.items()}
+    return found
 
 
 def evaluate_job(path, start_at) -> JobConfig:
@@ -213,7 +225,10 @@ class ProbeTrainer(InspectingTrainer):
                 "optimiser_devices": sorted(optimiser_devices),
                 "forward_dtype": str(getattr(model, "forward_dtype", None)),
                 "backend": dist.get_backend() if dist.is_initialized() else None,
-                "cuda_bytes": torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0}
+                "cuda_bytes": torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0,
+                # Where the asynchronous saves staged their copies: host buffers, pinned on CUDA.
+                "staging": sorted({f"{b.device.type}:{'pinned' if b.is_pinned() else 'pageable'}"
+                                   for b in self._ddpw.checkpoints._buffers.values()})}
         scaler = self.accelerator.scaler
         # The main rank's facts at the top (the job's result is its); every rank's in "ranks".
         return {**result, **mine, "ranks": gather_object([mine]),

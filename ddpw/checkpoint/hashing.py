@@ -19,7 +19,6 @@ import select
 import signal
 import sys
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,28 +43,28 @@ def new_hasher(algorithm: str = ALGORITHM) -> Any:
 
 
 def write_hashed(path: Path, pieces: Iterable[bytes | memoryview]) -> str:
-    """Write ``pieces`` one after another as the file ``path``; return its :data:`ALGORITHM`
-    digest.
+    """Write ``pieces`` one after another as the file ``path`` and flush it to disk; return its
+    :data:`ALGORITHM` digest.
+
+    Each piece is hashed right after it is written, while it is still in the CPU's caches;
+    BLAKE3 hashes a large piece on every core, faster than the write.
 
     :raises OSError: naming ``path``, also where the failed write (a full disk) names no file.
     """
     hasher = new_hasher()
-    # Writing and hashing both release the GIL: each piece is hashed while the next is written.
-    with _naming(path), ThreadPoolExecutor(1) as pool, open(path, "wb") as f:
-        pending = None
+    with _naming(path), open(path, "wb") as f:
         for piece in pieces:
             f.write(piece)
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(hasher.update, piece)
-        if pending is not None:
-            pending.result()
+            hasher.update(piece)
+        f.flush()
+        os.fsync(f.fileno())
     _test_fault(path)
     return hasher.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> str:
-    """Write ``obj`` as JSON; return the file's :data:`ALGORITHM` digest."""
+    """Write ``obj`` as JSON and flush it to disk; return the file's :data:`ALGORITHM`
+    digest."""
     return write_hashed(path, [json.dumps(obj).encode()])
 
 

@@ -22,6 +22,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # Copies: torch reads a generator state from the start of its storage, and a tensor read in
+    # place from a checkpoint file starts further in (torch 2.13 rejects it, or crashes).
+    torch.set_rng_state(state["torch"].clone())
     if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+        torch.cuda.set_rng_state(state["cuda"].clone(), device)

@@ -1,13 +1,13 @@
 """A checkpoint's parts as safetensors and JSON files: the model's weights, and nested states
-(optimiser, scheduler, RNG) split into JSON and tensors."""
+(optimiser, scheduler, RNG) split into JSON and tensors; files written hashed and read in
+place."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ import safetensors.torch
 import torch
 
 from ..errors import ConfigError
-from .hashing import write_hashed, write_json
+from .hashing import write_hashed
+from .layout import tensor_files
 
 # --- nested state as JSON plus tensors -----------------------------------------------------------
 # Optimiser, scheduler and RNG states are nested containers. Their tensors go to safetensors and
@@ -71,23 +72,27 @@ _DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
+_NAMES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
                   metadata: dict[str, str] | None = None) -> str:
-    """Write ``tensors`` as a safetensors file, streaming; return the file's digest
-    (:data:`~ddpw.checkpoint.hashing.ALGORITHM`).
+    """Write ``tensors`` (on the CPU) as a safetensors file and flush it to disk; return the
+    file's digest (:data:`~ddpw.checkpoint.hashing.ALGORITHM`).
 
     Unlike ``safetensors.torch.save_file``, the file is written tensor by tensor from the
-    tensors' own memory (CPU tensors are not copied; device tensors are copied to the host
-    first), with no buffer of the whole file, and hashed while it is written.
+    tensors' own memory, with no buffer of the whole file, and hashed while it is written. The
+    widest elements come first, so that every tensor's data is aligned to its element size and
+    :func:`map_tensors` can read it in place.
     """
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, t in cpu.items():
+    for name, t in tensors.items():
         if t.dtype not in _DTYPES:
             raise TypeError(f"cannot store tensor '{name}' of dtype {t.dtype} in a checkpoint")
+    ordered = sorted(tensors, key=lambda name: -tensors[name].element_size())
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in ordered:
+        t = tensors[name]
         size = t.numel() * t.element_size()
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
@@ -95,30 +100,14 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
     pieces = [len(encoded).to_bytes(8, "little"), encoded]
-    pieces += [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in cpu.values()
-               if t.numel()]
+    pieces += [memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+               for name in ordered if (t := tensors[name]).numel()]
     return write_hashed(path, pieces)
 
 
-def write_part(folder: Path, name: str, obj: Any) -> dict[str, str]:
-    """Write ``obj`` as ``{name}.json`` and, if it holds tensors, ``{name}.safetensors``.
-
-    :returns: the digest of each file written, by file name.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    structure = split(obj, tensors)
-    digests = {}
-    if tensors:
-        digests[f"{name}.safetensors"] = write_tensors(folder / f"{name}.safetensors", tensors)
-    digests[f"{name}.json"] = write_json(folder / f"{name}.json", structure)
-    return digests
-
-
-def write_model(folder: Path, model: torch.nn.Module) -> dict[str, str]:
-    """Write ``model``'s weights as ``model.safetensors``, each tied tensor once.
-
-    :returns: the file's digest, by file name.
-    """
+def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``model``'s weights with each tied tensor once, and the other names of tied tensors
+    (alias -> stored name)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
@@ -130,27 +119,7 @@ def write_model(folder: Path, model: torch.nn.Module) -> dict[str, str]:
         else:
             seen[identity] = key
             tensors[key] = tensor
-    metadata = {"ddpw_aliases": json.dumps(aliases)} if aliases else None
-    return {"model.safetensors": write_tensors(folder / "model.safetensors", tensors, metadata)}
-
-
-def write_all(folder: Path, parts: dict[str, Any], model: torch.nn.Module | None = None
-              ) -> dict[str, str]:
-    """Write ``model`` (if given) and each of ``parts`` (:func:`write_part`) into ``folder``.
-
-    The files are written by concurrent threads: copying into the page cache and hashing both
-    release the GIL, so a large model and its optimiser state are saved side by side.
-
-    :returns: the digest of each file written, by file name.
-    """
-    jobs = [partial(write_part, folder, name, obj) for name, obj in parts.items()]
-    if model is not None:
-        jobs.append(partial(write_model, folder, model))
-    digests: dict[str, str] = {}
-    with ThreadPoolExecutor(min(4, len(jobs))) as pool:
-        for written in pool.map(lambda job: job(), jobs):
-            digests |= written
-    return digests
+    return tensors, aliases
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -159,42 +128,100 @@ def write_all(folder: Path, parts: dict[str, Any], model: torch.nn.Module | None
 def _reading(path: Path) -> Iterator[None]:
     """Turn a file that safetensors or JSON cannot parse into a :class:`ConfigError` naming it.
 
-    :func:`~ddpw.checkpoint.manifest.verify` finds damage first; this covers a file changed
-    together with its manifest.
+    Hashes find damage first; this covers a file changed together with its manifest, and a file
+    read before its hash is known to be right (the hash of another rank's share).
     """
     try:
         yield
     except ConfigError:
         raise
-    except (safetensors.SafetensorError, ValueError, KeyError, TypeError) as error:
+    except (safetensors.SafetensorError, ValueError, KeyError, TypeError, IndexError,
+            RuntimeError) as error:
         raise ConfigError(f"checkpoint {path.parent} is damaged: {path.name} cannot be read "
                           f"({type(error).__name__}: {error}). Use another checkpoint.") from error
 
 
+class MappedFile:
+    """A file mapped into memory, copy-on-write: its bytes are read once, from the page cache,
+    by whatever touches them first (a hash, or a copy into the model), and a tensor made from
+    them may be changed without changing the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        #: The file's bytes.
+        self.data = torch.empty(0, dtype=torch.uint8).set_(storage)
+
+    def hash_into(self, hasher: Any) -> None:
+        """Feed the file's bytes to ``hasher`` (``update``)."""
+        if self.data.numel():
+            hasher.update(self.data.numpy())
+
+    def json(self) -> Any:
+        """The file's content as JSON."""
+        with _reading(self.path):
+            return json.loads(self.data.numpy().tobytes())
+
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors of a safetensors file, in place where their data is aligned, and its
+        metadata."""
+        with _reading(self.path):
+            length = int.from_bytes(self.data[:8].numpy().tobytes(), "little")
+            base = 8 + length
+            if len(self.data) < 8 or base > len(self.data):
+                raise ValueError("not a safetensors file: its header overruns the file")
+            try:
+                header = json.loads(self.data[8:base].numpy().tobytes())
+            except ValueError as error:
+                raise ValueError(f"not a safetensors file: its header is not JSON ({error})"
+                                 ) from error
+            if not isinstance(header, dict):
+                raise ValueError("not a safetensors file: its header is not a JSON object")
+            metadata = header.pop("__metadata__", None) or {}
+            tensors = {}
+            for name, entry in header.items():
+                dtype = _NAMES[entry["dtype"]]
+                begin, end = entry["data_offsets"]
+                raw = self.data[base + begin:base + end]
+                shape = tuple(entry["shape"])
+                if raw.numel() != math.prod(shape) * dtype.itemsize or end > len(self.data) - base:
+                    raise ValueError(f"tensor '{name}' does not fit its offsets")
+                if (base + begin) % dtype.itemsize:
+                    raw = raw.clone()  # written by a ddpw that did not align (before version 3)
+                tensors[name] = raw.view(dtype).reshape(shape)
+            return tensors, metadata
+
+
+def map_tensors(paths: Iterable[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of the safetensors files ``paths`` together, and their metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for path in paths:
+        found, meta = MappedFile(path).tensors()
+        tensors |= found
+        metadata |= meta
+    return tensors, metadata
+
+
 def read_part(folder: Path, name: str, device: torch.device | str = "cpu") -> Any:
-    """Read what :func:`write_part` wrote.
+    """Read a part that a checkpoint keeps as ``{name}.json`` and, if it holds tensors, one or
+    more safetensors files (:mod:`~ddpw.checkpoint.layout`), without checking its hashes.
 
     :raises ConfigError: naming a file that is not what it should be.
     """
-    tensor_file, json_file = folder / f"{name}.safetensors", folder / f"{name}.json"
-    tensors: dict[str, torch.Tensor] = {}
-    if tensor_file.is_file():
-        with _reading(tensor_file):
-            tensors = safetensors.torch.load_file(str(tensor_file), device=_device(device))
-    with _reading(json_file):
-        return join(json.loads(json_file.read_text()), tensors)
+    tensors, _ = map_tensors(tensor_files(folder, name))
+    return join(MappedFile(folder / f"{name}.json").json(), _to(tensors, device))
 
 
-def read_model(folder: Path, model: torch.nn.Module, device: torch.device | str) -> None:
-    """Load ``model.safetensors`` into ``model``.
+def load_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+               aliases: dict[str, str], folder: Path) -> None:
+    """Load the stored ``tensors`` and their ``aliases`` into ``model``.
 
-    :raises ConfigError: when the file is not a safetensors file, or the weights do not fit the
-        model, naming the keys.
+    :raises ConfigError: when the weights do not fit the model, naming the keys.
     """
-    path = folder / "model.safetensors"
-    with _reading(path):
-        state = safetensors.torch.load_file(str(path), device=_device(device))
-    for alias, key in _aliases(path).items():
+    state = dict(tensors)
+    for alias, key in aliases.items():
         state[alias] = state[key]
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -203,15 +230,33 @@ def read_model(folder: Path, model: torch.nn.Module, device: torch.device | str)
                           f"{result.missing_keys}, unexpected {result.unexpected_keys}.")
 
 
+def read_model(folder: Path, model: torch.nn.Module, device: torch.device | str) -> None:
+    """Load a checkpoint's model weights into ``model``, without checking their hashes.
+
+    :raises ConfigError: when a file is not a safetensors file, or the weights do not fit the
+        model, naming the keys.
+    """
+    tensors, metadata = map_tensors(tensor_files(folder, "model"))
+    load_model(model, _to(tensors, device), aliases(metadata), folder)
+
+
+def aliases(metadata: dict[str, str]) -> dict[str, str]:
+    """The tied weights' other names (alias -> stored name) in a model file's metadata."""
+    return json.loads(metadata.get("ddpw_aliases", "{}"))
+
+
 def check_fits(folder: Path, model: torch.nn.Module) -> None:
-    """Check, from the file header alone, that the checkpoint's weights fit ``model``.
+    """Check, from the files' headers alone, that the checkpoint's weights fit ``model``.
 
     :raises ConfigError: listing missing, unexpected and mis-shaped tensors.
     """
-    path = folder / "model.safetensors"
-    with _reading(path), safetensors.safe_open(str(path), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    for alias, key in _aliases(path).items():
+    shapes: dict[str, tuple[int, ...]] = {}
+    tied: dict[str, str] = {}
+    for path in tensor_files(folder, "model"):
+        with _reading(path), safetensors.safe_open(str(path), framework="pt") as f:
+            shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            tied |= aliases(f.metadata() or {})
+    for alias, key in tied.items():
         shapes[alias] = shapes[key]
     expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     missing = [k for k in expected if k not in shapes]
@@ -226,13 +271,8 @@ def check_fits(folder: Path, model: torch.nn.Module) -> None:
                           f"({type(model).__name__}): " + "; ".join(parts) + ".")
 
 
-def _aliases(path: Path) -> dict[str, str]:
-    with _reading(path), safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        return json.loads(metadata.get("ddpw_aliases", "{}"))
-
-
-def _device(device: torch.device | str) -> str:
-    # safetensors takes "cpu" or "cuda:0", not "cpu:0" (which accelerate can report on CPU).
+def _to(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     device = torch.device(device)
-    return "cpu" if device.type == "cpu" else str(device)
+    if device.type == "cpu":
+        return tensors
+    return {name: t.to(device, non_blocking=True) for name, t in tensors.items()}
