@@ -24,6 +24,7 @@ from ddpw import (
     restartable,
     world,
 )
+from ddpw import checkpoint as ckpt
 
 TESTS = Path(__file__).resolve().parent
 SLURM_CPU = {"platform": Platform.SLURM, "n_gpus": 0, "partition": "debug", "timeout_min": 5,
@@ -206,9 +207,23 @@ def slow_training(tmp_path, **platform):
         SlowTrainer(job(tmp_path, epochs=4, save_every=4, **ACCUMULATE)))
 
 
+def assert_two_shares(folder: Path) -> None:
+    """``folder`` is a checkpoint of 2 processes, whole, in which each wrote its share of the
+    model and the optimiser."""
+    manifest = ckpt.verify(folder)
+    assert (manifest["world_size"], manifest["shares"]) == (2, 2), manifest
+    for part in ("model", "optimiser"):
+        for share in (1, 2):
+            assert f"{part}-{share:05d}-of-00002.safetensors" in manifest["files"], (part, share)
+        assert f"{part}.safetensors" not in manifest["files"], part
+
+
+# One node of 2 processes, and 2 nodes of one (where each node writes a share).
+@pytest.mark.parametrize("shape", [{"n_procs": 2}, {"n_nodes": 2, "n_procs": 1}],
+                         ids=["one-node", "two-nodes"])
 def test_a_signal_mid_epoch_pauses_requeues_and_resumes_bitwise(cluster, tmp_path,
-                                                                 uninterrupted):
-    submission = slow_training(tmp_path, n_procs=2)
+                                                                 uninterrupted, shape):
+    submission = slow_training(tmp_path, **shape)
     wait_for(tmp_path / "mid-epoch", submission)
     subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
     metrics = submission.wait()
@@ -217,6 +232,8 @@ def test_a_signal_mid_epoch_pauses_requeues_and_resumes_bitwise(cluster, tmp_pat
     # Mid-epoch, or at the end of an epoch when the signal came during its last steps.
     assert re.fullmatch(r"ckpt_[123](_batch\d+)?", paused) and last == "ckpt_4", paused
     assert final_files(tmp_path / "checkpoint" / "ckpt_4") == uninterrupted
+    for name in (paused, last):
+        assert_two_shares(tmp_path / "checkpoint" / name)
     console = submission.console_log.read_text()
     assert "[ddpw] requeued SLURM job" in console
     assert f"[ddpw] attempt 2: resuming from {tmp_path / 'checkpoint' / paused}" in console
@@ -236,6 +253,8 @@ def test_a_real_preemption_of_a_two_node_job_requeues_it_and_resumes_bitwise(
     # Mid-epoch, or at the end of an epoch when the signal came during its last steps.
     assert re.fullmatch(r"ckpt_[123](_batch\d+)?", paused) and last == "ckpt_4", paused
     assert final_files(tmp_path / "checkpoint" / "ckpt_4") == uninterrupted
+    for name in (paused, last):
+        assert_two_shares(tmp_path / "checkpoint" / name)
     states = subprocess.run(["sacct", "-n", "-X", "-o", "State", "-j", urgent],
                             capture_output=True, text=True).stdout.split()
     assert states == ["COMPLETED"], states

@@ -232,7 +232,8 @@ class Checkpointer:
             shared += [(part, key, t) for key, t in found.items()]
         owners = assign([t.numel() * t.element_size() for _, _, t in shared], self.world_size)
         files: dict[str, Any] = {}
-        metadata = {"ddpw_aliases": json.dumps(tied)} if tied else None
+        # "format": what Hugging Face's loaders require of a model file's metadata.
+        metadata = {"format": "pt", **({"ddpw_aliases": json.dumps(tied)} if tied else {})}
         for (part, key, t), owner in zip(shared, owners, strict=True):
             if owner == self.rank:
                 name = tensor_file(part, owner, self.world_size)
