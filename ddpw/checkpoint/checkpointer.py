@@ -49,7 +49,17 @@ from .hashing import new_hasher, write_json
 from .layout import assign, index, index_file, tensor_file, tensor_files
 from .manifest import check, damage, hash_of, publish
 from .names import Position, prune, staging_path, tidy
-from .tensors import MappedFile, aliases, join, load_model, model_tensors, split, write_tensors
+from .tensors import (
+    MappedFile,
+    aliases,
+    join,
+    load_model,
+    map_tensors,
+    model_tensors,
+    split,
+    to_device,
+    write_tensors,
+)
 
 #: The parts whose state every rank holds alike, in the order they are dealt out.
 SHARED_PARTS = ("model", "optimiser", "scheduler", "scaler")
@@ -387,15 +397,9 @@ class Checkpointer:
 
     def _tensors(self, folder: Path, part: str, mapped: dict[str, MappedFile]
                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors: dict[str, torch.Tensor] = {}
-        metadata: dict[str, str] = {}
-        for path in tensor_files(folder, part):
-            found, meta = self._map(folder, path.name, mapped).tensors()
-            tensors |= found
-            metadata |= meta
-        if self.device.type != "cpu":
-            tensors = {key: t.to(self.device, non_blocking=True) for key, t in tensors.items()}
-        return tensors, metadata
+        tensors, metadata = map_tensors(tensor_files(folder, part),
+                                        lambda path: self._map(folder, path.name, mapped))
+        return to_device(tensors, self.device), metadata
 
 
 def _write_probe(probe: Path | None) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,12 +193,16 @@ class MappedFile:
             return tensors, metadata
 
 
-def map_tensors(paths: Iterable[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of the safetensors files ``paths`` together, and their metadata."""
+def map_tensors(paths: Iterable[Path], mapping: Callable[[Path], MappedFile] = MappedFile
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of the safetensors files ``paths`` together, and their metadata.
+
+    :param mapping: maps a file (a reader that keeps its maps passes its own, to map each once).
+    """
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for path in paths:
-        found, meta = MappedFile(path).tensors()
+        found, meta = mapping(path).tensors()
         tensors |= found
         metadata |= meta
     return tensors, metadata
@@ -211,7 +215,7 @@ def read_part(folder: Path, name: str, device: torch.device | str = "cpu") -> An
     :raises ConfigError: naming a file that is not what it should be.
     """
     tensors, _ = map_tensors(tensor_files(folder, name))
-    return join(MappedFile(folder / f"{name}.json").json(), _to(tensors, device))
+    return join(MappedFile(folder / f"{name}.json").json(), to_device(tensors, device))
 
 
 def load_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
@@ -237,7 +241,7 @@ def read_model(folder: Path, model: torch.nn.Module, device: torch.device | str)
         model, naming the keys.
     """
     tensors, metadata = map_tensors(tensor_files(folder, "model"))
-    load_model(model, _to(tensors, device), aliases(metadata), folder)
+    load_model(model, to_device(tensors, device), aliases(metadata), folder)
 
 
 def aliases(metadata: dict[str, str]) -> dict[str, str]:
@@ -271,7 +275,9 @@ def check_fits(folder: Path, model: torch.nn.Module) -> None:
                           f"({type(model).__name__}): " + "; ".join(parts) + ".")
 
 
-def _to(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device | str
+              ) -> dict[str, torch.Tensor]:
+    """``tensors`` on ``device`` (themselves on the CPU)."""
     device = torch.device(device)
     if device.type == "cpu":
         return tensors
