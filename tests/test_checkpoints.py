@@ -349,6 +349,26 @@ def test_keep_last_prunes_but_never_the_checkpoint_resumed_from(tmp_path):
     assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1", "ckpt_4"]
 
 
+def test_a_prune_cut_short_leaves_nothing_named_like_a_checkpoint(tmp_path, monkeypatch):
+    """A kill while an old checkpoint is deleted (here: the deletion stops after the manifest)
+    must not leave a folder named like a checkpoint that is not one."""
+    Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=2, save_every=1)))
+    root = tmp_path / "checkpoint"
+
+    def killed_midway(path, **_):
+        (Path(path) / ckpt.names.MANIFEST).unlink()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt.names.shutil, "rmtree", killed_midway)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.names.prune(root, "ckpt", keep_last=1, protect=())
+    named = sorted(e.name for e in root.iterdir() if ckpt.Position.parse(e.name, "ckpt"))
+    assert named == ckpt.available(root, "ckpt") == ["ckpt_2"]
+    ckpt.names.tidy(root, "ckpt")
+    assert not list(root.glob(".ckpt_*")), sorted(p.name for p in root.iterdir())
+
+
 def test_keep_last_keeps_the_most_recently_written_not_the_furthest(tmp_path):
     Wrapper(CPU1, artefacts()).start(BlobTrainer(job(tmp_path, epochs=4, save_every=2)))
     # Go back to epoch 2 and train to 3: ckpt_3 is the newest, though ckpt_4 is further.

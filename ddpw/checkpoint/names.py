@@ -97,15 +97,23 @@ def staging_path(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.partial")
 
 
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that a crash midway leaves nothing named like one: it is
+    renamed out of sight first, and :func:`tidy` finishes what a crash interrupted."""
+    hidden = folder.with_name(f".{folder.name}.deleted")
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def tidy(checkpoint_path: str | Path, prefix: str) -> None:
-    """Clean up after writes that a crash interrupted: delete hidden partial folders, and put
-    back a checkpoint that :func:`~ddpw.checkpoint.manifest.publish` had moved aside when the
-    crash came."""
+    """Clean up after writes that a crash interrupted: delete hidden partial and discarded
+    folders, and put back a checkpoint that :func:`~ddpw.checkpoint.manifest.publish` had
+    moved aside when the crash came."""
     root = Path(checkpoint_path)
     if not root.is_dir():
         return
     for entry in root.glob(f".{prefix}_*"):
-        if entry.name.endswith(".partial") and entry.is_dir():
+        if entry.name.endswith((".partial", ".deleted")) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
         elif entry.name.endswith(".old"):
             original = root / entry.name[1:-len(".old")]
@@ -121,4 +129,4 @@ def prune(checkpoint_path: str | Path, prefix: str, keep_last: int,
     names = by_write_order(checkpoint_path, available(checkpoint_path, prefix))
     for name in names[:-keep_last]:
         if name not in protect:
-            shutil.rmtree(Path(checkpoint_path) / name, ignore_errors=True)
+            discard(Path(checkpoint_path) / name)
