@@ -146,3 +146,38 @@ def test_a_disk_that_fills_at_the_latest_marker_publishes_nothing(tmpfs, tmp_pat
     check_every_rank(logs, disk / "ckpt_1", no_space(re.escape(str(disk / ".ckpt_latest.partial"))))
     # Not a checkpoint in place that the job reported as not written, nor a stray marker.
     assert os.listdir(disk) == []
+
+
+class WhereNotingTrainer(ErrorNotingTrainer):
+    """Also notes where each rank was (epoch, batches done) when its error came, in
+    ``{training_logs_path}/rank-R.where``."""
+
+    def run(self):
+        try:
+            return super().run()
+        except BaseException:
+            Path(self.j_config.training_logs_path, f"rank-{self.global_rank}.where").write_text(
+                f"{self.epoch} {self.batch}")
+            raise
+
+
+def test_a_disk_that_fills_during_a_background_write_stops_every_rank_at_one_boundary(
+        tmpfs, tmp_path, measured):
+    """Epoch 2's checkpoint fails in the background while epoch 3 trains: every rank raises
+    the disk's error at the same step boundary, long before the last epoch."""
+    disk = tmpfs(measured.checkpoint + PAGE + measured.checkpoint // 2)
+    logs = tmp_path / "logs"
+    epochs = 12
+    with pytest.raises(WorkerError, match=r"rank [01] of 2 raised an exception") as caught:
+        Wrapper(CPU2, model_and_data()).start(WhereNotingTrainer(
+            training(disk, logs, epochs, keep_last=1, async_checkpoint=True)))
+    full = no_space(rf"{re.escape(str(disk / '.ckpt_2.partial'))}/[\w.-]+")
+    assert re.search(full, caught.value.details), caught.value.details
+    check_every_rank(logs, disk / "ckpt_2", full)
+    where = {(logs / f"rank-{rank}.where").read_text() for rank in range(2)}
+    assert len(where) == 1, f"the ranks stopped at different boundaries: {where}"
+    epoch, _ = map(int, where.pop().split())
+    assert 3 <= epoch < epochs, f"the error came at epoch {epoch}, not while training went on"
+    assert sorted(os.listdir(disk)) == ["ckpt_1", "ckpt_latest"]
+    ckpt.verify(disk / "ckpt_1")
+    assert final_files(disk / "ckpt_1") == measured.files
