@@ -37,6 +37,8 @@ Examples:
   ddpw-launch -m my_package.train --epochs 3          (run a module)
   ddpw-launch --config cluster.toml train.py           (settings from a file)
   ddpw-launch --platform cpu --n-procs 4 --dry-run train.py
+  ddpw-launch --platform cpu --n-nodes 2 --node-rank 0 --master-addr node0 \
+      --master-port 29500 --n-procs 2 train.py          (on every machine, its own rank)
   ddpw-launch --platform slurm --n-nodes 2 --n-gpus 4 --partition gpu \\
       --account proj --slurm-parameter mail_type=END train.py
 
@@ -50,7 +52,8 @@ On SLURM: 143 when the job was cancelled, 124 when it ran out of time.
 #: in the order they are declared); the rest are listed under "Other".
 HELP_SECTIONS = {
     "Where to run": ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task",
-                     "mixed_precision", "master_port"),
+                     "mixed_precision"),
+    "Several machines": ("node_rank", "master_addr", "master_port", "rendezvous_timeout_s"),
     "SLURM": ("partition", "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
               "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit", "no_wait",
               "on_interrupt"),
@@ -91,7 +94,9 @@ class _SectionedCommand(click.Command):
 @click.option("--n-gpus", type=click.IntRange(min=0),
               help="GPUs per node, one process each [default: 1; on SLURM, 0 when --n-procs is "
                    "given].")
-@click.option("--n-nodes", type=click.IntRange(min=1), help="Nodes (SLURM).")
+@click.option("--n-nodes", type=click.IntRange(min=1),
+              help="Machines: on SLURM, asked for; on cpu and gpu, each runs this command "
+                   "with its own --node-rank [default: 1, or PET_NNODES / NNODES].")
 @click.option("--cpus-per-task", type=click.IntRange(min=1),
               help="CPU cores (threads) per process [default: the cores split evenly; on "
                    "SLURM, 8 per GPU process (fewer where a node has fewer per GPU), 1 per CPU "
@@ -123,8 +128,16 @@ class _SectionedCommand(click.Command):
 @click.option("--name", help="The job's name (log folder, SLURM job name) [default: DDPW].")
 @click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION),
               help="Mixed precision for Accelerate [default: no].")
+@click.option("--node-rank", type=click.IntRange(min=0),
+              help="This machine's place among --n-nodes, from 0; node 0 holds the rendezvous "
+                   "[default: PET_NODE_RANK / NODE_RANK].")
+@click.option("--master-addr",
+              help="Node 0's host name or address [default: PET_MASTER_ADDR / MASTER_ADDR].")
 @click.option("--master-port", type=click.IntRange(1, 65535),
-              help="Rendezvous port [default: a free one].")
+              help="Rendezvous port [default: one machine: a free one; several: "
+                   "PET_MASTER_PORT / MASTER_PORT, else 29500].")
+@click.option("--rendezvous-timeout-s", type=click.IntRange(min=1),
+              help="Seconds the machines wait for each other at the start [default: 600].")
 @click.option("-m", "--module", is_flag=True,
               help="SCRIPT is a module name, run as with python -m.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
@@ -183,11 +196,20 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
         run_script(script, list(script_args), module=module, end_with_parent=False)
     name = settings.get("name", "DDPW")
     folder = jobfolder.make(log_dir, name)
-    click.echo(f"[ddpw] {plan.world_size} processes; every rank's output in {folder}",
-               err=True)
+    meeting = plan.rendezvous
+    where = (f"node {meeting.node_rank} of {meeting.nodes}, ranks {plan.first_rank} to "
+             f"{plan.first_rank + plan.world_size // meeting.nodes - 1} of {plan.world_size}, "
+             f"meeting at {meeting.endpoint}" if meeting else f"{plan.world_size} processes")
+    click.echo(f"[ddpw] {where}; every rank's output in {folder}", err=True)
     from .launcher import Logs, run_accelerate  # not for --help and --dry-run: they are light
 
-    outcome = run_accelerate(plan, entry, Logs(folder, all_ranks=all_ranks))
+    logs = Logs(folder, all_ranks=all_ranks, first_rank=plan.first_rank,
+                node=meeting.node_rank if meeting else None)
+    try:
+        outcome = run_accelerate(plan, entry, logs)
+    except ConfigError as error:  # the machines did not meet
+        click.echo(f"Error: {_as_option_names(str(error))}", err=True)
+        exit_now(2)
     # Finalising an interpreter that has imported torch takes about half a second, for nothing.
     exit_now(_exit_status(outcome, folder, all_ranks))
 
@@ -375,6 +397,14 @@ def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
         per_node = {"per_node_args": [
             "--machine_rank", "<SLURM_NODEID>", "--main_process_ip", "<the first node's address>",
             "--main_process_port", "<a port from 20000 to 60000 derived from the job id>"]}
+    meeting = plan.rendezvous
+    if meeting is not None:
+        per_node = {"rendezvous": {
+            "nodes": meeting.nodes, "node_rank": meeting.node_rank,
+            "endpoint": meeting.endpoint, "timeout_s": meeting.timeout_s,
+            "from_environment": meeting.read, "first_rank": plan.first_rank,
+            "per_node_args": ["--machine_rank", "<the node's rank, 0 on "
+                              f"{meeting.master_addr}>"]}}
     return {"mode": plan.mode.value, "platform": plan.platform.name,
             "world_size": plan.world_size, "command": command,
             "shell": shlex.join(command), "env": plan.env,

@@ -160,8 +160,12 @@ def results_present(folder: Path, world_size: int) -> bool:
     return all(result_file(folder, rank).is_file() for rank in range(world_size))
 
 
-def collect(folder: Path, world_size: int, outcome: Outcome) -> list[Any]:
+def collect(folder: Path, world_size: int, outcome: Outcome,
+            other_machines: bool = False) -> list[Any]:
     """The ranks' results from ``folder`` in rank order, or the error that explains why not.
+
+    :param other_machines: some of the ranks ran on other machines, whose reports are not in
+        ``folder``.
 
     :raises JobPaused: when the training job paused and saved a checkpoint.
     :raises KeyboardInterrupt: when Ctrl-C stopped the launch.
@@ -188,7 +192,7 @@ def collect(folder: Path, world_size: int, outcome: Outcome) -> list[Any]:
                           f"of it has ended{how}")
     log = agent_log(folder)
     agent = log.read_text(errors="replace").rstrip() if log.is_file() else ""
-    raise explain(found, outcome.failures, world_size, agent)
+    raise explain(found, outcome.failures, world_size, agent, other_machines)
 
 
 # --- the logs ------------------------------------------------------------------------------------

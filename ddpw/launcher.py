@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import jobfolder
+from . import jobfolder, rendezvous
 from ._compat import warn_if_agent_takes_signals
 from .jobfolder import Payload
 from .outcome import Outcome
@@ -83,7 +83,13 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
     :param agent_log: where the agent's records go (appended; made at the first record):
         :attr:`Logs.agent_log` when ``logs`` is given; without either, a temporary
         file that is discarded.
+    :raises ConfigError: when a job on several machines cannot meet: node 0's address does not
+        resolve, or the nodes did not all arrive in time (:func:`ddpw.rendezvous.explain`).
     """
+    env = dict(plan.env)
+    if plan.rendezvous is not None:
+        rendezvous.check(plan.rendezvous)
+        env.update(rendezvous.gloo_env(plan.rendezvous))
     with tempfile.TemporaryDirectory(prefix="ddpw-launch-") as tmp, _LAUNCH_LOCK:
         config_file = Path(tmp) / "accelerate.json"
         config_file.write_text(json.dumps(plan.accelerate_config))
@@ -95,8 +101,15 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
             _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
         if logs is not None:
             agent_log = logs.agent_log
-        outcome = _run(args, launch_env(plan.env), plan.standalone, torchrun_logs, logs,
-                       forward, agent_log or Path(tmp) / "agent.log")
+        try:
+            outcome = _run(args, launch_env(env), plan.standalone, torchrun_logs, logs,
+                           forward, agent_log or Path(tmp) / "agent.log")
+        except (RuntimeError, ConnectionError) as error:
+            explained = (rendezvous.explain(error, plan.rendezvous)
+                         if plan.rendezvous is not None else None)
+            if explained is None:
+                raise
+            raise explained from None
         if torchrun_logs is not None:
             _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
         return outcome
@@ -118,7 +131,8 @@ def launch(payload: Payload) -> list[Any]:
         jobfolder.write_payload(folder, ship(payload))
         outcome = run_accelerate(payload.plan, ["--module", "ddpw.entry", str(folder)],
                                  agent_log=jobfolder.agent_log(folder))
-        return jobfolder.collect(folder, payload.plan.world_size, outcome)
+        return jobfolder.collect(folder, payload.plan.world_size, outcome,
+                                 other_machines=payload.plan.rendezvous is not None)
 
 
 def launch_env(plan_env: dict[str, str]) -> dict[str, str]:

@@ -65,7 +65,8 @@ def root_cause(failures: dict[int, tuple[int, float]], secondary: set[int],
 
 
 def explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, float]],
-            world_size: int, agent: str = "") -> WorkerError | ConfigError:
+            world_size: int, agent: str = "",
+            other_machines: bool = False) -> WorkerError | ConfigError:
     """The error that best explains a failed launch: the rank that failed first, and why; or,
     when that rank found bad input (a damaged checkpoint), the same
     :class:`~ddpw.errors.ConfigError`.
@@ -73,6 +74,8 @@ def explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, f
     :param reports: the ranks' error reports (:func:`ddpw.jobfolder.reports`).
     :param agent: what torchrun's agent logged, the details of a rank that died without a
         Python exception (the agent saw its end; the rank itself said nothing).
+    :param other_machines: some ranks ran on other machines, whose reports are not here: when
+        every rank here only lost its peers, the first failure was on one of those.
     """
     said = f"torchrun's agent logged:\n{agent}" if agent else ""
     secondary = {rank for rank, report in reports.items()
@@ -82,6 +85,11 @@ def explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, f
         return WorkerError("the ranks ended without reporting a result", details=said)
     if rank in reports and reports[rank].get("config_error"):
         return ConfigError(reports[rank]["config_error"])
+    if other_machines and rank in secondary:
+        return WorkerError(f"rank {rank} of {world_size} lost its peers: a process on another "
+                           f"machine of the job failed first, or that machine went down; its "
+                           f"own output says why", rank=rank,
+                           details=reports.get(rank, {}).get("traceback", said).rstrip())
     if rank in reports:
         return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,
                            details=reports[rank]["traceback"].rstrip())

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from . import environment
+from . import environment, rendezvous
 from .errors import ConfigError
 from .platform import Platform, PlatformConfig
+from .rendezvous import Rendezvous
 
 #: Variables that ``torchrun``, ``accelerate launch`` and ``ddpw-launch`` give every process.
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -92,7 +93,8 @@ class LaunchMode(Enum):
     IN_PROCESS = "in_process"
     #: The caller is already one rank of a distributed launch: the job runs here, on every rank.
     IN_PLACE = "in_place"
-    #: ``accelerate launch`` starts ``world_size`` worker processes on this machine.
+    #: ``accelerate launch`` starts this machine's worker processes: all ``world_size`` of
+    #: them, or this node's share of a job on several machines (:mod:`ddpw.rendezvous`).
     ACCELERATE = "accelerate"
     #: A SLURM job (through submitit) runs one ``accelerate launch`` on each of its nodes.
     SLURM = "slurm"
@@ -122,6 +124,8 @@ class LaunchPlan:
     :param slurm: for :attr:`LaunchMode.SLURM`, the parameters of submitit's executor (one task
         per node, whose ``accelerate launch`` adds ``--machine_rank``, ``--main_process_ip``
         and ``--main_process_port`` on the node).
+    :param rendezvous: for a job on several machines without SLURM, how this one meets the
+        others; its ``accelerate launch`` starts this node's processes alone.
     """
 
     mode: LaunchMode
@@ -135,6 +139,14 @@ class LaunchPlan:
     standalone: bool = False
     srun_env: bool = False
     slurm: dict[str, Any] = field(default_factory=dict)
+    rendezvous: Rendezvous | None = None
+
+    @property
+    def first_rank(self) -> int:
+        """The global rank of this machine's first process."""
+        if self.rendezvous is None:
+            return 0
+        return self.rendezvous.node_rank * (self.world_size // self.rendezvous.nodes)
 
     def accelerate_args(self, config_file: str, entry: list[str]) -> list[str]:
         """The arguments of ``accelerate launch`` that start ``entry`` on every process."""
@@ -168,6 +180,7 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
 
     if config.platform is Platform.SLURM:
         return _slurm_plan(config, accelerator_kwargs)
+    meeting = rendezvous.of(config, facts.env)
     procs = config.procs_per_node
     threads = config.cpus_per_task
     if threads is None and procs > 1 and (config.platform is Platform.CPU
@@ -175,7 +188,7 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         # GPU processes too: torchrun's default of one thread each starves their data loading
         # (unless the user chose OMP_NUM_THREADS, which torchrun then keeps).
         threads = max(1, facts.cpu_count // procs)
-    if procs == 1:
+    if procs == 1 and meeting is None:
         # The environment matters only to a script that ddpw-launch runs in this process, whose
         # own Accelerator() must then take the platform's settings.
         script_env = {"ACCELERATE_MIXED_PRECISION": config.mixed_precision}
@@ -193,10 +206,11 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         worker_env["ACCELERATE_USE_CPU"] = "1"
     # No --mixed_precision flag: with it, accelerate's checks initialise CUDA in the caller
     # (is_bf16_available), which the config file's setting does not.
-    launch_args = (
-        "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
-        "--machine_rank", "0", "--main_process_port", str(port), "--dynamo_backend", "no",
-    )
+    world_size = procs * (meeting.nodes if meeting else 1)
+    where = (meeting.launch_args() if meeting else
+             ("--num_machines", "1", "--machine_rank", "0", "--main_process_port", str(port)))
+    launch_args = ("--multi_gpu", "--num_processes", str(world_size), *where,
+                   "--dynamo_backend", "no")
     # Only the fields without a default: every other setting comes from the flags above or from
     # Accelerate's own defaults, never from a config file left on the machine.
     accelerate_config = {
@@ -204,11 +218,12 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         "mixed_precision": config.mixed_precision, "use_cpu": config.platform is Platform.CPU,
         "debug": False,
     }
-    return LaunchPlan(mode=LaunchMode.ACCELERATE, platform=config.platform, world_size=procs,
-                      threads_per_process=threads, accelerator_kwargs=accelerator_kwargs,
-                      env=worker_env, launch_args=launch_args,
-                      accelerate_config=accelerate_config,
-                      standalone=config.master_port is None)
+    return LaunchPlan(mode=LaunchMode.ACCELERATE, platform=config.platform,
+                      world_size=world_size, threads_per_process=threads,
+                      accelerator_kwargs=accelerator_kwargs, env=worker_env,
+                      launch_args=launch_args, accelerate_config=accelerate_config,
+                      standalone=meeting is None and config.master_port is None,
+                      rendezvous=meeting)
 
 
 def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> LaunchPlan:

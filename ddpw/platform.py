@@ -68,7 +68,15 @@ class PlatformConfig:
 
     :param name: the job's name (SLURM job name, log folder names).
     :param platform: a :class:`Platform` (or its name, ``"cpu"``).
-    :param n_nodes: number of machines; more than one needs :attr:`Platform.SLURM`.
+    :param n_nodes: number of machines. On SLURM, ddpw asks for them. On :attr:`Platform.CPU`
+        and :attr:`Platform.GPU`, every machine runs the same command, each with its own
+        ``node_rank``, and they meet at ``master_addr:master_port`` (torchrun's static
+        rendezvous; :mod:`ddpw.rendezvous`). Left at 1, it is taken from the environment
+        where that names a rendezvous (``PET_NNODES`` or ``NNODES``, as Kubernetes' training
+        operators set them).
+    :param node_rank: this machine's place among ``n_nodes`` (CPU and GPU), from 0 to
+        ``n_nodes - 1``; node 0 holds the rendezvous and the main rank. ``None`` takes it from
+        ``PET_NODE_RANK`` or ``NODE_RANK``.
     :param n_gpus: GPUs per node, one process each (GPU, and SLURM with GPUs). On SLURM, ``0`` asks
         for CPU processes only. Not given (``None``), it is ``0`` on SLURM when ``n_procs`` is
         given (CPU processes), and ``1`` otherwise; the config then holds the number chosen.
@@ -99,11 +107,16 @@ class PlatformConfig:
         limit ends it with an error naming its last checkpoint.
     :param seed: seeds Python, NumPy and torch on every rank (offset by the rank, so that dropout
         differs across ranks) and the data order (the same on every rank, so shards never overlap).
-    :param master_addr: kept from the seed's API, and checked, but not needed: a job on one
-        machine meets on this machine, and a SLURM job on its first node, whose address ddpw
-        asks SLURM for.
-    :param master_port: the port of the rendezvous. ``None`` (the default) lets it bind a free
-        port, so two jobs on one machine never collide; a fixed number is used as given.
+    :param master_addr: the host name or address of node 0, where the nodes of a job on several
+        machines (CPU, GPU) meet; ``None`` takes ``PET_MASTER_ADDR`` or ``MASTER_ADDR``. A job
+        on one machine meets on this machine, and a SLURM job on its first node, whose address
+        ddpw asks SLURM for: neither needs it.
+    :param master_port: the port of the rendezvous. On one machine, ``None`` (the default) lets
+        it bind a free port, so two jobs on one machine never collide. On several machines,
+        ``None`` takes ``PET_MASTER_PORT`` or ``MASTER_PORT``, else torch's 29500. A fixed
+        number is used as given.
+    :param rendezvous_timeout_s: how long the nodes of a job on several machines (CPU, GPU)
+        wait for each other at the start before the job fails, naming how many arrived.
     :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
     :param verbose: print ddpw's own summary and progress bars; ``False`` silences them (the job's
         own output is untouched).
@@ -112,6 +125,7 @@ class PlatformConfig:
     name: str = "DDPW"
     platform: Platform = Platform.GPU
     n_nodes: int = 1
+    node_rank: int | None = None
     n_gpus: int | None = None
     n_procs: int | None = None
     cpus_per_task: int | None = None
@@ -127,8 +141,9 @@ class PlatformConfig:
     signal_delay_s: int = 90
     requeue_limit: int = 10
     seed: int = 1889
-    master_addr: str = "localhost"
+    master_addr: str | None = None
     master_port: int | None = None
+    rendezvous_timeout_s: int = 600
     mixed_precision: str = "no"
     verbose: bool = True
 
@@ -164,8 +179,17 @@ class PlatformConfig:
                  f"{self.requeue_signal} that long before the time limit, to pause the job")
         check_int(owner, "requeue_limit", self.requeue_limit, 0)
         check_int(owner, "seed", self.seed, 0)
-        check_type(owner, "master_addr", self.master_addr, str, "a host name or IP address")
+        rank = self.node_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
+                                 or not 0 <= rank < self.n_nodes):
+            fail(owner, "node_rank", rank, f"an integer from 0 to {self.n_nodes - 1} "
+                 f"(n_nodes={self.n_nodes}), or None")
+        check_type(owner, "master_addr", self.master_addr, (str, type(None)),
+                   "a host name or IP address, or None")
+        if self.master_addr is not None and not self.master_addr.strip():
+            fail(owner, "master_addr", self.master_addr, "a host name or IP address, or None")
         check_int(owner, "master_port", self.master_port, 1, optional=True, maximum=65535)
+        check_int(owner, "rendezvous_timeout_s", self.rendezvous_timeout_s, 1)
         check_choice(owner, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_type(owner, "verbose", self.verbose, bool, "True or False")
         self._check_shape()
@@ -187,9 +211,13 @@ class PlatformConfig:
 
     def _check_shape(self) -> None:
         owner, p = "PlatformConfig", self.platform
-        if self.n_nodes > 1 and p is not Platform.SLURM:
+        if self.n_nodes > 1 and p is Platform.MPS:
             fail(owner, "n_nodes", self.n_nodes,
-                 f"1 on {p}; several nodes need platform=Platform.SLURM")
+                 "1 on Platform.MPS; several machines need Platform.CPU, Platform.GPU or "
+                 "Platform.SLURM")
+        if self.node_rank is not None and p is Platform.SLURM:
+            fail(owner, "node_rank", self.node_rank, "None on Platform.SLURM, where SLURM "
+                 "numbers the nodes")
         if p is Platform.GPU and self.n_gpus < 1:
             fail(owner, "n_gpus", self.n_gpus, "at least 1 on Platform.GPU (or use Platform.CPU)")
         if p is Platform.MPS and (self.n_gpus != 1 or self.n_procs not in (None, 1)):

@@ -110,7 +110,10 @@ def execute(folder: Path) -> int:
         payload = jobfolder.read_payload(folder)
         result = run(payload)
         # On the CPU, so that a caller without this rank's device (a login node) can read it.
-        jobfolder.write_result(folder, rank, dumps(result)[0])
+        data = dumps(result)[0]
+        jobfolder.write_result(folder, rank, data)
+        if payload.plan.rendezvous is not None:
+            _share_results(folder, rank, data, payload.plan.first_rank)
         _leave_process_group()
         return 0
     except BaseException as error:
@@ -124,6 +127,19 @@ def execute(folder: Path) -> int:
         if isinstance(error, SystemExit):  # a pause, or sys.exit() in the target
             return error.code if isinstance(error.code, int) else 1
         return exit_status(error)
+
+
+def _share_results(folder: Path, rank: int, data: bytes, first_rank: int) -> None:
+    """In a job of several machines, each machine's payload folder is its own: every rank's
+    result goes to every node, whose first process writes those of the other nodes' ranks, so
+    that ``Wrapper.start`` returns all of them on every machine."""
+    every: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, data)
+    if rank == first_rank:
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        for other, found in enumerate(every):
+            if not first_rank <= other < first_rank + int(local):
+                jobfolder.write_result(folder, other, found)
 
 
 def run_script(target: str, args: list[str], module: bool = False,

@@ -274,7 +274,13 @@ def test_settings_come_from_a_config_file_and_flags_win(monkeypatch, tmp_path):
     (["--platform", "gpu"], "--platform=Platform.GPU needs CUDA GPUs"),
     (["--platform", "cpu", "--mixed-precision", "fp16"],
      "--mixed-precision='fp16' is not valid: 'no' or 'bf16' on Platform.CPU"),
-    (["--platform", "cpu", "--n-nodes", "2"], "--n-nodes=2 is not valid"),
+    (["--platform", "cpu", "--n-nodes", "2"],
+     "--node-rank is not set, and a job on n_nodes=2 machines needs it"),
+    (["--platform", "cpu", "--n-nodes", "2", "--node-rank", "2"],
+     "--node-rank=2 is not valid: an integer from 0 to 1 (n_nodes=2), or None"),
+    (["--platform", "cpu", "--n-nodes", "2", "--node-rank", "1"],
+     "--master-addr is not set, and a job on n_nodes=2 machines needs it"),
+    (["--platform", "mps", "--n-nodes", "2"], "--n-nodes=2 is not valid"),
     (["--master-port", "70000"], "Invalid value for '--master-port'"),
     (["--config", "missing.toml"], "Invalid value for '--config'"),
 ])
@@ -306,7 +312,8 @@ def test_help_lists_every_option_once_under_its_heading():
     assert result.exit_code == 0
     lines = result.output.splitlines()
     headings = [line for line in lines if re.fullmatch(r"[A-Z][\w ]*:", line)]
-    assert headings == ["Where to run:", "SLURM:", "Logs and output:", "Other:"]
+    assert headings == ["Where to run:", "Several machines:", "SLURM:", "Logs and output:",
+                        "Other:"]
     heading, listed = None, []
     for line in lines:
         if line in headings:
@@ -319,6 +326,7 @@ def test_help_lists_every_option_once_under_its_heading():
              if isinstance(param, click.Option)]
     assert sorted(names) == sorted(every) and len(set(names)) == len(names)
     assert ("Where to run", "--platform") in listed
+    assert ("Several machines", "--node-rank") in listed
     assert ("SLURM", "--partition") in listed
     assert ("Logs and output", "--log-dir") in listed
     assert ("Other", "--help") in listed
@@ -333,7 +341,8 @@ def test_config_fields_are_the_options_that_set_a_platform_config_field():
     assert FIELDS == ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partition",
                       "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
                       "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit",
-                      "name", "mixed_precision", "master_port")
+                      "name", "mixed_precision", "node_rank", "master_addr", "master_port",
+                      "rendezvous_timeout_s")
 
 
 def test_log_dir_defaults_to_the_job_folders_root():

@@ -105,7 +105,7 @@ def test_mixed_precision_choices(value):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("name", 5), ("name", None), ("partition", 3), ("master_addr", None),
+    ("name", 5), ("name", None), ("partition", 3), ("master_addr", 5), ("master_addr", " "),
     ("verbose", 1), ("verbose", "yes"),
 ])
 def test_platform_typed_fields(field, value):
@@ -155,11 +155,24 @@ def test_bf16_accepted_without_cuda(platform):
     assert PlatformConfig(platform=platform, mixed_precision="bf16").mixed_precision == "bf16"
 
 
-@pytest.mark.parametrize("platform", [Platform.CPU, Platform.GPU, Platform.MPS])
-def test_several_nodes_need_slurm(platform):
+def test_several_machines_are_refused_on_mps_alone():
     with pytest.raises(ConfigError, match=names("PlatformConfig", "n_nodes", 2)) as info:
-        PlatformConfig(platform=platform, n_nodes=2)
-    assert "Platform.SLURM" in str(info.value)
+        PlatformConfig(platform=Platform.MPS, n_nodes=2)
+    assert "Platform.CPU, Platform.GPU or Platform.SLURM" in str(info.value)
+    for platform in (Platform.CPU, Platform.GPU):
+        assert PlatformConfig(platform=platform, n_nodes=2, node_rank=1).node_rank == 1
+
+
+@pytest.mark.parametrize("n_nodes, node_rank", [(2, 2), (2, -1), (1, 1), (3, True), (2, "1")])
+def test_node_rank_outside_the_nodes_is_refused(n_nodes, node_rank):
+    with pytest.raises(ConfigError, match=names("PlatformConfig", "node_rank", node_rank)) as info:
+        PlatformConfig(platform=Platform.CPU, n_nodes=n_nodes, node_rank=node_rank)
+    assert f"from 0 to {n_nodes - 1} (n_nodes={n_nodes})" in str(info.value)
+
+
+def test_node_rank_is_slurms_own():
+    with pytest.raises(ConfigError, match=names("PlatformConfig", "node_rank", 0)):
+        PlatformConfig(platform=Platform.SLURM, n_nodes=2, node_rank=0)
 
 
 def test_several_nodes_on_slurm():

@@ -39,7 +39,7 @@ def test_the_table_of_contents_follows_the_seed(html):
     assert captions == ["Introduction", "Guides", "API", "Contribution", "Miscellaneous",
                         "Bureau"]
     for page in ("quickstart/installation", "quickstart/quick-start",
-                 "guides/pausing-and-resuming", "guides/checkpoints",
+                 "guides/machines", "guides/pausing-and-resuming", "guides/checkpoints",
                  "guides/migrating-from-accelerate", "guides/troubleshooting", "api/wrapper",
                  "api/job", "api/types", "api/trainer", "api/utils", "api/launch",
                  "contribution/source", "contribution/documentation", "quickstart/mnist",

@@ -5,6 +5,8 @@
     python examples/mnist/main.py --platform cpu --n-procs 2 --mode evaluate --start-at 6
     python examples/mnist/main.py --platform slurm --partition debug --n-nodes 2 --n-gpus 0
     python examples/mnist/main.py --platform gpu --n-gpus 1 --mixed-precision bf16 --demo
+    python examples/mnist/main.py --platform cpu --n-procs 1 --n-nodes 2 --node-rank R \
+        --master-addr HOST --master-port 29500         (on 2 machines, R = 0 and 1)
 
 ``--demo`` does all three in one go: trains to half the epochs, resumes to the end, evaluates.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from src import MyDataset, MyModel, MyTrainer, my_optimiser
 
 from ddpw.artefacts import ArtefactsConfig
@@ -29,7 +32,13 @@ def main() -> None:
     parser.add_argument("--n-procs", type=int, default=2, help="CPU processes (per node)")
     parser.add_argument("--n-gpus", type=int, default=1,
                         help="GPUs (per node; 0 on SLURM for CPU processes)")
-    parser.add_argument("--n-nodes", type=int, default=1, help="SLURM nodes")
+    parser.add_argument("--n-nodes", type=int, default=1,
+                        help="machines: SLURM nodes, or CPU/GPU machines that each run this "
+                             "command with their own --node-rank")
+    parser.add_argument("--node-rank", type=int, default=None,
+                        help="this machine's place among --n-nodes (CPU/GPU, several machines)")
+    parser.add_argument("--master-addr", default=None, help="node 0's address (several machines)")
+    parser.add_argument("--master-port", type=int, default=None, help="the rendezvous port")
     parser.add_argument("--partition", default="general", help="SLURM partition")
     parser.add_argument("--timeout-min", type=int, default=60, help="SLURM time limit")
     parser.add_argument("--mode", default="train", choices=["train", "resume", "evaluate"])
@@ -53,10 +62,14 @@ def main() -> None:
     try:
         p_config = PlatformConfig(platform=platform, n_procs=args.n_procs if on_cpus else None,
                                   n_gpus=args.n_gpus, n_nodes=args.n_nodes,
+                                  node_rank=args.node_rank, master_addr=args.master_addr,
+                                  master_port=args.master_port,
                                   partition=args.partition, timeout_min=args.timeout_min,
                                   mixed_precision=args.mixed_precision, verbose=not args.quiet)
     except ConfigError as error:  # fp16 on CPUs, say: one line, not a traceback
         parser.error(str(error))
+    # The same initial weights in every run, and on every machine of a job on several.
+    torch.manual_seed(p_config.seed)
     a_config = ArtefactsConfig(train_set=train_set, test_set=test_set,
                                batch_size=args.batch_size, model=MyModel(),
                                optimiser_loader=my_optimiser)

@@ -1,6 +1,7 @@
 """Every benchmark of ddpw against the raw tools and its peers, in one run.
 
     python scripts/bench/run.py [--repeats 5] [--quick] [--rows launch,training,...] [--publish]
+        [--keep-other-rows]
 
 Rows (each a module of this folder with ``measure(repeats, quick)``):
 
@@ -129,12 +130,16 @@ def publish(results: list[Result], facts: dict[str, str], repeats: int, png: Pat
            "second higher is better).", "",
            f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB, GPU: "
            f"{facts['gpu']}; Python {facts['python']}, torch {facts['torch']}, accelerate "
-           f"{facts['accelerate']}; {facts['date']}; {repeats} repeats per variant.", "",
+           f"{facts['accelerate']}. Each row says when it was measured, and how many "
+           f"times each variant ran.", "",
            ".. image:: _static/performance.png", "   :alt: ratios to the baselines", ""]
     for row in dict.fromkeys(r.row for r in results):
         rows = [r for r in results if r.row == row]
         title = row.replace("_", " ").capitalize()
-        out += [title, "=" * len(title), "", ".. list-table::", "   :header-rows: 1", "",
+        when = rows[0].extra.get("measured", facts["date"])
+        times = rows[0].extra.get("repeats", repeats)
+        out += [title, "=" * len(title), "", f"Measured {when}, {times} repeats per variant.",
+                "", ".. list-table::", "   :header-rows: 1", "",
                 "   * - Case", "     - Variant", "     - Median", "     - Spread",
                 "     - Ratio", "     - Peak MiB"]
         for r in rows:
@@ -167,6 +172,23 @@ def _breakdown(rows: list[Result]) -> list[str]:
     return [*out, ""]
 
 
+def _other_rows(path: Path, measured: set[str]) -> list[Result]:
+    """The results in ``path`` of the rows not in ``measured``, each marked with its run's
+    date and repeats (ratios compare variants of one run, so rows of two runs may sit side by
+    side)."""
+    last = json.loads(path.read_text())
+    kept = []
+    for found in last["results"]:
+        if found["row"] in measured:
+            continue
+        found.pop("median", None)
+        result = Result(**found)
+        result.extra.setdefault("measured", last["machine"]["date"])
+        result.extra.setdefault("repeats", last["repeats"])
+        kept.append(result)
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,12 +197,19 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--publish", action="store_true",
                         help="write docs/performance.rst from the results")
+    parser.add_argument("--keep-other-rows", action="store_true",
+                        help="keep the rows of the last run (latest.json) that this run does "
+                             "not measure, each with the date and repeats of its own run")
     args = parser.parse_args()
     facts = machine()
     results: list[Result] = []
     for row in args.rows.split(","):
         print(f"== {row}", file=sys.stderr, flush=True)
-        results += importlib.import_module(row).measure(args.repeats, args.quick)
+        for result in importlib.import_module(row).measure(args.repeats, args.quick):
+            result.extra |= {"measured": facts["date"], "repeats": args.repeats}
+            results.append(result)
+    if args.keep_other_rows and (RESULTS / "latest.json").is_file():
+        results += _other_rows(RESULTS / "latest.json", {r.row for r in results})
     print(table(results))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(

@@ -1,0 +1,187 @@
+"""Where the machines of a job meet when no scheduler tells them: torchrun's static rendezvous.
+
+Every machine runs the same command, each with its own node rank. Node 0's torchrun agent holds
+the rendezvous, a ``TCPStore`` at ``master_addr:master_port``, which the other nodes' agents
+join; then every process meets the others in its process group. ddpw invents no rendezvous of
+its own: :func:`of` fills in torchrun's options (through ``accelerate launch``) from the
+:class:`~ddpw.platform.PlatformConfig` or from the environment, :func:`check` refuses what
+cannot work before any process starts, and :func:`explain` turns torch's errors for a
+rendezvous that did not form into one sentence.
+
+The environment is read only where the config leaves a field at its default, the ``PET_``
+name first (torchrun's own, which Kubernetes' training operators set), then the plain one:
+
+========================  ==========================================
+``n_nodes``               ``PET_NNODES``, ``NNODES``
+``node_rank``             ``PET_NODE_RANK``, ``NODE_RANK``
+``master_addr``           ``PET_MASTER_ADDR``, ``MASTER_ADDR``
+``master_port``           ``PET_MASTER_PORT``, ``MASTER_PORT`` (else torch's 29500)
+========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from . import network
+from .errors import ConfigError
+from .platform import PlatformConfig
+
+#: torch's own default port for a rendezvous.
+DEFAULT_PORT = 29500
+
+#: For each field, the variables that may give it, in the order they are read.
+VARIABLES = {"n_nodes": ("PET_NNODES", "NNODES"), "node_rank": ("PET_NODE_RANK", "NODE_RANK"),
+             "master_addr": ("PET_MASTER_ADDR", "MASTER_ADDR"),
+             "master_port": ("PET_MASTER_PORT", "MASTER_PORT")}
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """How this machine meets the others of its job.
+
+    :param nodes: the machines of the job.
+    :param node_rank: this machine's place among them.
+    :param master_addr: node 0's host name or address.
+    :param master_port: the port of the rendezvous on node 0.
+    :param timeout_s: how long the nodes wait for each other.
+    :param read: the variables that gave fields, ``{field: variable}``.
+    """
+
+    nodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    timeout_s: int
+    read: dict[str, str]
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` (an IPv6 address in brackets)."""
+        host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
+        return f"{host}:{self.master_port}"
+
+    def launch_args(self) -> tuple[str, ...]:
+        """The ``accelerate launch`` options that make this node's agent join it."""
+        return ("--num_machines", str(self.nodes), "--machine_rank", str(self.node_rank),
+                "--main_process_ip", self.master_addr,
+                "--main_process_port", str(self.master_port),
+                "--rdzv_conf", f"timeout={self.timeout_s}")
+
+
+def of(config: PlatformConfig, env: Mapping[str, str]) -> Rendezvous | None:
+    """This machine's rendezvous for a job of ``config`` outside SLURM, the environment filling
+    in the fields that ``config`` leaves at their defaults; ``None`` for a job on one machine.
+
+    :raises ConfigError: when a field it needs is missing or a variable is not valid, naming the
+        field and the variables that could give it.
+    """
+    read: dict[str, str] = {}
+    nodes = config.n_nodes
+    if nodes == 1:
+        found = _variable(env, "n_nodes", read)
+        nodes = _number(found, "n_nodes", read, minimum=1) if found is not None else 1
+    if nodes == 1:
+        return None
+    rank = config.node_rank
+    if rank is None:
+        found = _variable(env, "node_rank", read)
+        if found is None:
+            raise ConfigError(_missing("node_rank", nodes, f"this machine's place, from 0 to "
+                                                           f"{nodes - 1}"))
+        rank = _number(found, "node_rank", read, minimum=0)
+    if rank >= nodes:
+        where = f"{read['node_rank']}={rank}" if "node_rank" in read else f"node_rank={rank}"
+        raise ConfigError(f"PlatformConfig.node_rank: {where} is outside 0 to {nodes - 1} for "
+                          f"n_nodes={nodes}.")
+    address = config.master_addr or _variable(env, "master_addr", read)
+    if not address:
+        raise ConfigError(_missing("master_addr", nodes, "node 0's host name or address, "
+                                                         "where the machines meet"))
+    port = config.master_port
+    if port is None:
+        found = _variable(env, "master_port", read)
+        port = (_number(found, "master_port", read, minimum=1, maximum=65535)
+                if found is not None else DEFAULT_PORT)
+    return Rendezvous(nodes, rank, address.strip(), port, config.rendezvous_timeout_s, read)
+
+
+def check(rendezvous: Rendezvous) -> None:
+    """Refuse a rendezvous whose address does not resolve here.
+
+    :raises ConfigError: naming the address and where it came from.
+    """
+    try:
+        socket.getaddrinfo(rendezvous.master_addr, rendezvous.master_port,
+                           type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        given = rendezvous.read.get("master_addr", "PlatformConfig.master_addr")
+        raise ConfigError(f"{given}={rendezvous.master_addr!r} does not resolve on this machine "
+                          f"({error}): give node 0's host name or IP address.") from None
+
+
+def gloo_env(rendezvous: Rendezvous) -> dict[str, str]:
+    """``GLOO_SOCKET_IFNAME`` for this node's processes: gloo (the CPU backend, and ddpw's own
+    group beside NCCL) binds the interface through which this machine reaches node 0
+    (:mod:`ddpw.network`), not the one its host name happens to resolve to. Nothing when the
+    variable is set already, or no interface is known."""
+    chosen = network.interface_for_gloo({**os.environ, "MASTER_ADDR": rendezvous.master_addr,
+                                         "MASTER_PORT": str(rendezvous.master_port)})
+    return {network.GLOO_IFNAME: chosen} if chosen else {}
+
+
+def explain(error: BaseException, rendezvous: Rendezvous) -> ConfigError | None:
+    """The sentence for torch's error when the machines did not all meet (``None`` for any
+    other error): how many nodes joined, where, and for how long they waited."""
+    text = str(error)
+    waited = (f"within PlatformConfig.rendezvous_timeout_s={rendezvous.timeout_s} s at "
+              f"{rendezvous.endpoint}")
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:
+        return ConfigError(
+            f"only {joined.group(1)} of {joined.group(2)} nodes joined the rendezvous "
+            f"{waited} (this is node 0): start the others with the same command, each with "
+            f"its own node_rank from 1 to {rendezvous.nodes - 1}, and check that they reach "
+            f"this machine at that address.")
+    if re.search(r"timed out .*trying to connect to", text):
+        return ConfigError(
+            f"node {rendezvous.node_rank} could not reach node 0's rendezvous {waited}: start "
+            f"node 0 (node_rank 0) with the same command, and check that this machine reaches "
+            f"{rendezvous.master_addr} on port {rendezvous.master_port}.")
+    if isinstance(error, ConnectionError) and "utilizing it" in text:
+        return ConfigError(
+            f"PlatformConfig.master_port={rendezvous.master_port} is in use on this machine, "
+            f"node 0, which must bind it for the rendezvous: choose a free port, the same on "
+            f"every node.")
+    return None
+
+
+def _variable(env: Mapping[str, str], field: str, read: dict[str, str]) -> str | None:
+    for name in VARIABLES[field]:
+        value = env.get(name, "").strip()
+        if value:
+            read[field] = name
+            return value
+    return None
+
+
+def _number(value: str, field: str, read: dict[str, str], minimum: int,
+            maximum: int | None = None) -> int:
+    if re.fullmatch(r"\d+", value) and int(value) >= minimum and (maximum is None
+                                                                    or int(value) <= maximum):
+        return int(value)
+    bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    extra = (" (a range MIN:MAX asks for an elastic job, which ddpw does not start yet)"
+             if field == "n_nodes" and ":" in value else "")
+    raise ConfigError(f"{read[field]}={value!r} in the environment (for PlatformConfig.{field}) "
+                      f"is not {bound}{extra}.")
+
+
+def _missing(field: str, nodes: int, what: str) -> str:
+    names = " or ".join(VARIABLES[field])
+    return (f"PlatformConfig.{field} is not set, and a job on n_nodes={nodes} machines needs "
+            f"it: {what} (or set {names}).")

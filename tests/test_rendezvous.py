@@ -1,0 +1,149 @@
+"""Several machines without SLURM, as data: the rendezvous each node's plan carries, the
+environment it reads, and the errors for what cannot meet, before any process starts."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch.distributed as dist
+from test_plan import cpu, gpu, machine, option
+
+from ddpw import rendezvous
+from ddpw.errors import ConfigError
+from ddpw.plan import LaunchMode, resolve_plan
+
+
+def test_each_node_launches_its_own_share_of_a_static_rendezvous():
+    plan = resolve_plan(cpu(2, n_nodes=2, node_rank=1, master_addr="node0", master_port=29511,
+                            rendezvous_timeout_s=42), machine(cpus=8))
+    assert plan.mode is LaunchMode.ACCELERATE and plan.world_size == 4
+    assert plan.first_rank == 2 and plan.standalone is False
+    assert option(plan, "--num_processes") == "4"
+    assert option(plan, "--num_machines") == "2" and option(plan, "--machine_rank") == "1"
+    assert option(plan, "--main_process_ip") == "node0"
+    assert option(plan, "--main_process_port") == "29511"
+    assert option(plan, "--rdzv_conf") == "timeout=42"
+    assert plan.env["OMP_NUM_THREADS"] == "4" and plan.env["ACCELERATE_USE_CPU"] == "1"
+    assert plan.rendezvous.endpoint == "node0:29511" and plan.rendezvous.read == {}
+
+
+def test_one_process_per_node_is_still_launched_and_gpus_too():
+    one = resolve_plan(cpu(1, n_nodes=2, node_rank=0, master_addr="10.0.0.1"), machine())
+    assert one.mode is LaunchMode.ACCELERATE and one.world_size == 2
+    assert option(one, "--main_process_port") == str(rendezvous.DEFAULT_PORT)
+    gpus = resolve_plan(gpu(4, n_nodes=3, node_rank=2, master_addr="head"), machine(cuda=4))
+    assert gpus.world_size == 12 and gpus.first_rank == 8
+    assert gpus.accelerator_kwargs["cpu"] is False and "ACCELERATE_USE_CPU" not in gpus.env
+
+
+@pytest.mark.parametrize("prefix", ["PET_", ""])
+def test_the_environment_names_the_rendezvous(prefix):
+    env = {f"{prefix}NNODES": "2", f"{prefix}NODE_RANK": "1",
+           f"{prefix}MASTER_ADDR": "trainer-0.svc", f"{prefix}MASTER_PORT": "23456"}
+    plan = resolve_plan(cpu(2), machine(env=env))
+    assert plan.world_size == 4 and plan.first_rank == 2
+    assert plan.rendezvous.endpoint == "trainer-0.svc:23456"
+    assert plan.rendezvous.read == {"n_nodes": f"{prefix}NNODES",
+                                    "node_rank": f"{prefix}NODE_RANK",
+                                    "master_addr": f"{prefix}MASTER_ADDR",
+                                    "master_port": f"{prefix}MASTER_PORT"}
+
+
+def test_torchruns_variables_come_first_and_the_config_wins():
+    env = {"PET_NNODES": "3", "NNODES": "9", "PET_NODE_RANK": "2", "NODE_RANK": "0",
+           "PET_MASTER_ADDR": "a", "MASTER_ADDR": "b"}
+    found = resolve_plan(cpu(1), machine(env=env)).rendezvous
+    assert (found.nodes, found.node_rank, found.master_addr) == (3, 2, "a")
+    given = resolve_plan(cpu(1, n_nodes=2, node_rank=0, master_addr="c", master_port=1234),
+                         machine(env=env)).rendezvous
+    assert (given.nodes, given.node_rank, given.endpoint) == (2, 0, "c:1234")
+    # One machine, whatever MASTER_ADDR says without NNODES.
+    assert resolve_plan(cpu(2), machine(env={"MASTER_ADDR": "x"})).rendezvous is None
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NNODES": "two"}, "NNODES='two' in the environment (for PlatformConfig.n_nodes) is not "
+                        "an integer >= 1"),
+    ({"PET_NNODES": "1:2"}, "a range MIN:MAX asks for an elastic job"),
+    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "a"},
+     "NODE_RANK=2 is outside 0 to 1 for n_nodes=2"),
+    ({"NNODES": "2", "NODE_RANK": "0"}, "PlatformConfig.master_addr is not set"),
+    ({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "70000"},
+     "MASTER_PORT='70000' in the environment (for PlatformConfig.master_port) is not an "
+     "integer >= 1 and <= 65535"),
+])
+def test_bad_variables_are_named(env, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_plan(cpu(2), machine(env=env))
+
+
+def test_an_address_that_does_not_resolve_is_refused_naming_where_it_came_from():
+    meeting = rendezvous.of(cpu(1, n_nodes=2, node_rank=1), {"MASTER_ADDR": "no-such.invalid"})
+    with pytest.raises(ConfigError, match=r"MASTER_ADDR='no-such.invalid' does not resolve"):
+        rendezvous.check(meeting)
+    rendezvous.check(rendezvous.of(cpu(1, n_nodes=2, node_rank=1, master_addr="127.0.0.1"), {}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchs_timeouts_become_sentences_that_say_who_waited_where():
+    """torch's own errors, from real stores that wait in vain for a second node."""
+    import datetime
+
+    port = free_port()
+    node0 = rendezvous.of(cpu(1, n_nodes=2, node_rank=0, master_addr="127.0.0.1",
+                              master_port=port, rendezvous_timeout_s=1), {})
+    with pytest.raises(dist.DistError) as alone:
+        dist.TCPStore("127.0.0.1", port, 2, True, datetime.timedelta(seconds=1))
+    said = str(rendezvous.explain(alone.value, node0))
+    assert said.startswith(f"only 1 of 2 nodes joined the rendezvous within "
+                           f"PlatformConfig.rendezvous_timeout_s=1 s at 127.0.0.1:{port}"), said
+    node1 = rendezvous.of(cpu(1, n_nodes=2, node_rank=1, master_addr="127.0.0.1",
+                              master_port=port, rendezvous_timeout_s=1), {})
+    with pytest.raises(dist.DistError) as lost:
+        dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=1))
+    said = str(rendezvous.explain(lost.value, node1))
+    assert said.startswith("node 1 could not reach node 0's rendezvous within "), said
+    assert rendezvous.explain(RuntimeError("something else"), node1) is None
+
+
+def dry_run(tmp_path, *args: str, env: dict[str, str] | None = None) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    script.write_text("pass\n")
+    launch = str(Path(sys.executable).with_name("ddpw-launch"))
+    done = subprocess.run([launch, *args, "--dry-run", str(script)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_dry_run_shows_this_nodes_command_and_its_rendezvous(tmp_path):
+    shown = dry_run(tmp_path, "--platform", "cpu", "--n-nodes", "2", "--node-rank", "1",
+                    "--master-addr", "node0", "--master-port", "29512", "--n-procs", "2")
+    assert shown["world_size"] == 4 and shown["standalone_rendezvous"] is False
+    assert "--machine_rank 1 --main_process_ip node0 --main_process_port 29512" in shown["shell"]
+    assert shown["rendezvous"] | {"per_node_args": None} == {
+        "nodes": 2, "node_rank": 1, "endpoint": "node0:29512", "timeout_s": 600,
+        "from_environment": {}, "first_rank": 2, "per_node_args": None}
+
+
+def test_platform_auto_picks_up_a_kubernetes_operators_variables(tmp_path):
+    shown = dry_run(tmp_path, "--platform", "auto", "--n-procs", "1",
+                    env={"PET_NNODES": "3", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "job-0",
+                         "PET_MASTER_PORT": "23456"})
+    assert shown["world_size"] == 3 and shown["mode"] == "accelerate"
+    assert shown["rendezvous"]["endpoint"] == "job-0:23456"
+    assert shown["rendezvous"]["from_environment"] == {
+        "n_nodes": "PET_NNODES", "node_rank": "PET_NODE_RANK", "master_addr": "PET_MASTER_ADDR",
+        "master_port": "PET_MASTER_PORT"}
