@@ -53,12 +53,33 @@ On SLURM: 143 when the job was cancelled, 124 when it ran out of time.
 HELP_SECTIONS = {
     "Where to run": ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task",
                      "mixed_precision"),
-    "Several machines": ("node_rank", "master_addr", "master_port", "rendezvous_timeout_s"),
+    "Several machines": ("node_rank", "master_addr", "master_port", "rendezvous_timeout_s",
+                         "max_restarts"),
     "SLURM": ("partition", "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
               "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit", "no_wait",
               "on_interrupt"),
     "Logs and output": ("name", "log_dir", "all_ranks", "dry_run"),
 }
+
+
+class _Nodes(click.ParamType):
+    """``N`` machines, or ``MIN:MAX`` for an elastic job: ``(MIN or None, MAX)``."""
+
+    name = "nodes"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[int | None, int]:
+        if isinstance(value, tuple):
+            return value
+        low, sep, high = str(value).partition(":")
+        try:
+            fewest, most = (int(low), int(high)) if sep else (None, int(low))
+        except ValueError:
+            self.fail(f"{value!r} is neither N nor MIN:MAX", param, ctx)
+        if most < 1 or (fewest is not None and not 1 <= fewest <= most):
+            self.fail(f"{value!r}: N must be at least 1, and MIN:MAX must have 1 <= MIN <= MAX",
+                      param, ctx)
+        return fewest, most
 
 
 class _SectionedCommand(click.Command):
@@ -94,9 +115,10 @@ class _SectionedCommand(click.Command):
 @click.option("--n-gpus", type=click.IntRange(min=0),
               help="GPUs per node, one process each [default: 1; on SLURM, 0 when --n-procs is "
                    "given].")
-@click.option("--n-nodes", type=click.IntRange(min=1),
+@click.option("--n-nodes", type=_Nodes(), metavar="N|MIN:MAX",
               help="Machines: on SLURM, asked for; on cpu and gpu, each runs this command "
-                   "with its own --node-rank [default: 1, or PET_NNODES / NNODES].")
+                   "with its own --node-rank; MIN:MAX makes the job elastic (it goes on with "
+                   "fewer when one is lost) [default: 1, or PET_NNODES / NNODES].")
 @click.option("--cpus-per-task", type=click.IntRange(min=1),
               help="CPU cores (threads) per process [default: the cores split evenly; on "
                    "SLURM, 8 per GPU process (fewer where a node has fewer per GPU), 1 per CPU "
@@ -138,6 +160,9 @@ class _SectionedCommand(click.Command):
                    "PET_MASTER_PORT / MASTER_PORT, else 29500].")
 @click.option("--rendezvous-timeout-s", type=click.IntRange(min=1),
               help="Seconds the machines wait for each other at the start [default: 600].")
+@click.option("--max-restarts", type=click.IntRange(min=0),
+              help="Times the processes of a job on several machines start again after a "
+                   "failure or a lost machine [default: 0, or PET_MAX_RESTARTS].")
 @click.option("-m", "--module", is_flag=True,
               help="SCRIPT is a module name, run as with python -m.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
@@ -341,6 +366,11 @@ def _settings(options: dict[str, Any], config_file: str | None,
         options["slurm_parameters"] = {**settings["slurm_parameters"],
                                        **options["slurm_parameters"]}
     settings.update({k: v for k, v in options.items() if v is not None})
+    if "n_nodes" in settings:  # N or MIN:MAX, from the command line or the file
+        settings["min_nodes"], settings["n_nodes"] = _Nodes().convert(
+            settings["n_nodes"], None, None)
+        if settings["min_nodes"] is None:
+            del settings["min_nodes"]
     platform = str(settings.get("platform", "auto")).lower()
     if platform == "auto":
         settings = {**auto_platform(facts), **{k: v for k, v in settings.items()
@@ -403,6 +433,8 @@ def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
             "nodes": meeting.nodes, "node_rank": meeting.node_rank,
             "endpoint": meeting.endpoint, "timeout_s": meeting.timeout_s,
             "from_environment": meeting.read, "first_rank": plan.first_rank,
+            "elastic": meeting.elastic, "nnodes": meeting.nnodes,
+            "max_restarts": meeting.max_restarts,
             "per_node_args": ["--machine_rank", "<the node's rank, 0 on "
                               f"{meeting.master_addr}>"]}}
     return {"mode": plan.mode.value, "platform": plan.platform.name,

@@ -68,6 +68,9 @@ class Payload:
 
     :param resume_from: the checkpoint a Trainer starts from, chosen before any process
         started (:func:`ddpw.resume.choose`); ``None`` starts fresh.
+    :param written_before: the write order of the newest checkpoint before the job began
+        (:func:`ddpw.resume.last_written`): after an elastic restart, the job resumes from the
+        newest written since.
     """
 
     target: Trainer | Callable[..., Any]
@@ -77,6 +80,7 @@ class Payload:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     resume_from: str | None = None
+    written_before: int = 0
 
 
 def make(root: str | Path, name: str) -> Path:
@@ -145,6 +149,17 @@ def write_report(folder: Path, rank: int, error: BaseException, paused: str | No
     write_atomically(report_file(folder, rank), json.dumps(report).encode())
 
 
+def note_world(folder: Path, world_size: int) -> None:
+    """The world size of the processes running now: an elastic job's may shrink."""
+    write_atomically(folder / "world.json", json.dumps({"world_size": world_size}).encode())
+
+
+def noted_world(folder: Path, planned: int) -> int:
+    """The world size that :func:`note_world` noted last, else ``planned``."""
+    path = folder / "world.json"
+    return json.loads(path.read_text())["world_size"] if path.is_file() else planned
+
+
 def reports(folder: Path, world_size: int) -> dict[int, dict[str, Any]]:
     """The reports of the ranks that ended with an exception (or a pause), by rank."""
     found = {}
@@ -152,6 +167,19 @@ def reports(folder: Path, world_size: int) -> dict[int, dict[str, Any]]:
         path = report_file(folder, rank)
         if path.is_file():
             found[rank] = json.loads(path.read_text())
+    return found
+
+
+def set_aside_reports(folder: Path, attempt: int) -> dict[int, dict[str, Any]]:
+    """Move the reports of an attempt that ended (an elastic restart follows) out of the way of
+    the next attempt's, as ``error-R.attempt-K.json``; return them by rank."""
+    found = {}
+    for path in folder.glob(report_file(folder, "*").name):
+        if not path.stem.removeprefix("error-").isdigit():  # set aside before
+            continue
+        report = json.loads(path.read_text())
+        found[report["rank"]] = report
+        path.rename(path.with_name(f"{path.stem}.attempt-{attempt}.json"))
     return found
 
 

@@ -101,9 +101,12 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
             _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
         if logs is not None:
             agent_log = logs.agent_log
+        elastic = (rendezvous.torchrun_options(plan.rendezvous) if plan.rendezvous is not None
+                   else {})
         try:
-            outcome = _run(args, launch_env(env), plan.standalone, torchrun_logs, logs,
-                           forward, agent_log or Path(tmp) / "agent.log")
+            with _torchrun_sees(elastic):
+                outcome = _run(args, launch_env(env), plan.standalone, torchrun_logs, logs,
+                               forward, agent_log or Path(tmp) / "agent.log")
         except (RuntimeError, ConnectionError) as error:
             explained = (rendezvous.explain(error, plan.rendezvous)
                          if plan.rendezvous is not None else None)
@@ -131,7 +134,8 @@ def launch(payload: Payload) -> list[Any]:
         jobfolder.write_payload(folder, ship(payload))
         outcome = run_accelerate(payload.plan, ["--module", "ddpw.entry", str(folder)],
                                  agent_log=jobfolder.agent_log(folder))
-        return jobfolder.collect(folder, payload.plan.world_size, outcome,
+        world_size = jobfolder.noted_world(folder, payload.plan.world_size)
+        return jobfolder.collect(folder, world_size, outcome,
                                  other_machines=payload.plan.rendezvous is not None)
 
 
@@ -178,6 +182,30 @@ def _run(args: list[str], env: dict[str, str], standalone: bool, log_dir: Path |
         except SignalException as error:
             failures, received[:0] = {}, [signal.Signals(error.sigval)]
     return Outcome(failures, received[0] if received else None, tuple(received))
+
+
+@contextlib.contextmanager
+def _torchrun_sees(options: dict[str, str]) -> Iterator[None]:
+    """While the block runs, the arguments that ``accelerate launch`` hands to torchrun get
+    ``options`` on top (:func:`ddpw.rendezvous.torchrun_options`: an elastic range of nodes,
+    which accelerate's ``--num_machines``, a number, cannot give)."""
+    if not options:
+        yield
+        return
+    import torch.distributed.run as torchrun
+
+    original = torchrun.run
+
+    def run(args: Any) -> Any:
+        for name, value in options.items():
+            setattr(args, name, value)
+        return original(args)
+
+    torchrun.run = run
+    try:
+        yield
+    finally:
+        torchrun.run = original
 
 
 @contextlib.contextmanager

@@ -42,6 +42,15 @@ class Outcome:
 #: What a rank says when it fails only because a peer is gone (gloo, NCCL).
 LOST_PEER = re.compile(r"Connection (closed|reset) by peer|NCCL communicator was aborted|"
                        r"remote process exited")
+#: Where gloo says the lost peer was: ``Connection closed by peer [10.0.0.2]:40113``, or
+#: ``Read error [10.0.0.2]:40113: Connection reset by peer``.
+PEER_ADDRESS = re.compile(r"(?:by peer|Read error) \[([^\]]+)\]")
+
+
+def lost_peers(reports: dict[int, dict[str, Any]]) -> list[str]:
+    """The addresses of the peers that the ranks of ``reports`` lost, as gloo names them."""
+    return sorted({address for report in reports.values()
+                   for address in PEER_ADDRESS.findall(report["traceback"])})
 
 
 def root_cause(failures: dict[int, tuple[int, float]], secondary: set[int],
@@ -86,9 +95,11 @@ def explain(reports: dict[int, dict[str, Any]], failures: dict[int, tuple[int, f
     if rank in reports and reports[rank].get("config_error"):
         return ConfigError(reports[rank]["config_error"])
     if other_machines and rank in secondary:
-        return WorkerError(f"rank {rank} of {world_size} lost its peers: a process on another "
-                           f"machine of the job failed first, or that machine went down; its "
-                           f"own output says why", rank=rank,
+        where = lost_peers({rank: reports[rank]}) if rank in reports else []
+        at = f" (at {', '.join(where)})" if where else ""
+        return WorkerError(f"rank {rank} of {world_size} lost its peers{at}: a process on "
+                           f"another machine of the job failed first, or that machine went "
+                           f"down; its own output says why", rank=rank,
                            details=reports.get(rank, {}).get("traceback", said).rstrip())
     if rank in reports:
         return WorkerError(f"rank {rank} of {world_size} raised an exception", rank=rank,

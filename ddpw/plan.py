@@ -7,6 +7,7 @@ platform's plan can be tested as data, including GPU and MPS plans on a machine 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -147,6 +148,16 @@ class LaunchPlan:
         if self.rendezvous is None:
             return 0
         return self.rendezvous.node_rank * (self.world_size // self.rendezvous.nodes)
+
+    def without_restarts(self) -> LaunchPlan:
+        """The same plan, with no restart of the processes after a failure or a lost machine
+        (for a function that is not :func:`~ddpw.utils.restartable`)."""
+        if self.rendezvous is None or not self.rendezvous.max_restarts:
+            return self
+        args = list(self.launch_args)
+        args[args.index("--max_restarts") + 1] = "0"
+        return dataclasses.replace(self, launch_args=tuple(args), rendezvous=dataclasses.replace(
+            self.rendezvous, max_restarts=0))
 
     def accelerate_args(self, config_file: str, entry: list[str]) -> list[str]:
         """The arguments of ``accelerate launch`` that start ``entry`` on every process."""

@@ -117,6 +117,15 @@ class PlatformConfig:
         number is used as given.
     :param rendezvous_timeout_s: how long the nodes of a job on several machines (CPU, GPU)
         wait for each other at the start before the job fails, naming how many arrived.
+    :param min_nodes: makes a job on several machines (CPU, GPU) elastic: it starts with
+        between ``min_nodes`` and ``n_nodes`` machines (torchrun's c10d rendezvous, whose id
+        is ``name``), and when a machine dies or leaves, the others go on as a smaller world
+        (a :class:`~ddpw.trainer.Trainer` resumes from its newest checkpoint at the new world
+        size), up to ``max_restarts`` times. ``node_rank`` is then optional: the rendezvous
+        numbers the machines. ``None`` (the default): a fixed set of ``n_nodes`` machines.
+    :param max_restarts: how many times the processes of a job on several machines start
+        again after a failure or a lost machine (torchrun's ``--max-restarts``). A function
+        restarts only if it is marked :func:`~ddpw.utils.restartable`.
     :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
     :param verbose: print ddpw's own summary and progress bars; ``False`` silences them (the job's
         own output is untouched).
@@ -144,6 +153,8 @@ class PlatformConfig:
     master_addr: str | None = None
     master_port: int | None = None
     rendezvous_timeout_s: int = 600
+    min_nodes: int | None = None
+    max_restarts: int = 0
     mixed_precision: str = "no"
     verbose: bool = True
 
@@ -190,6 +201,12 @@ class PlatformConfig:
             fail(owner, "master_addr", self.master_addr, "a host name or IP address, or None")
         check_int(owner, "master_port", self.master_port, 1, optional=True, maximum=65535)
         check_int(owner, "rendezvous_timeout_s", self.rendezvous_timeout_s, 1)
+        check_int(owner, "max_restarts", self.max_restarts, 0)
+        low = self.min_nodes
+        if low is not None and (isinstance(low, bool) or not isinstance(low, int)
+                                or not 1 <= low <= self.n_nodes):
+            fail(owner, "min_nodes", low, f"an integer from 1 to n_nodes={self.n_nodes} (the "
+                 f"fewest machines, at most the most), or None")
         check_choice(owner, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_type(owner, "verbose", self.verbose, bool, "True or False")
         self._check_shape()
@@ -215,6 +232,9 @@ class PlatformConfig:
             fail(owner, "n_nodes", self.n_nodes,
                  "1 on Platform.MPS; several machines need Platform.CPU, Platform.GPU or "
                  "Platform.SLURM")
+        if self.min_nodes is not None and p not in (Platform.CPU, Platform.GPU):
+            fail(owner, "min_nodes", self.min_nodes, f"None on {p}: elastic jobs run on "
+                 f"Platform.CPU or Platform.GPU machines")
         if self.node_rank is not None and p is Platform.SLURM:
             fail(owner, "node_rank", self.node_rank, "None on Platform.SLURM, where SLURM "
                  "numbers the nodes")

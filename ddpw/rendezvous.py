@@ -1,9 +1,12 @@
-"""Where the machines of a job meet when no scheduler tells them: torchrun's static rendezvous.
+"""Where the machines of a job meet when no scheduler tells them: torchrun's rendezvous.
 
-Every machine runs the same command, each with its own node rank. Node 0's torchrun agent holds
-the rendezvous, a ``TCPStore`` at ``master_addr:master_port``, which the other nodes' agents
-join; then every process meets the others in its process group. ddpw invents no rendezvous of
-its own: :func:`of` fills in torchrun's options (through ``accelerate launch``) from the
+Every machine runs the same command. In a fixed set of machines (static), each gives its own
+node rank, and node 0's torchrun agent holds the rendezvous, a ``TCPStore`` at
+``master_addr:master_port``, which the other nodes' agents join. An elastic job (``min_nodes``)
+uses torchrun's c10d rendezvous at the same address instead: it numbers the machines itself,
+and when one is lost the others meet again as a smaller world. Then every process meets the
+others in its process group. ddpw invents no rendezvous of its own: :func:`of` fills in
+torchrun's options (through ``accelerate launch``) from the
 :class:`~ddpw.platform.PlatformConfig` or from the environment, :func:`check` refuses what
 cannot work before any process starts, and :func:`explain` turns torch's errors for a
 rendezvous that did not form into one sentence.
@@ -11,12 +14,13 @@ rendezvous that did not form into one sentence.
 The environment is read only where the config leaves a field at its default, the ``PET_``
 name first (torchrun's own, which Kubernetes' training operators set), then the plain one:
 
-========================  ==========================================
-``n_nodes``               ``PET_NNODES``, ``NNODES``
-``node_rank``             ``PET_NODE_RANK``, ``NODE_RANK``
-``master_addr``           ``PET_MASTER_ADDR``, ``MASTER_ADDR``
-``master_port``           ``PET_MASTER_PORT``, ``MASTER_PORT`` (else torch's 29500)
-========================  ==========================================
+==========================  ==========================================
+``n_nodes``, ``min_nodes``  ``PET_NNODES``, ``NNODES`` (``N``, or ``MIN:MAX``: elastic)
+``node_rank``               ``PET_NODE_RANK``, ``NODE_RANK``
+``master_addr``             ``PET_MASTER_ADDR``, ``MASTER_ADDR``
+``master_port``             ``PET_MASTER_PORT``, ``MASTER_PORT`` (else torch's 29500)
+``max_restarts``            ``PET_MAX_RESTARTS``
+==========================  ==========================================
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ DEFAULT_PORT = 29500
 #: For each field, the variables that may give it, in the order they are read.
 VARIABLES = {"n_nodes": ("PET_NNODES", "NNODES"), "node_rank": ("PET_NODE_RANK", "NODE_RANK"),
              "master_addr": ("PET_MASTER_ADDR", "MASTER_ADDR"),
-             "master_port": ("PET_MASTER_PORT", "MASTER_PORT")}
+             "master_port": ("PET_MASTER_PORT", "MASTER_PORT"),
+             "max_restarts": ("PET_MAX_RESTARTS",)}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class Rendezvous:
     :param master_port: the port of the rendezvous on node 0.
     :param timeout_s: how long the nodes wait for each other.
     :param read: the variables that gave fields, ``{field: variable}``.
+    :param min_nodes: for an elastic job, the fewest machines it goes on with; ``None`` for a
+        fixed set.
+    :param max_restarts: how many times the processes may start again.
+    :param run_id: the elastic rendezvous's id, the same on every machine of the job.
     """
 
     nodes: int
@@ -58,6 +67,14 @@ class Rendezvous:
     master_port: int
     timeout_s: int
     read: dict[str, str]
+    min_nodes: int | None = None
+    max_restarts: int = 0
+    run_id: str = "ddpw"
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the machines meet in torchrun's c10d rendezvous, which re-forms the world."""
+        return self.min_nodes is not None
 
     @property
     def endpoint(self) -> str:
@@ -66,11 +83,20 @@ class Rendezvous:
         return f"{host}:{self.master_port}"
 
     def launch_args(self) -> tuple[str, ...]:
-        """The ``accelerate launch`` options that make this node's agent join it."""
+        """The ``accelerate launch`` options that make this node's agent join it. (For an
+        elastic job, ``--num_machines`` is the most; :func:`ddpw.launcher.run_accelerate`
+        hands torchrun the range, which accelerate's options cannot say.)"""
+        elastic = (("--rdzv_backend", "c10d", "--rdzv_conf", f"join_timeout={self.timeout_s}")
+                   if self.elastic else ("--rdzv_conf", f"timeout={self.timeout_s}"))
         return ("--num_machines", str(self.nodes), "--machine_rank", str(self.node_rank),
                 "--main_process_ip", self.master_addr,
                 "--main_process_port", str(self.master_port),
-                "--rdzv_conf", f"timeout={self.timeout_s}")
+                "--max_restarts", str(self.max_restarts), *elastic)
+
+    @property
+    def nnodes(self) -> str:
+        """torchrun's ``--nnodes``: ``N``, or ``MIN:MAX`` for an elastic job."""
+        return f"{self.min_nodes}:{self.nodes}" if self.elastic else str(self.nodes)
 
 
 def of(config: PlatformConfig, env: Mapping[str, str]) -> Rendezvous | None:
@@ -81,19 +107,25 @@ def of(config: PlatformConfig, env: Mapping[str, str]) -> Rendezvous | None:
         field and the variables that could give it.
     """
     read: dict[str, str] = {}
-    nodes = config.n_nodes
+    nodes, fewest = config.n_nodes, config.min_nodes
     if nodes == 1:
         found = _variable(env, "n_nodes", read)
-        nodes = _number(found, "n_nodes", read, minimum=1) if found is not None else 1
+        if found is not None and ":" in found:
+            low, _, high = found.partition(":")
+            fewest = _number(low, "n_nodes", read, minimum=1, what=found)
+            nodes = _number(high, "n_nodes", read, minimum=fewest, what=found)
+        elif found is not None:
+            nodes = _number(found, "n_nodes", read, minimum=1)
     if nodes == 1:
         return None
     rank = config.node_rank
     if rank is None:
         found = _variable(env, "node_rank", read)
-        if found is None:
+        if found is None and fewest is None:
             raise ConfigError(_missing("node_rank", nodes, f"this machine's place, from 0 to "
                                                            f"{nodes - 1}"))
-        rank = _number(found, "node_rank", read, minimum=0)
+        # An elastic rendezvous numbers the machines itself.
+        rank = _number(found, "node_rank", read, minimum=0) if found is not None else 0
     if rank >= nodes:
         where = f"{read['node_rank']}={rank}" if "node_rank" in read else f"node_rank={rank}"
         raise ConfigError(f"PlatformConfig.node_rank: {where} is outside 0 to {nodes - 1} for "
@@ -107,7 +139,12 @@ def of(config: PlatformConfig, env: Mapping[str, str]) -> Rendezvous | None:
         found = _variable(env, "master_port", read)
         port = (_number(found, "master_port", read, minimum=1, maximum=65535)
                 if found is not None else DEFAULT_PORT)
-    return Rendezvous(nodes, rank, address.strip(), port, config.rendezvous_timeout_s, read)
+    restarts = config.max_restarts
+    if restarts == 0:
+        found = _variable(env, "max_restarts", read)
+        restarts = _number(found, "max_restarts", read, minimum=0) if found is not None else 0
+    return Rendezvous(nodes, rank, address.strip(), port, config.rendezvous_timeout_s, read,
+                      min_nodes=fewest, max_restarts=restarts, run_id=config.name)
 
 
 def check(rendezvous: Rendezvous) -> None:
@@ -132,6 +169,36 @@ def gloo_env(rendezvous: Rendezvous) -> dict[str, str]:
     chosen = network.interface_for_gloo({**os.environ, "MASTER_ADDR": rendezvous.master_addr,
                                          "MASTER_PORT": str(rendezvous.master_port)})
     return {network.GLOO_IFNAME: chosen} if chosen else {}
+
+
+def torchrun_options(rendezvous: Rendezvous) -> dict[str, str]:
+    """For an elastic job, what ``accelerate launch`` cannot tell torchrun: the range of
+    machines, the rendezvous's id, and whether this machine's agent hosts the rendezvous's
+    store (torch guesses from the host name, which misses an address of another interface, as
+    in a network namespace). Nothing for a fixed set of machines."""
+    if not rendezvous.elastic:
+        return {}
+    # Node 0's agent (the one with node_rank 0 on the rendezvous's machine: every machine may
+    # run the same command) holds the store; the others, here too, join it.
+    hosts = rendezvous.node_rank == 0 and _is_this_machine(rendezvous.master_addr)
+    conf = f"join_timeout={rendezvous.timeout_s},is_host={int(hosts)}"
+    options = {"nnodes": rendezvous.nnodes, "rdzv_id": rendezvous.run_id, "rdzv_conf": conf}
+    # The address the other machines reach this one at, for the store of the world's processes
+    # that the first agent opens (else its host name, which may resolve elsewhere).
+    local = network.route_address(rendezvous.master_addr, rendezvous.master_port)
+    if local is not None:
+        options["local_addr"] = local
+    return options
+
+
+def _is_this_machine(address: str) -> bool:
+    """Whether ``address`` resolves to an address of one of this machine's interfaces."""
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(address, None)}
+        mine = {a for addresses in network.local_interfaces().values() for a in addresses}
+    except (OSError, UnicodeError):
+        return False
+    return bool(resolved & mine)
 
 
 def explain(error: BaseException, rendezvous: Rendezvous) -> ConfigError | None:
@@ -170,15 +237,17 @@ def _variable(env: Mapping[str, str], field: str, read: dict[str, str]) -> str |
 
 
 def _number(value: str, field: str, read: dict[str, str], minimum: int,
-            maximum: int | None = None) -> int:
-    if re.fullmatch(r"\d+", value) and int(value) >= minimum and (maximum is None
-                                                                    or int(value) <= maximum):
+            maximum: int | None = None, what: str | None = None) -> int:
+    """``value`` of a variable as an integer in ``[minimum, maximum]``; ``what`` is the whole
+    variable when ``value`` is a part of it (``MIN:MAX``)."""
+    if re.fullmatch(r"\d+", value.strip()) and int(value) >= minimum and (
+            maximum is None or int(value) <= maximum):
         return int(value)
     bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-    extra = (" (a range MIN:MAX asks for an elastic job, which ddpw does not start yet)"
-             if field == "n_nodes" and ":" in value else "")
-    raise ConfigError(f"{read[field]}={value!r} in the environment (for PlatformConfig.{field}) "
-                      f"is not {bound}{extra}.")
+    if what is not None:
+        bound = "N or MIN:MAX with 1 <= MIN <= MAX"
+    raise ConfigError(f"{read[field]}={what or value!r} in the environment (for "
+                      f"PlatformConfig.{field}) is not {bound}.")
 
 
 def _missing(field: str, nodes: int, what: str) -> str:

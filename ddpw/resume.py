@@ -2,7 +2,8 @@
 
 :func:`choose` is called before any process starts (by :meth:`ddpw.trainer.Trainer.check`, which
 :class:`~ddpw.wrapper.Wrapper` calls), and again at the start of a requeued SLURM attempt, when
-the job has checkpoints of its own (:data:`ddpw.environment.RESUME_FROM`).
+the job has checkpoints of its own (:data:`ddpw.environment.RESUME_FROM`), or after an
+elastic restart, from the newest checkpoint written since the job began (:func:`written_since`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from . import checkpoint
 from .artefacts import ArtefactsConfig
 from .checkpoint import Position
 from .checkpoint.checkpointer import samples_into_epoch
+from .checkpoint.names import sequence
 from .errors import ConfigError
 from .job import JobConfig, JobMode
 
@@ -51,6 +53,24 @@ def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
     if training:
         _check_position(j, folder, a_config, world_size)
     return name
+
+
+def last_written(j_config: JobConfig) -> int:
+    """The write order (manifest ``sequence``) of the newest checkpoint in the job's folder, 0
+    when there is none: a job's own checkpoints are those written after it."""
+    names = checkpoint.available(j_config.checkpoint_path, j_config.checkpoint_name_prefix)
+    return max((sequence(Path(j_config.checkpoint_path) / name) for name in names),
+               default=0)
+
+
+def written_since(j_config: JobConfig, after: int) -> str | None:
+    """The absolute path of the newest checkpoint written after the write order ``after``
+    (:func:`last_written` when the job began), or ``None``."""
+    folder = checkpoint.latest(j_config.checkpoint_path, j_config.checkpoint_name_prefix)
+    if folder is None:
+        return None
+    path = Path(j_config.checkpoint_path).resolve() / folder
+    return str(path) if sequence(path) > after else None
 
 
 def _own(j_config: JobConfig, requeued: str | None) -> str | None:

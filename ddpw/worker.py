@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from . import environment, jobfolder, process, resume
 from .errors import JobPaused, PeerFailed
 from .jobfolder import Payload
+from .outcome import lost_peers
 from .plan import LaunchMode, rendezvous_port
 from .process import exit_now, exit_status, ignore_signals
 from .shipping import dumps
@@ -50,9 +51,11 @@ def run(payload: Payload) -> Any:
     trainer = payload.target if is_trainer(payload.target) else None
     if trainer is not None:
         requeued = os.environ.get(environment.RESUME_FROM)
-        # A requeued SLURM attempt chooses again, now that the job has checkpoints of its own.
-        trainer.resume_from = (resume.choose(trainer.j_config, payload.a_config,
-                                             plan.world_size, requeued=requeued)
+        # A requeued SLURM attempt, or an elastic restart, chooses again, now that the job has
+        # checkpoints of its own, for the launch's world (which a restart may have shrunk).
+        world_size = int(os.environ.get("WORLD_SIZE", plan.world_size))
+        trainer.resume_from = (resume.choose(trainer.j_config, payload.a_config, world_size,
+                                             requeued=requeued)
                                if requeued else payload.resume_from)
     extra = trainer.accelerator_kwargs(payload.p_config) if trainer is not None else {}
     accelerator = Accelerator(**plan.accelerator_kwargs, **extra)
@@ -108,12 +111,14 @@ def execute(folder: Path) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         payload = jobfolder.read_payload(folder)
+        if payload.plan.rendezvous is not None:
+            _begin_attempt(folder, payload, rank)
         result = run(payload)
         # On the CPU, so that a caller without this rank's device (a login node) can read it.
         data = dumps(result)[0]
         jobfolder.write_result(folder, rank, data)
         if payload.plan.rendezvous is not None:
-            _share_results(folder, rank, data, payload.plan.first_rank)
+            _share_results(folder, rank, data)
         _leave_process_group()
         return 0
     except BaseException as error:
@@ -129,16 +134,48 @@ def execute(folder: Path) -> int:
         return exit_status(error)
 
 
-def _share_results(folder: Path, rank: int, data: bytes, first_rank: int) -> None:
+def _begin_attempt(folder: Path, payload: Payload, rank: int) -> None:
+    """On each machine of a job on several, before the job runs: note the world's size (an
+    elastic job's shrinks when a machine is lost). After a restart, set the last attempt's
+    reports aside, have a Trainer resume from the newest checkpoint written since the job began
+    (as a requeued SLURM attempt does), and say so on the main rank: who was lost, the new
+    world, the checkpoint."""
+    world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    target = payload.target
+    # Every rank finds the same: no save is in flight once every process has ended.
+    newest = (resume.written_since(target.j_config, payload.written_before)
+              if restart and is_trainer(target) else None)
+    if newest is not None:
+        os.environ[environment.RESUME_FROM] = newest
+    if local_rank != 0:  # one process per machine keeps the payload folder
+        return
+    was = jobfolder.noted_world(folder, payload.plan.world_size)
+    jobfolder.note_world(folder, world_size)
+    if not restart:
+        return
+    lost = lost_peers(jobfolder.set_aside_reports(folder, restart - 1))
+    if rank == 0:
+        machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+        start = (f"resuming from {Path(newest).name}" if newest else
+                 f"starting again from {payload.resume_from or 'scratch'}")
+        print(f"[ddpw] restart {restart} of at most {payload.plan.rendezvous.max_restarts}: "
+              f"a world of {world_size} on {machines} machine(s), was {was}; lost "
+              f"{', '.join(lost) if lost else 'no peer that gloo named'}; {start}",
+              file=sys.stderr, flush=True)
+
+
+def _share_results(folder: Path, rank: int, data: bytes) -> None:
     """In a job of several machines, each machine's payload folder is its own: every rank's
     result goes to every node, whose first process writes those of the other nodes' ranks, so
     that ``Wrapper.start`` returns all of them on every machine."""
     every: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, data)
-    if rank == first_rank:
-        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    first = rank - int(os.environ["LOCAL_RANK"])
+    if rank == first:
+        mine = range(first, first + int(os.environ["LOCAL_WORLD_SIZE"]))
         for other, found in enumerate(every):
-            if not first_rank <= other < first_rank + int(local):
+            if other not in mine:
                 jobfolder.write_result(folder, other, found)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from accelerate.utils import gather_object
 
-from . import jobfolder
+from . import jobfolder, resume
 from .artefacts import ArtefactsConfig
 from .errors import ConfigError, WorkerError
 from .jobfolder import Payload
@@ -20,7 +20,7 @@ from .plan import LaunchMode, MachineFacts, resolve_plan
 from .platform import Platform, PlatformConfig
 from .shipping import ship
 from .slurm import ON_INTERRUPT
-from .utils import is_trainer
+from .utils import is_restartable, is_trainer
 from .worker import run
 
 if TYPE_CHECKING:
@@ -101,8 +101,12 @@ class Wrapper:
         elif not callable(target):
             raise ConfigError(f"Wrapper.start({target!r}): the target must be a ddpw Trainer or "
                               f"a function.")
+        if not is_trainer(target) and not is_restartable(target):
+            plan = plan.without_restarts()  # it might do its work twice
         payload = Payload(target=target, p_config=self.p_config, a_config=self.a_config,
-                          plan=plan, args=args, kwargs=kwargs, resume_from=resume_from)
+                          plan=plan, args=args, kwargs=kwargs, resume_from=resume_from,
+                          written_before=(resume.last_written(target.j_config)
+                                          if is_trainer(target) else 0))
         if plan.mode is LaunchMode.ACCELERATE:
             results = launch(payload)
         elif plan.mode is LaunchMode.SLURM:

@@ -281,6 +281,9 @@ def test_settings_come_from_a_config_file_and_flags_win(monkeypatch, tmp_path):
     (["--platform", "cpu", "--n-nodes", "2", "--node-rank", "1"],
      "--master-addr is not set, and a job on n_nodes=2 machines needs it"),
     (["--platform", "mps", "--n-nodes", "2"], "--n-nodes=2 is not valid"),
+    (["--platform", "cpu", "--n-nodes", "3:2"],
+     "'3:2': N must be at least 1, and MIN:MAX must have 1 <= MIN <= MAX"),
+    (["--platform", "cpu", "--n-nodes", "two"], "'two' is neither N nor MIN:MAX"),
     (["--master-port", "70000"], "Invalid value for '--master-port'"),
     (["--config", "missing.toml"], "Invalid value for '--config'"),
 ])
@@ -342,7 +345,7 @@ def test_config_fields_are_the_options_that_set_a_platform_config_field():
                       "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
                       "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit",
                       "name", "mixed_precision", "node_rank", "master_addr", "master_port",
-                      "rendezvous_timeout_s")
+                      "rendezvous_timeout_s", "max_restarts")
 
 
 def test_log_dir_defaults_to_the_job_folders_root():

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -181,5 +183,195 @@ def test_a_rank_that_fails_on_one_machine_is_named_there_and_blamed_on_it_elsewh
                            tmp_path)
     assert "WorkerError: rank 2 of 4 raised an exception" in node1.stdout, node1
     assert "ValueError: rank 2's own mistake" in node1.stdout
-    assert re.search(r"WorkerError: rank [01] of 4 lost its peers: a process on another "
-                     r"machine of the job failed first", node0.stdout), node0
+    assert re.search(r"WorkerError: rank [01] of 4 lost its peers \(at 127\.0\.0\.1\): a "
+                     r"process on another machine of the job failed first", node0.stdout), node0
+
+
+ELASTIC = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from jobs import BlobTrainer, artefacts
+from ddpw import JobConfig, JobMode, Platform, PlatformConfig, Wrapper
+
+class CountingTrainer(BlobTrainer):
+    '''Slow steps; each step's samples noted with the attempt and the epoch.'''
+
+    def train_step(self, batch):
+        time.sleep(0.15)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        with open(Path({notes!r}) / f"seen-{{attempt}}-{{self.global_rank}}.txt", "a") as f:
+            f.write(f"{{self.epoch}} {{' '.join(map(str, batch[2].tolist()))}}\\n")
+        return super().train_step(batch)
+
+rank, address, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+p = PlatformConfig(platform=Platform.CPU, n_procs=1, n_nodes=2, min_nodes=1, max_restarts=1,
+                   node_rank=rank, master_addr=address, master_port=port, verbose=False)
+j = JobConfig(job_type=JobMode.TRAIN, epochs={epochs}, save_every=1,
+              checkpoint_path={checkpoint!r}, training_logs_path={logs!r})
+metrics = Wrapper(p, artefacts(n_train={samples}, batch_size=4)).start(CountingTrainer(j))
+print("METRICS", metrics["epoch"], flush=True)
+"""
+
+
+def seen(notes: Path, attempt: int) -> dict[int, list[int]]:
+    """The samples noted in ``attempt``, by epoch, over every rank."""
+    found: dict[int, list[int]] = {}
+    for path in notes.glob(f"seen-{attempt}-*.txt"):
+        for line in path.read_text().splitlines():
+            epoch, *indices = map(int, line.split())
+            found.setdefault(epoch, []).extend(indices)
+    return found
+
+
+def test_elastic_a_machine_lost_mid_epoch_and_the_other_finishes_from_the_newest_checkpoint(
+        machines, tmp_path):
+    """2 machines x 1 process, elastic 1:2: every process of machine 1 is killed with SIGKILL
+    in the middle of epoch 3; machine 0 meets again as a world of 1, resumes from the newest
+    checkpoint and trains to the end, each epoch's samples seen once in the run that counts."""
+    import psutil
+
+    from ddpw import checkpoint as ckpt
+
+    samples, epochs = 64, 5
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    script = tmp_path / "elastic.py"
+    script.write_text(ELASTIC.format(tests=str(TESTS), notes=str(notes), epochs=epochs,
+                                     checkpoint=str(tmp_path / "checkpoint"),
+                                     logs=str(tmp_path / "logs"), samples=samples))
+    port = free_port()
+    started = {}
+    # Node 0 first: on loopback both launchers are on the endpoint's machine, and the first
+    # agent there hosts the rendezvous, which accelerate expects of node 0.
+    for rank in (0, 1):
+        started[rank] = subprocess.Popen(
+            machines[rank].command(sys.executable, str(script), str(rank),
+                                   machines[0].address, str(port)),
+            cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        # Machine 0's first steps of epoch 3, once epoch 2's checkpoint (written in the
+        # background while epoch 3 begins) is published.
+        while (ckpt.latest(tmp_path / "checkpoint", "ckpt") != "ckpt_2"
+               or len(seen(notes, 0).get(3, [])) < 8):
+            for rank, process in started.items():
+                assert process.poll() is None, (f"machine {rank} ended", process.communicate())
+            assert time.monotonic() < deadline, "epoch 3 never began"
+            time.sleep(0.05)
+        lost = psutil.Process(started[1].pid)
+        for process in [*lost.children(recursive=True), lost]:  # the whole machine, at once
+            process.kill()
+        out, err = started[0].communicate(timeout=BOUND_S)
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert started[0].returncode == 0, err
+    assert f"METRICS {epochs}" in out, (out, err)
+    said = re.search(r"\[ddpw\] restart 1 of at most 1: a world of 1 on 1 machine\(s\), was 2; "
+                     r"lost (\S+); resuming from ckpt_(\d+)", err)
+    assert said, err
+    assert said.group(1) == machines[1].address
+    resumed = int(said.group(2))
+    assert resumed >= 2, said.group(0)
+    # The run that counts: attempt 0 up to the checkpoint resumed, attempt 1 after it.
+    first, second = seen(notes, 0), seen(notes, 1)
+    assert set(second) == set(range(resumed + 1, epochs + 1)), sorted(second)
+    for epoch in range(1, epochs + 1):
+        counted = first[epoch] if epoch <= resumed else second[epoch]
+        assert sorted(counted) == list(range(samples)), (epoch, sorted(counted))
+    assert ckpt.read_manifest(tmp_path / "checkpoint" / f"ckpt_{epochs}")["world_size"] == 1
+
+
+def test_a_function_not_marked_restartable_is_not_restarted_and_names_the_lost_machine(
+        tmp_path):
+    """Elastic 1:2 with a restart allowed, on loopback: machine 1 dies in the middle of a
+    function; machine 0's function is not started again, and its error names the peer."""
+    import psutil
+
+    script = tmp_path / "function.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        import torch
+        from pathlib import Path
+        from ddpw import Platform, PlatformConfig, WorkerError, Wrapper
+        from ddpw.utils import world
+
+        def job(folder):
+            Path(folder, f"started-{world().global_rank}").write_text("")
+            for _ in range(600):
+                torch.distributed.all_reduce(torch.ones(1))
+                time.sleep(0.1)
+
+        p = PlatformConfig(platform=Platform.CPU, n_procs=1, n_nodes=2, min_nodes=1,
+                           max_restarts=1, node_rank=int(sys.argv[1]), master_addr="127.0.0.1",
+                           master_port=int(sys.argv[2]), verbose=False)
+        try:
+            Wrapper(p).start(job, sys.argv[3])
+        except WorkerError as error:
+            print(f"WorkerError: {error.message}")
+    """))
+    port = free_port()
+    started = [subprocess.Popen([sys.executable, str(script), str(rank), str(port),
+                                 str(tmp_path)], text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not all((tmp_path / f"started-{rank}").exists() for rank in (0, 1)):
+            assert all(p.poll() is None for p in started), [p.communicate() for p in started]
+            assert time.monotonic() < deadline, "the function never started"
+            time.sleep(0.05)
+        lost = psutil.Process(started[1].pid)
+        for process in [*lost.children(recursive=True), lost]:
+            process.kill()
+        out, err = started[0].communicate(timeout=BOUND_S)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert "WorkerError: rank 0 of 2 lost its peers (at 127.0.0.1): a process on another " \
+           "machine of the job failed first" in out, (out, err)
+    assert "restart" not in err, err
+
+
+def test_machines_that_do_not_share_the_checkpoint_folder_are_refused_on_both(tmp_path):
+    """Machine 1 mounts a tmpfs of its own at the checkpoint folder (a node-local disk): both
+    machines end before training with the one-line error that SLURM jobs get."""
+    from test_checkpoint_shares import not_one_folder
+
+    root = tmp_path / "checkpoint"
+    root.mkdir()
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from jobs import BlobTrainer, artefacts, job
+        from pathlib import Path
+        from ddpw import ConfigError, Platform, PlatformConfig, Wrapper
+
+        p = PlatformConfig(platform=Platform.CPU, n_procs=1, n_nodes=2,
+                           node_rank=int(sys.argv[1]), master_addr=sys.argv[2],
+                           master_port=int(sys.argv[3]), verbose=False)
+        try:
+            Wrapper(p, artefacts()).start(BlobTrainer(job(Path({str(tmp_path)!r}), epochs=1)))
+        except ConfigError as error:
+            print(f"ConfigError: {{error}}")
+    """))
+    port = free_port()
+    with two_machines("netns") as machines:
+        def command(rank: int, machine: Machine) -> list[str]:
+            run = [sys.executable, str(script), str(rank), machines[0].address, str(port)]
+            if rank == 0:
+                return run
+            # A mount of its own: `ip netns exec` gives each command a mount namespace.
+            return ["sh", "-c", f"mount -t tmpfs tmpfs {root} && exec {shlex.join(run)}"]
+
+        runs = on_both(machines, command, tmp_path)
+    said = not_one_folder(root, f"rank 1 on {socket.gethostname()}")
+    for rank, run in enumerate(runs):
+        assert run.returncode == 0, (rank, run.stderr)
+        assert run.stdout.strip() == f"ConfigError: {said}", (rank, run.stdout, run.stderr)
+    assert not list(root.iterdir()), "a probe or a checkpoint was left behind"

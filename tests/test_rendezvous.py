@@ -3,6 +3,7 @@ environment it reads, and the errors for what cannot meet, before any process st
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -65,7 +66,8 @@ def test_torchruns_variables_come_first_and_the_config_wins():
 @pytest.mark.parametrize("env, message", [
     ({"NNODES": "two"}, "NNODES='two' in the environment (for PlatformConfig.n_nodes) is not "
                         "an integer >= 1"),
-    ({"PET_NNODES": "1:2"}, "a range MIN:MAX asks for an elastic job"),
+    ({"PET_NNODES": "3:2"}, "PET_NNODES='3:2' in the environment (for PlatformConfig.n_nodes) "
+                            "is not N or MIN:MAX with 1 <= MIN <= MAX"),
     ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "a"},
      "NODE_RANK=2 is outside 0 to 1 for n_nodes=2"),
     ({"NNODES": "2", "NODE_RANK": "0"}, "PlatformConfig.master_addr is not set"),
@@ -135,7 +137,8 @@ def test_dry_run_shows_this_nodes_command_and_its_rendezvous(tmp_path):
     assert "--machine_rank 1 --main_process_ip node0 --main_process_port 29512" in shown["shell"]
     assert shown["rendezvous"] | {"per_node_args": None} == {
         "nodes": 2, "node_rank": 1, "endpoint": "node0:29512", "timeout_s": 600,
-        "from_environment": {}, "first_rank": 2, "per_node_args": None}
+        "from_environment": {}, "first_rank": 2, "per_node_args": None, "elastic": False,
+        "nnodes": "2", "max_restarts": 0}
 
 
 def test_platform_auto_picks_up_a_kubernetes_operators_variables(tmp_path):
@@ -147,3 +150,48 @@ def test_platform_auto_picks_up_a_kubernetes_operators_variables(tmp_path):
     assert shown["rendezvous"]["from_environment"] == {
         "n_nodes": "PET_NNODES", "node_rank": "PET_NODE_RANK", "master_addr": "PET_MASTER_ADDR",
         "master_port": "PET_MASTER_PORT"}
+
+
+def test_an_elastic_job_meets_in_c10d_with_a_range_and_restarts():
+    plan = resolve_plan(cpu(2, n_nodes=3, min_nodes=1, max_restarts=2, master_addr="head",
+                            name="job7"), machine())
+    meeting = plan.rendezvous
+    assert meeting.elastic and meeting.nnodes == "1:3" and meeting.run_id == "job7"
+    assert meeting.node_rank == 0  # the rendezvous numbers the machines itself
+    assert option(plan, "--rdzv_backend") == "c10d" and option(plan, "--max_restarts") == "2"
+    assert option(plan, "--rdzv_conf") == "join_timeout=600"
+    assert option(plan, "--num_machines") == "3" and plan.world_size == 6
+    once = plan.without_restarts()
+    assert option(once, "--max_restarts") == "0" and once.rendezvous.max_restarts == 0
+    static = resolve_plan(cpu(2, n_nodes=2, node_rank=0, master_addr="h"), machine())
+    assert not static.rendezvous.elastic and option(static, "--max_restarts") == "0"
+    assert static.without_restarts() is static
+
+
+def test_the_environment_gives_an_elastic_range_and_restarts():
+    meeting = resolve_plan(cpu(1), machine(env={"PET_NNODES": "1:2", "PET_MASTER_ADDR": "m",
+                                                "PET_MAX_RESTARTS": "3"})).rendezvous
+    assert (meeting.min_nodes, meeting.nodes, meeting.max_restarts) == (1, 2, 3)
+    assert meeting.read["n_nodes"] == "PET_NNODES"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"n_nodes": 2, "min_nodes": 3}, "PlatformConfig.min_nodes=3 is not valid: an integer from "
+                                     "1 to n_nodes=2"),
+    ({"n_nodes": 2, "min_nodes": 0}, "PlatformConfig.min_nodes=0 is not valid"),
+    ({"n_nodes": 2, "max_restarts": -1}, "PlatformConfig.max_restarts=-1 is not valid"),
+    ({"platform": "slurm", "n_nodes": 2, "min_nodes": 1},
+     "PlatformConfig.min_nodes=1 is not valid: None on Platform.SLURM"),
+])
+def test_bad_elastic_fields_are_refused(fields, message):
+    from ddpw.platform import PlatformConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PlatformConfig(**{"platform": "cpu", **fields})
+
+
+def test_dry_run_takes_min_max_nodes(tmp_path):
+    shown = dry_run(tmp_path, "--platform", "cpu", "--n-nodes", "1:2", "--master-addr", "m",
+                    "--max-restarts", "1", "--n-procs", "1")
+    assert shown["rendezvous"]["elastic"] is True and shown["rendezvous"]["nnodes"] == "1:2"
+    assert "--rdzv_backend c10d" in shown["shell"] and "--max_restarts 1" in shown["shell"]

@@ -12,6 +12,11 @@ and the largest peak RSS of any one process), the variants taking turns after a 
   that ddpw's own launch uses.
 - 1 process: plain ``python`` running the Accelerate script (the baseline), ``Wrapper.start``
   with ``n_procs=1`` (which runs in the calling process) and ``ddpw-launch --n-procs 1``.
+- 2 machines x 1 process, one all-reduce: two launchers on this machine, node 1 and node 0,
+  meeting at 127.0.0.1 in torchrun's static rendezvous (each run is one ``sh`` command that
+  starts both and waits for both): ``torchrun --nnodes 2 --node-rank R`` (the baseline),
+  ``ddpw-launch --n-nodes 2 --node-rank R`` (the Accelerate script) and two ``Wrapper.start``
+  with ``n_nodes=2, node_rank=R``, one thread per process each.
 - Command start-up: ``python -c pass`` (the baseline), ``python -c "import ddpw"`` and
   ``ddpw-launch --help``, neither of which imports torch. Each run takes milliseconds, so this
   case runs four times the repeats.
@@ -49,6 +54,7 @@ from common import PYTHON, Result, Run, interleave, row_main, run_command, with_
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
 ROW = "launch"
 TWO = "2 processes, one all-reduce"
+MACHINES = "2 machines x 1 process, one all-reduce"
 ONE = "1 process, one all-reduce"
 STARTUP = "command start-up"
 #: A run that takes longer than this has hung: it is ended (with its processes) and fails.
@@ -120,6 +126,37 @@ def variants(n_procs: int) -> dict[str, tuple[list[str], dict[str, str]]]:
             "torchrun --standalone": (torchrun, threads)}
 
 
+def both_nodes(node: Callable[[int], list[str]]) -> list[str]:
+    """One command that starts ``node(1)`` in the background and ``node(0)``, waits for both,
+    and fails if either does."""
+    one, zero = (shlex.join(node(rank)) for rank in (1, 0))
+    return ["sh", "-c", f"{one} & other=$!; {zero}; status=$?; wait $other || status=$?; "
+                        f"exit $status"]
+
+
+def machine_variants() -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The commands of the case of 2 machines x 1 process (on loopback), each variant with a
+    port of its own; the first is the baseline."""
+    script = [str(PAYLOADS / "accelerate_allreduce.py"), "--world", "2"]
+    ports = iter(range(29731, 29734))
+    torch_port, launch_port, wrapper_port = next(ports), next(ports), next(ports)
+    torchrun = both_nodes(lambda rank: [
+        *console_script("torchrun", "torch.distributed.run"), "--nnodes", "2", "--node-rank",
+        str(rank), "--master-addr", "127.0.0.1", "--master-port", str(torch_port),
+        "--nproc-per-node", "1", str(PAYLOADS / "torch_allreduce.py"), "--world", "2"])
+    ddpw_launch = both_nodes(lambda rank: [
+        *console_script("ddpw-launch", "ddpw"), "--platform", "cpu", "--n-procs", "1",
+        "--n-nodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+        "--master-port", str(launch_port), *script])
+    wrapper = both_nodes(lambda rank: [
+        PYTHON, str(PAYLOADS / "wrapper_start.py"), "--n-procs", "1", "--n-nodes", "2",
+        "--node-rank", str(rank), "--master-port", str(wrapper_port)])
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    return {"torchrun, static rendezvous": (torchrun, one_thread),
+            "ddpw-launch": (ddpw_launch, {**one_thread, "ACCELERATE_USE_CPU": "1"}),
+            "ddpw Wrapper.start": (wrapper, one_thread)}
+
+
 def startup_variants() -> dict[str, list[str]]:
     """The commands of the start-up case; the first is the baseline."""
     return {"python -c pass": [PYTHON, "-c", "pass"],
@@ -181,8 +218,9 @@ def breakdown(records: list[dict[str, Any]], seconds: float, returned: float,
 
 
 def measure_case(case: str, n_procs: int, repeats: int, quick: bool) -> list[Result]:
-    """Every variant of one case, interleaved; the first variant is the baseline."""
-    commands = variants(n_procs)
+    """Every variant of one case of ``n_procs`` processes in all, interleaved; the first variant
+    is the baseline."""
+    commands = machine_variants() if case == MACHINES else variants(n_procs)
     warmup = 0 if quick else 1
     stamped: dict[str, list[tuple[Run, dict[str, float] | None, float | None]]] = {
         name: [] for name in commands}
@@ -234,10 +272,12 @@ def measure_startup(repeats: int, quick: bool) -> list[Result]:
 
 
 def measure(repeats: int, quick: bool) -> list[Result]:
-    """Every case: 2 processes against ``accelerate launch``, 1 against plain ``python``, and
-    the commands' start-up against ``python -c pass``."""
+    """Every case: 2 processes against ``accelerate launch``, 1 against plain ``python``, 2
+    machines against ``torchrun``'s static rendezvous, and the commands' start-up against
+    ``python -c pass``."""
     return with_ratios([*measure_case(TWO, 2, repeats, quick),
                         *measure_case(ONE, 1, repeats, quick),
+                        *measure_case(MACHINES, 2, repeats, quick),
                         *measure_startup(repeats, quick)])
 
 

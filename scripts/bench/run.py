@@ -200,14 +200,19 @@ def main() -> None:
     parser.add_argument("--keep-other-rows", action="store_true",
                         help="keep the rows of the last run (latest.json) that this run does "
                              "not measure, each with the date and repeats of its own run")
+    parser.add_argument("--add", type=Path, action="append", default=[], metavar="JSON",
+                        help="add the results that a row's own script wrote with --json (a "
+                             "part of a row measured by itself), in the order given")
     args = parser.parse_args()
     facts = machine()
     results: list[Result] = []
-    for row in args.rows.split(","):
+    for row in filter(None, args.rows.split(",")):
         print(f"== {row}", file=sys.stderr, flush=True)
         for result in importlib.import_module(row).measure(args.repeats, args.quick):
             result.extra |= {"measured": facts["date"], "repeats": args.repeats}
             results.append(result)
+    for path in args.add:
+        results += _other_rows(path, set())
     if args.keep_other_rows and (RESULTS / "latest.json").is_file():
         results += _other_rows(RESULTS / "latest.json", {r.row for r in results})
     print(table(results))

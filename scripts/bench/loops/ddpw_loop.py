@@ -48,12 +48,14 @@ class BenchTrainer(Trainer):
         inputs, labels = batch
         return F.cross_entropy(self.model(inputs), labels)
 
-    def check(self, *args: Any, **kwargs: Any) -> None:
-        # Runs in the calling process before any worker starts; choosing and verifying the
-        # checkpoint (every file's hash) is part of what resuming costs.
+    def check(self, *args: Any, **kwargs: Any) -> str | None:
+        # Runs in the calling process before any worker starts; choosing the checkpoint (and
+        # checking its files' sizes; the ranks hash them as they read) is part of what
+        # resuming costs.
         started = time.perf_counter()
-        super().check(*args, **kwargs)
+        chosen = super().check(*args, **kwargs)
         Path("verify.json").write_text(json.dumps({"verify_s": time.perf_counter() - started}))
+        return chosen
 
     def restore_checkpoint(self, name: str) -> None:
         self.restore_began = time.time()

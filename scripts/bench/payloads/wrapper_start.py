@@ -2,6 +2,7 @@
 processes, and checking what every rank returned.
 
     python wrapper_start.py --n-procs 2 [--work all-reduce|function]
+        [--n-nodes 2 --node-rank R --master-port P]     (one of 2 machines, on 127.0.0.1)
 """
 
 import time
@@ -24,11 +25,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-procs", type=int, default=2)
     parser.add_argument("--work", choices=("all-reduce", "function"), default="all-reduce")
+    parser.add_argument("--n-nodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=None)
+    parser.add_argument("--master-port", type=int, default=None)
     args = parser.parse_args()
-    p_config = PlatformConfig(platform=Platform.CPU, n_procs=args.n_procs, verbose=False)
+    machines = ({"n_nodes": args.n_nodes, "node_rank": args.node_rank,
+                 "master_addr": "127.0.0.1", "master_port": args.master_port}
+                if args.n_nodes > 1 else {})
+    p_config = PlatformConfig(platform=Platform.CPU, n_procs=args.n_procs, verbose=False,
+                              **machines)
     job = work.all_reduce if args.work == "all-reduce" else work.total
     results = Wrapper(p_config).start(job)
-    n = args.n_procs
+    n = args.n_procs * args.n_nodes
     expected = [n * (n + 1) / 2] * n if args.work == "all-reduce" else [work.TOTAL] * n
     if results != expected:
         raise SystemExit(f"wrong results: {results}, expected {expected}")
