@@ -222,10 +222,7 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     name = settings.get("name", "DDPW")
     folder = jobfolder.make(log_dir, name)
     meeting = plan.rendezvous
-    where = (f"node {meeting.node_rank} of {meeting.nodes}, ranks {plan.first_rank} to "
-             f"{plan.first_rank + plan.world_size // meeting.nodes - 1} of {plan.world_size}, "
-             f"meeting at {meeting.endpoint}" if meeting else f"{plan.world_size} processes")
-    click.echo(f"[ddpw] {where}; every rank's output in {folder}", err=True)
+    click.echo(f"[ddpw] {_where(plan)}; every rank's output in {folder}", err=True)
     from .launcher import Logs, run_accelerate  # not for --help and --dry-run: they are light
 
     logs = Logs(folder, all_ranks=all_ranks, first_rank=plan.first_rank,
@@ -444,6 +441,19 @@ def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
             "standalone_rendezvous": plan.standalone, "slurm": plan.slurm,
             "plan": {k: v for k, v in dataclasses.asdict(plan).items()
                      if k in ("threads_per_process", "accelerator_kwargs")}, **per_node}
+
+
+def _where(plan: LaunchPlan) -> str:
+    """What this launch starts, for the line before it begins."""
+    meeting = plan.rendezvous
+    if meeting is None:
+        return f"{plan.world_size} processes"
+    if meeting.elastic:  # the rendezvous numbers the machines and ranks, anew at each restart
+        return (f"{plan.world_size // meeting.nodes} processes here, on one of "
+                f"{meeting.nnodes} machines meeting at {meeting.endpoint}")
+    last = plan.first_rank + plan.world_size // meeting.nodes - 1
+    return (f"node {meeting.node_rank} of {meeting.nodes}, ranks {plan.first_rank} to {last} "
+            f"of {plan.world_size}, meeting at {meeting.endpoint}")
 
 
 def _exit_status(outcome: Outcome, folder: Path, all_ranks: bool) -> int:

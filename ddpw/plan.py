@@ -144,7 +144,9 @@ class LaunchPlan:
 
     @property
     def first_rank(self) -> int:
-        """The global rank of this machine's first process."""
+        """The global rank of this machine's first process. In an elastic job the
+        rendezvous numbers the machines, anew at each restart: there this is only the
+        configured node rank's share, which numbers this machine's log files."""
         if self.rendezvous is None:
             return 0
         return self.rendezvous.node_rank * (self.world_size // self.rendezvous.nodes)

@@ -85,9 +85,10 @@ class Rendezvous:
     def launch_args(self) -> tuple[str, ...]:
         """The ``accelerate launch`` options that make this node's agent join it. (For an
         elastic job, ``--num_machines`` is the most; :func:`ddpw.launcher.run_accelerate`
-        hands torchrun the range, which accelerate's options cannot say.)"""
-        elastic = (("--rdzv_backend", "c10d", "--rdzv_conf", f"join_timeout={self.timeout_s}")
-                   if self.elastic else ("--rdzv_conf", f"timeout={self.timeout_s}"))
+        hands torchrun the range and the rendezvous's settings, which accelerate's options
+        cannot say: :func:`torchrun_options`.)"""
+        elastic = (("--rdzv_backend", "c10d") if self.elastic
+                   else ("--rdzv_conf", f"timeout={self.timeout_s}"))
         return ("--num_machines", str(self.nodes), "--machine_rank", str(self.node_rank),
                 "--main_process_ip", self.master_addr,
                 "--main_process_port", str(self.master_port),

@@ -3,6 +3,7 @@ environment it reads, and the errors for what cannot meet, before any process st
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 
@@ -159,7 +160,7 @@ def test_an_elastic_job_meets_in_c10d_with_a_range_and_restarts():
     assert meeting.elastic and meeting.nnodes == "1:3" and meeting.run_id == "job7"
     assert meeting.node_rank == 0  # the rendezvous numbers the machines itself
     assert option(plan, "--rdzv_backend") == "c10d" and option(plan, "--max_restarts") == "2"
-    assert option(plan, "--rdzv_conf") == "join_timeout=600"
+    assert "--rdzv_conf" not in plan.launch_args  # torchrun_options owns it
     assert option(plan, "--num_machines") == "3" and plan.world_size == 6
     once = plan.without_restarts()
     assert option(once, "--max_restarts") == "0" and once.rendezvous.max_restarts == 0
@@ -195,3 +196,25 @@ def test_dry_run_takes_min_max_nodes(tmp_path):
                     "--max-restarts", "1", "--n-procs", "1")
     assert shown["rendezvous"]["elastic"] is True and shown["rendezvous"]["nnodes"] == "1:2"
     assert "--rdzv_backend c10d" in shown["shell"] and "--max_restarts 1" in shown["shell"]
+
+
+def test_an_elastic_jobs_agent_on_node_0_of_its_machine_hosts_the_store():
+    here = resolve_plan(cpu(1, n_nodes=2, min_nodes=1, master_addr="127.0.0.1", name="j",
+                            rendezvous_timeout_s=42), machine()).rendezvous
+    options = rendezvous.torchrun_options(here)
+    assert options["rdzv_conf"] == "join_timeout=42,is_host=1"
+    assert options["nnodes"] == "1:2" and options["rdzv_id"] == "j"
+    elsewhere = dataclasses.replace(here, node_rank=1)
+    assert rendezvous.torchrun_options(elsewhere)["rdzv_conf"] == "join_timeout=42,is_host=0"
+    static = resolve_plan(cpu(1, n_nodes=2, node_rank=0, master_addr="127.0.0.1"), machine())
+    assert rendezvous.torchrun_options(static.rendezvous) == {}
+
+
+def test_the_launch_line_says_which_ranks_a_machine_runs_only_when_it_knows():
+    from ddpw.cli import _where
+
+    static = resolve_plan(cpu(2, n_nodes=2, node_rank=1, master_addr="h"), machine())
+    assert _where(static) == "node 1 of 2, ranks 2 to 3 of 4, meeting at h:29500"
+    elastic = resolve_plan(cpu(2, n_nodes=3, min_nodes=2, master_addr="h"), machine())
+    assert _where(elastic) == "2 processes here, on one of 2:3 machines meeting at h:29500"
+    assert _where(resolve_plan(cpu(2), machine())) == "2 processes"

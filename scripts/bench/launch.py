@@ -217,10 +217,10 @@ def breakdown(records: list[dict[str, Any]], seconds: float, returned: float,
     return segments, max(rank["exit"]["rss_mb"] for rank in ranks)
 
 
-def measure_case(case: str, n_procs: int, repeats: int, quick: bool) -> list[Result]:
-    """Every variant of one case of ``n_procs`` processes in all, interleaved; the first variant
-    is the baseline."""
-    commands = machine_variants() if case == MACHINES else variants(n_procs)
+def measure_case(case: str, commands: dict[str, tuple[list[str], dict[str, str]]],
+                 n_procs: int, repeats: int, quick: bool) -> list[Result]:
+    """Every variant of one case (``commands``: a command and its environment by variant's
+    name) of ``n_procs`` processes in all, interleaved; the first variant is the baseline."""
     warmup = 0 if quick else 1
     stamped: dict[str, list[tuple[Run, dict[str, float] | None, float | None]]] = {
         name: [] for name in commands}
@@ -275,9 +275,9 @@ def measure(repeats: int, quick: bool) -> list[Result]:
     """Every case: 2 processes against ``accelerate launch``, 1 against plain ``python``, 2
     machines against ``torchrun``'s static rendezvous, and the commands' start-up against
     ``python -c pass``."""
-    return with_ratios([*measure_case(TWO, 2, repeats, quick),
-                        *measure_case(ONE, 1, repeats, quick),
-                        *measure_case(MACHINES, 2, repeats, quick),
+    return with_ratios([*measure_case(TWO, variants(2), 2, repeats, quick),
+                        *measure_case(ONE, variants(1), 1, repeats, quick),
+                        *measure_case(MACHINES, machine_variants(), 2, repeats, quick),
                         *measure_startup(repeats, quick)])
 
 
