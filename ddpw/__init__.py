@@ -18,11 +18,11 @@ process.note_requeue_signal()  # first, before torch is imported (see ddpw.proce
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ loads them
     from .artefacts import ArtefactsConfig
-    from .errors import ConfigError, JobPaused, WorkerError
+    from .errors import ConfigError, JobHung, JobPaused, WorkerError
     from .job import JobConfig, JobMode
     from .platform import Platform, PlatformConfig
     from .trainer import Trainer
-    from .utils import World, restartable, world
+    from .utils import World, heartbeat, restartable, world
     from .wrapper import Wrapper
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "ArtefactsConfig",
     "ConfigError",
     "JobConfig",
+    "JobHung",
     "JobMode",
     "JobPaused",
     "Platform",
@@ -40,6 +41,7 @@ __all__ = [
     "World",
     "Wrapper",
     "__version__",
+    "heartbeat",
     "restartable",
     "world",
 ]
@@ -49,6 +51,7 @@ _HOMES = {
     "ArtefactsConfig": "artefacts",
     "ConfigError": "errors",
     "JobConfig": "job",
+    "JobHung": "errors",
     "JobMode": "job",
     "JobPaused": "errors",
     "Platform": "platform",
@@ -57,6 +60,7 @@ _HOMES = {
     "WorkerError": "errors",
     "World": "utils",
     "Wrapper": "wrapper",
+    "heartbeat": "utils",
     "restartable": "utils",
     "world": "utils",
 }

@@ -23,7 +23,7 @@ import click
 from click.formatting import term_len
 
 from . import jobfolder
-from .errors import PAUSED_EXIT_STATUS, ConfigError, WorkerError
+from .errors import HUNG_EXIT_STATUS, PAUSED_EXIT_STATUS, ConfigError, WorkerError
 from .outcome import LOST_PEER, Outcome, describe_status, root_cause
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
 from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
@@ -44,7 +44,8 @@ Examples:
 
 \b
 Exit status: the job's; 0 on success, the first failing rank's status otherwise,
-75 when a ddpw Trainer paused, 128+N when signal N stopped the job.
+75 when a ddpw Trainer paused, 76 when a rank hung (every rank's stack is in its
+log), 128+N when signal N stopped the job.
 On SLURM: 143 when the job was cancelled, 124 when it ran out of time.
 """
 
@@ -53,6 +54,7 @@ On SLURM: 143 when the job was cancelled, 124 when it ran out of time.
 HELP_SECTIONS = {
     "Where to run": ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task",
                      "mixed_precision"),
+    "Hangs": ("hang_timeout_s",),
     "Several machines": ("node_rank", "master_addr", "master_port", "rendezvous_timeout_s",
                          "max_restarts"),
     "SLURM": ("partition", "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
@@ -60,6 +62,21 @@ HELP_SECTIONS = {
               "on_interrupt"),
     "Logs and output": ("name", "log_dir", "all_ranks", "dry_run"),
 }
+
+
+class _Timeout(click.ParamType):
+    """A positive number of seconds, or ``off``."""
+
+    name = "seconds|off"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float | str:
+        if value == "off" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number of seconds nor 'off'", param, ctx)
 
 
 class _Nodes(click.ParamType):
@@ -160,6 +177,11 @@ class _SectionedCommand(click.Command):
                    "PET_MASTER_PORT / MASTER_PORT, else 29500].")
 @click.option("--rendezvous-timeout-s", type=click.IntRange(min=1),
               help="Seconds the machines wait for each other at the start [default: 600].")
+@click.option("--hang-timeout-s", type=_Timeout(),
+              help="Seconds a rank may go without progress (a collective that completes, "
+                   "or ddpw.utils.heartbeat()) while the others wait, before the job is "
+                   "ended as hung and every rank's stack logged; 'off' to never "
+                   "[default: 300].")
 @click.option("--max-restarts", type=click.IntRange(min=0),
               help="Times the processes of a job on several machines start again after a "
                    "failure or a lost machine [default: 0, or PET_MAX_RESTARTS].")
@@ -363,6 +385,8 @@ def _settings(options: dict[str, Any], config_file: str | None,
         options["slurm_parameters"] = {**settings["slurm_parameters"],
                                        **options["slurm_parameters"]}
     settings.update({k: v for k, v in options.items() if v is not None})
+    if settings.get("hang_timeout_s") == "off":  # None would read as "not given" above
+        settings["hang_timeout_s"] = None
     if "n_nodes" in settings:  # N or MIN:MAX, from the command line or the file
         settings["min_nodes"], settings["n_nodes"] = _Nodes().convert(
             settings["n_nodes"], None, None)
@@ -464,6 +488,11 @@ def _exit_status(outcome: Outcome, folder: Path, all_ranks: bool) -> int:
         return PAUSED_EXIT_STATUS
     if outcome.stopped_by is not None:
         return 128 + outcome.stopped_by.value
+    hung = jobfolder.hang_report(folder)
+    if hung is not None:
+        click.echo(f"[ddpw] {hung['message']}\n{hung['details']}\n[ddpw] logs in {folder}",
+                   err=True)
+        return HUNG_EXIT_STATUS
     secondary = {rank for rank in failures if _lost_a_peer(folder / f"rank-{rank}.stderr.log")}
     rank = root_cause(failures, secondary, {})
     status = failures[rank][0]

@@ -23,7 +23,17 @@ CHECKPOINT_RECORD = "DDPW_CHECKPOINT_RECORD"
 #: one the attempt resumes from (:func:`ddpw.resume.choose`).
 RESUME_FROM = "DDPW_RESUME_FROM"
 
+#: Set by the launcher for every process it starts: ``PlatformConfig.hang_timeout_s`` in seconds,
+#: or ``off``; read by a script's processes under ``ddpw-launch`` (:mod:`ddpw.hang`), whose
+#: payload's PlatformConfig is theirs alone.
+HANG_TIMEOUT = "DDPW_HANG_TIMEOUT_S"
+
+#: Set by ``ddpw-launch`` for a script's processes: the folder where a hang's report goes
+#: (``hang-R.json``, :mod:`ddpw.jobfolder`), which ``ddpw-launch`` then reads.
+HANG_FOLDER = "DDPW_HANG_FOLDER"
+
 #: For the crash tests only: ``FILE:ACTION`` makes the process that has just written ``FILE``
 #: into a checkpoint die (``kill``), fail as if the disk were full (``full``), or send ``SIGTERM``
-#: to process ``PID`` and wait until a ``SIGTERM`` comes back (``sigterm=PID``).
+#: to process ``PID`` and wait until a ``SIGTERM`` comes back (``sigterm=PID``), or sleep for
+#: ``S`` seconds before going on (``sleep=S``: a slow disk).
 TEST_CHECKPOINT_FAULT = "DDPW_TEST_CHECKPOINT_FAULT"

@@ -6,6 +6,8 @@
   traceback.
 - :class:`JobPaused`: the job stopped at a step boundary and saved a checkpoint to resume from;
   a :class:`SystemExit` with status :data:`PAUSED_EXIT_STATUS` (75).
+- :class:`JobHung`: a :class:`WorkerError`: a rank stopped making progress for
+  ``PlatformConfig.hang_timeout_s`` while the others waited (:mod:`ddpw.hang`).
 - :class:`PeerFailed`: raised on the ranks that stop because another rank failed, which reports
   the cause.
 """
@@ -37,6 +39,26 @@ class WorkerError(RuntimeError):
         self.status = status
         self.details = details
 
+
+class JobHung(WorkerError):
+    """The job hung: a rank made no progress for ``PlatformConfig.hang_timeout_s`` seconds while
+    the others waited for it, and ddpw ended every process (:mod:`ddpw.hang`).
+
+    :attr:`message` names the stuck rank(s), their host and where they stood; :attr:`details`
+    gives every rank's main-thread stack. :attr:`rank` is the first stuck rank.
+
+    :param stuck: every stuck rank.
+    """
+
+    def __init__(self, message: str, stuck: list[int], details: str = "") -> None:
+        super().__init__(message, rank=stuck[0] if stuck else None, status=HUNG_EXIT_STATUS,
+                         details=details)
+        self.stuck = stuck
+
+
+#: Exit status of every process of a job that hung (:mod:`ddpw.hang`), and of ``ddpw-launch``
+#: then. Not 124, which ``ddpw-launch`` gives a SLURM job that ran out of time.
+HUNG_EXIT_STATUS = 76
 
 #: Exit status of a process whose training job paused (``EX_TEMPFAIL``: try again later).
 PAUSED_EXIT_STATUS = 75

@@ -10,6 +10,7 @@ A **payload folder** carries one launch: a private temporary folder for a launch
     meta.json        the caller's import path
     result-R.pkl     what rank R returned, its tensors on the CPU (written by rank R)
     error-R.json     rank R's report when it raised or paused (written by rank R)
+    hang-R.json      the report of a hang, as rank R received it (written by rank R; ddpw.hang)
     agent.log        what torchrun's agent logged (a launch on this machine)
 
 A **SLURM job's folder**, ``NAME-TIME`` under the console logs path, which the nodes share with
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, JobPaused, WorkerError
+from .errors import ConfigError, JobHung, JobPaused, WorkerError
 from .files import write_atomically
 from .outcome import Outcome, explain
 
@@ -127,6 +128,20 @@ def report_file(folder: Path, rank: int | str) -> Path:
     return folder / f"error-{rank}.json"
 
 
+def hang_file(folder: Path, rank: int | str) -> Path:
+    """Where rank ``rank`` writes the report of a hang (:func:`ddpw.hang.compose`)."""
+    return folder / f"hang-{rank}.json"
+
+
+def hang_report(folder: Path) -> dict[str, Any] | None:
+    """The report of a hang that ended the job, as any rank in ``folder`` wrote it, else
+    ``None``; the one of the lowest rank there (rank 0 composed it)."""
+    found = sorted((int(path.stem.removeprefix("hang-")), path)
+                   for path in folder.glob(hang_file(folder, "*").name)
+                   if path.stem.removeprefix("hang-").isdigit())
+    return json.loads(found[0][1].read_text()) if found else None
+
+
 def write_result(folder: Path, rank: int, data: bytes) -> None:
     """Rank ``rank``'s pickled return value."""
     write_atomically(result_file(folder, rank), data)
@@ -172,7 +187,11 @@ def reports(folder: Path, world_size: int) -> dict[int, dict[str, Any]]:
 
 def set_aside_reports(folder: Path, attempt: int) -> dict[int, dict[str, Any]]:
     """Move the reports of an attempt that ended (an elastic restart follows) out of the way of
-    the next attempt's, as ``error-R.attempt-K.json``; return them by rank."""
+    the next attempt's, as ``error-R.attempt-K.json`` (and ``hang-R.attempt-K.json``); return
+    the errors' by rank."""
+    for path in folder.glob(hang_file(folder, "*").name):
+        if path.stem.removeprefix("hang-").isdigit():
+            path.rename(path.with_name(f"{path.stem}.attempt-{attempt}.json"))
     found = {}
     for path in folder.glob(report_file(folder, "*").name):
         if not path.stem.removeprefix("error-").isdigit():  # set aside before
@@ -195,12 +214,16 @@ def collect(folder: Path, world_size: int, outcome: Outcome,
     :param other_machines: some of the ranks ran on other machines, whose reports are not in
         ``folder``.
 
+    :raises JobHung: when a rank hung and ddpw ended the job (:mod:`ddpw.hang`).
     :raises JobPaused: when the training job paused and saved a checkpoint.
     :raises KeyboardInterrupt: when Ctrl-C stopped the launch.
     :raises WorkerError: when a rank raised or died, or a signal stopped the launch.
     """
     import cloudpickle
 
+    hung = hang_report(folder)
+    if hung is not None:
+        raise JobHung(hung["message"], hung["stuck"], hung["details"])
     found = reports(folder, world_size)
     # A rank pauses only once every rank has written its part of the checkpoint.
     paused = [report["paused"] for report in found.values() if report["paused"]]
@@ -283,6 +306,7 @@ def clear_attempt(folder: Path) -> None:
     payload_dir = folder / PAYLOAD_DIR
     for stale in [*payload_dir.glob(result_file(payload_dir, "*").name),
                   *payload_dir.glob(report_file(payload_dir, "*").name),
+                  *payload_dir.glob(hang_file(payload_dir, "*").name),
                   *folder.glob(node_file(folder, "*").name)]:
         stale.unlink(missing_ok=True)
 

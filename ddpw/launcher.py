@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import jobfolder, rendezvous
+from . import environment, jobfolder, rendezvous
 from ._compat import warn_if_agent_takes_signals
 from .jobfolder import Payload
 from .outcome import Outcome
@@ -87,6 +87,8 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
         resolve, or the nodes did not all arrive in time (:func:`ddpw.rendezvous.explain`).
     """
     env = dict(plan.env)
+    if logs is not None:  # a script's processes report a hang there (ddpw's own, in the payload's)
+        env[environment.HANG_FOLDER] = str(logs.folder)
     if plan.rendezvous is not None:
         rendezvous.check(plan.rendezvous)
         env.update(rendezvous.gloo_env(plan.rendezvous))

@@ -146,15 +146,22 @@ def gloo_interface_chosen(env: MutableMapping[str, str] = os.environ) -> Iterato
         env.pop(GLOO_IFNAME, None)
 
 
-def gloo_group() -> Any:
+def gloo_group(unlimited: bool = False) -> Any:
     """A new gloo process group of every rank, on the interface of :func:`gloo_interface_chosen`
-    when the job's own backend is another; every rank must make it at the same point."""
-    import torch.distributed as dist  # only here: this module is imported without torch
+    when the job's own backend is another; every rank must make it at the same point.
 
+    :param unlimited: its collectives wait as long as torch's default (30 minutes), not the
+        hang timeout (:func:`ddpw.hang.limit_collectives`): for the checkpoints' collectives,
+        which wait for a rank's writes.
+    """
+    import torch.distributed as dist  # only here: this module is imported without torch
+    from torch.distributed.constants import default_pg_timeout
+
+    timeout = default_pg_timeout if unlimited else None
     if dist.get_backend() == "gloo":
-        return dist.new_group(backend="gloo")
+        return dist.new_group(backend="gloo", timeout=timeout)
     with gloo_interface_chosen():
-        return dist.new_group(backend="gloo")
+        return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def _bare(address: str) -> str:

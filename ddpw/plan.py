@@ -213,6 +213,7 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
 
     port = config.master_port if config.master_port is not None else 0
     worker_env = {"OMP_NUM_THREADS": str(threads)} if threads is not None else {}
+    worker_env[environment.HANG_TIMEOUT] = _hang_timeout(config)
     if config.platform is Platform.CPU:
         # With the CPU flag, torchrun's path gives one gloo world (MULTI_CPU); accelerate's own
         # `--cpu` would start a single process.
@@ -265,7 +266,8 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
     slurm["slurm_setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={sig}"]
     # A world of one is started without accelerate launch, whose config would give a plain
     # Accelerator() its mixed precision: the environment gives it, to every process alike.
-    env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_MIXED_PRECISION": config.mixed_precision}
+    env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
+           environment.HANG_TIMEOUT: _hang_timeout(config)}
     if not config.uses_gpus:
         env["ACCELERATE_USE_CPU"] = "1"
     launch_args = ("--multi_gpu", "--num_processes", str(config.world_size),
@@ -279,6 +281,11 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
                       world_size=config.world_size, threads_per_process=threads,
                       accelerator_kwargs=accelerator_kwargs, env=env, launch_args=launch_args,
                       accelerate_config=accelerate_config, slurm=slurm)
+
+
+def _hang_timeout(config: PlatformConfig) -> str:
+    """``hang_timeout_s`` for a script's processes, which have no PlatformConfig of their own."""
+    return "off" if config.hang_timeout_s is None else f"{config.hang_timeout_s:g}"
 
 
 def rendezvous_port(job_id: str) -> int:

@@ -126,6 +126,20 @@ class PlatformConfig:
     :param max_restarts: how many times the processes of a job on several machines start
         again after a failure or a lost machine (torchrun's ``--max-restarts``). A function
         restarts only if it is marked :func:`~ddpw.utils.restartable`.
+    :param hang_timeout_s: how many seconds a rank of a job of several processes may go
+        without progress while the others wait for it, before ddpw calls the job hung: it
+        writes every rank's stack to that rank's log, ends every process on every node and
+        raises :class:`~ddpw.errors.JobHung`, naming the stuck rank(s), their host and where
+        they stood (:mod:`ddpw.hang`; the troubleshooting guide shows a report). Progress is a
+        Trainer's steps and evaluation batches, or a call of :func:`ddpw.utils.heartbeat`; a
+        checkpoint being written, however long, and the time before each rank's first progress
+        (set-up, a slow first step) are no hang. The process groups' collectives time out
+        after as long (NCCL's later by ``max(30, T/2)`` s, so that the report comes first),
+        which ends a script that never reports progress too: ``T`` must exceed the longest
+        that one rank may lag another at a collective, set-up included. The default, 300,
+        leaves room for a slow data source and a first-step compilation. ``None`` turns the
+        watch off (torch's own 30-minute collective timeout then holds). A world of one
+        process is never watched, nor is a job that runs inside a launch of the caller's own.
     :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
     :param verbose: print ddpw's own summary and progress bars; ``False`` silences them (the job's
         own output is untouched).
@@ -155,6 +169,7 @@ class PlatformConfig:
     rendezvous_timeout_s: int = 600
     min_nodes: int | None = None
     max_restarts: int = 0
+    hang_timeout_s: float | None = 300.0
     mixed_precision: str = "no"
     verbose: bool = True
 
@@ -207,6 +222,12 @@ class PlatformConfig:
                                 or not 1 <= low <= self.n_nodes):
             fail(owner, "min_nodes", low, f"an integer from 1 to n_nodes={self.n_nodes} (the "
                  f"fewest machines, at most the most), or None")
+        timeout = self.hang_timeout_s
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < math.inf):
+            fail(owner, "hang_timeout_s", timeout,
+                 "a positive number of seconds, or None to watch for no hang")
         check_choice(owner, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_type(owner, "verbose", self.verbose, bool, "True or False")
         self._check_shape()

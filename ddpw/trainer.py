@@ -37,7 +37,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import environment, resume
+from . import environment, hang, resume
 from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
@@ -270,10 +270,12 @@ class Trainer:
         checkpoints = self._ddpw.checkpoints
         try:
             metrics = self.evaluate() if j.job_type is JobMode.EVALUATE else self.train()
-        except BaseException:
+        except BaseException as error:
+            hang.settle(error)  # before the wait for a save in flight, which may be long
             checkpoints.close(raising=False)  # the job's own error is the one to raise
             raise
-        checkpoints.close()  # success only once the last checkpoint is published
+        with hang.busy("publishing the last checkpoint"):
+            checkpoints.close()  # success only once the last checkpoint is published
         return metrics
 
     def train(self) -> dict[str, float]:
@@ -323,14 +325,20 @@ class Trainer:
         bar = self._progress(loader, f"epoch {self.epoch}/{self.j_config.epochs}",
                              initial=self.batch)
         for batch in bar:
+            # Where the hang watch (ddpw.hang) says this rank stood, if it stops here.
+            at = f"(epoch {self.epoch}, batch {self.batch + 1})"
+            hang.progress(f"in train_step {at}")
             with self.accelerator.accumulate(self.model):
                 output = self.train_step(batch)
                 values = output if isinstance(output, dict) else {"loss": output}
+                hang.progress(f"in the backward pass {at}")
                 self.accelerator.backward(values["loss"])
+                hang.progress(f"in the optimiser step {at}")
                 self.optimiser.step()
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.optimiser.zero_grad()
+            hang.progress(f"at the step boundary {at}", unit_done=True)
             self.batch += 1
             sums.add(values)
             if self.verbose and self.batch % 10 == 0:
@@ -344,6 +352,8 @@ class Trainer:
                 last = self.accelerator.gradient_state.end_of_dataloader
                 if not last and self._ddpw.vote.agreed(self.world_size, overlap=True):
                     self._pause(saved=False)
+            hang.progress(f"loading the batch after {self.batch} {at}")
+        hang.progress(f"averaging epoch {self.epoch}'s metrics")
         return sums.means(self.accelerator)
 
     @torch.no_grad()
@@ -357,11 +367,14 @@ class Trainer:
         loader = loader if loader is not None else self.test_loader
         self.model.eval()
         values: dict[str, list[torch.Tensor]] = {}
-        for batch in self._progress(loader, "evaluate"):
+        for number, batch in enumerate(self._progress(loader, "evaluate"), 1):
+            hang.progress(f"in evaluate_step (evaluation batch {number})")
             output = self.evaluate_step(batch)
             check_per_sample(output, type(self).__name__)
+            hang.progress(f"gathering evaluation batch {number}'s metrics")
             for key, value in self.accelerator.gather_for_metrics(output).items():
                 values.setdefault(key, []).append(value.detach().double().cpu())
+            hang.progress(f"loading evaluation batch {number + 1}", unit_done=True)
         self.model.train()
         result = {}
         for key, chunks in values.items():
@@ -434,7 +447,9 @@ class Trainer:
             own={"rng": rng_state(self.device), **self._ddpw.sums.state()},
             manifest={"platform": self.p_config.platform.name,
                       "mixed_precision": self.p_config.mixed_precision})
-        return self._ddpw.checkpoints.save(self._position(), contents, protect=(self.resume_from,))
+        with hang.busy("saving a checkpoint"):
+            return self._ddpw.checkpoints.save(self._position(), contents,
+                                               protect=(self.resume_from,))
 
     def wait_for_checkpoint(self) -> None:
         """Block until the save in flight, if any, is published; raise its error if it failed.
@@ -442,7 +457,8 @@ class Trainer:
         Pausing, the end of :meth:`run` and an exception out of it all wait, so a job never
         ends, successfully or not, with a checkpoint half written in the background.
         """
-        self._ddpw.checkpoints.wait()
+        with hang.busy("waiting for a checkpoint to be published"):
+            self._ddpw.checkpoints.wait()
 
     def restore_checkpoint(self, name: str) -> None:
         """Load checkpoint ``name`` into the model, optimiser, scheduler, scaler, RNGs and
@@ -462,10 +478,11 @@ class Trainer:
         loadables = {name: obj for name, obj in (("optimiser", self.optimiser),
                                                   ("scheduler", self.scheduler),
                                                   ("scaler", acc.scaler)) if obj is not None}
-        restored = self._ddpw.checkpoints.restore(
-            name, acc.unwrap_model(self.model), loadables, same_run=lambda state: (
-                state["world_size"], state["batch_size"],
-                state.get("gradient_accumulation_steps")) == shape)
+        with hang.busy(f"restoring checkpoint {name}"):
+            restored = self._ddpw.checkpoints.restore(
+                name, acc.unwrap_model(self.model), loadables, same_run=lambda state: (
+                    state["world_size"], state["batch_size"],
+                    state.get("gradient_accumulation_steps")) == shape)
         state = restored.state
         self.epochs_done = self.epoch = state["epochs_done"]
         self.global_step, self.metrics = state["global_step"], state["metrics"]

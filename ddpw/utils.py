@@ -11,6 +11,9 @@ others::
         total = w.accelerator.reduce(torch.tensor(len(shard), device=w.device),
                                      reduction="sum")
         return int(total)
+
+A function or a script whose ranks wait for each other calls :func:`heartbeat` as it goes, so
+that a rank that stops is called hung after ``PlatformConfig.hang_timeout_s`` (:mod:`ddpw.hang`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import hang
 
 if TYPE_CHECKING:  # the SLURM node runner reads restartable() without importing torch
     import torch
@@ -88,6 +93,25 @@ def current_world(w: World) -> Iterator[World]:
         yield w
     finally:
         _current = previous
+
+
+def heartbeat(where: str | None = None) -> None:
+    """Say that this rank is alive and has done a unit of work: in a function that
+    :class:`~ddpw.wrapper.Wrapper` runs, or a script under ``ddpw-launch``, on several
+    processes. A rank that goes ``PlatformConfig.hang_timeout_s`` seconds without one while the
+    others wait is called hung (:mod:`ddpw.hang`), once every rank has made its first; the
+    report says where it stood. Cheap enough for every step; without a watch (one process, or
+    ``hang_timeout_s=None``), it does nothing.
+
+    ::
+
+        for step, batch in enumerate(loader):
+            ...
+            heartbeat(f"after step {step}")
+
+    :param where: where the rank now is, for the report (``"after step 12"``).
+    """
+    hang.progress(where or "after its last heartbeat()", unit_done=True)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

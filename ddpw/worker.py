@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
-from . import environment, jobfolder, process, resume
+from . import environment, hang, jobfolder, process, resume
 from .errors import JobPaused, PeerFailed
 from .jobfolder import Payload
 from .outcome import lost_peers
@@ -111,6 +111,7 @@ def execute(folder: Path) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         payload = jobfolder.read_payload(folder)
+        hang.start(payload.p_config.hang_timeout_s, folder)
         if payload.plan.rendezvous is not None:
             _begin_attempt(folder, payload, rank)
         result = run(payload)
@@ -119,9 +120,12 @@ def execute(folder: Path) -> int:
         jobfolder.write_result(folder, rank, data)
         if payload.plan.rendezvous is not None:
             _share_results(folder, rank, data)
+        hang.stop()
         _leave_process_group()
         return 0
     except BaseException as error:
+        hang.settle(error)
+        hang.stop()
         paused = error.checkpoint if isinstance(error, JobPaused) else None
         if paused is not None:
             # The checkpoint is written: let no further signal (the agent ends the other ranks
@@ -195,6 +199,7 @@ def run_script(target: str, args: list[str], module: bool = False,
     if end_with_parent:
         process.end_with_parent()
     sys.argv = [target, *args]
+    hang.start(hang.timeout_from_environment(), None)
     try:
         if module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -203,7 +208,9 @@ def run_script(target: str, args: list[str], module: bool = False,
             runpy.run_path(target, run_name="__main__")
         status = 0
     except BaseException as error:
+        hang.settle(error)
         status = exit_status(error)
+    hang.stop()
     if status == 0:
         _leave_process_group()
     exit_now(status)

@@ -207,7 +207,8 @@ def test_dry_run_cpu(monkeypatch):
     assert "--multi_gpu" in plan["command"]
     assert plan["command"][-6:] == ["--module", "ddpw.entry", "--script", "train.py", "--lr",
                                     "1"]
-    assert plan["env"] == {"OMP_NUM_THREADS": "2", "ACCELERATE_USE_CPU": "1"}
+    assert plan["env"] == {"OMP_NUM_THREADS": "2", "ACCELERATE_USE_CPU": "1",
+                           "DDPW_HANG_TIMEOUT_S": "300"}
     assert plan["accelerate_config"]["use_cpu"] is True
 
 
@@ -315,8 +316,8 @@ def test_help_lists_every_option_once_under_its_heading():
     assert result.exit_code == 0
     lines = result.output.splitlines()
     headings = [line for line in lines if re.fullmatch(r"[A-Z][\w ]*:", line)]
-    assert headings == ["Where to run:", "Several machines:", "SLURM:", "Logs and output:",
-                        "Other:"]
+    assert headings == ["Where to run:", "Hangs:", "Several machines:", "SLURM:",
+                        "Logs and output:", "Other:"]
     heading, listed = None, []
     for line in lines:
         if line in headings:
@@ -345,7 +346,7 @@ def test_config_fields_are_the_options_that_set_a_platform_config_field():
                       "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
                       "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit",
                       "name", "mixed_precision", "node_rank", "master_addr", "master_port",
-                      "rendezvous_timeout_s", "max_restarts")
+                      "rendezvous_timeout_s", "hang_timeout_s", "max_restarts")
 
 
 def test_log_dir_defaults_to_the_job_folders_root():

@@ -80,9 +80,10 @@ def test_ddpw_launch_dry_run_imports_torch_only_to_count_gpus(tmp_path):
 
 
 def test_the_public_names_are_the_seeds_and_load_from_their_modules():
-    assert ddpw.__all__ == ["ArtefactsConfig", "ConfigError", "JobConfig", "JobMode",
+    assert ddpw.__all__ == ["ArtefactsConfig", "ConfigError", "JobConfig", "JobHung", "JobMode",
                             "JobPaused", "Platform", "PlatformConfig", "Trainer", "WorkerError",
-                            "World", "Wrapper", "__version__", "restartable", "world"]
+                            "World", "Wrapper", "__version__", "heartbeat", "restartable",
+                            "world"]
     for name in ddpw.__all__:
         value = getattr(ddpw, name)
         if name != "__version__":

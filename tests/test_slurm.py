@@ -17,6 +17,7 @@ from jobs import InspectingTrainer, SlowTrainer, artefacts, final_files, job, st
 
 from ddpw import (
     ConfigError,
+    JobHung,
     Platform,
     PlatformConfig,
     WorkerError,
@@ -25,6 +26,7 @@ from ddpw import (
     world,
 )
 from ddpw import checkpoint as ckpt
+from ddpw.errors import HUNG_EXIT_STATUS
 
 TESTS = Path(__file__).resolve().parent
 SLURM_CPU = {"platform": Platform.SLURM, "n_gpus": 0, "partition": "debug", "timeout_min": 5,
@@ -536,3 +538,35 @@ def test_ctrl_c_while_waiting_asks_cancels_or_keeps(monkeypatch, capsys, tmp_pat
     err = capsys.readouterr().err
     assert ("cancelled SLURM job 42" in err) == cancelled
     assert ("runs on: follow it with" in err and "scancel 42" in err) == (not cancelled)
+
+
+# --- hangs (ddpw.hang) ---------------------------------------------------------------------------
+
+def test_a_rank_stuck_on_the_second_node_ends_the_job_as_hung(cluster, tmp_path):
+    from hang_jobs import SleepingTrainer
+
+    p_config = PlatformConfig(**{**SLURM_CPU, "n_nodes": 2, "n_procs": 1, "hang_timeout_s": 10})
+    submission = Wrapper(p_config, artefacts(), wait=False).start(
+        SleepingTrainer(job(tmp_path, epochs=2)))
+    with pytest.raises(JobHung) as caught:
+        submission.wait()
+    assert caught.value.stuck == [1] and "in train_step (epoch 1, batch 5)" in caught.value.message
+    assert "the stuck rank(s) of 2: rank 1 (" in caught.value.message
+    assert "hang_jobs.py" in caught.value.details and "backward" in caught.value.details
+    assert submission.state() == "FAILED"
+    folder = submission.folder
+    assert "the job hung; every thread's stack follows" in (
+        folder / "rank-1.stderr.log").read_text()
+
+
+def test_ddpw_launch_ends_a_script_that_hangs_on_two_nodes(cluster, tmp_path):
+    from test_hang import SLEEPY_SCRIPT
+
+    (tmp_path / "sleepy.py").write_text(SLEEPY_SCRIPT)
+    done = subprocess.run([*CPU_LAUNCH, "--n-nodes", "2", "--n-procs", "1",
+                           "--hang-timeout-s", "8", "sleepy.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == HUNG_EXIT_STATUS, done.stderr
+    assert "the stuck rank(s) of 2: rank 1 (" in done.stderr
+    assert "(sleepy.py:8): time.sleep(3600)" in done.stderr
+    assert ": FAILED" in done.stderr  # sacct's state, as ddpw-launch follows it

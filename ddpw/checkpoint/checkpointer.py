@@ -131,7 +131,7 @@ class Checkpointer:
         :raises ConfigError: when some ranks do not see what the main rank writes in ``root``.
         """
         if self.world_size > 1:
-            self._group = gloo_group()
+            self._group = gloo_group(unlimited=True)
             if writes:
                 self._check_shared()
         if self.asynchronous and writes:

@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,9 @@ def _naming(path: Path) -> Iterator[None]:
 def _test_fault(path: Path) -> None:
     """For the crash tests only: act as :data:`TEST_FAULT` says once ``path`` is written.
 
-    ``sigterm=PID`` makes a second pause signal certainly arrive during a save: ``PID`` (the
-    process that started the job) passes the ``SIGTERM`` on to the job's processes, and the
+    ``sleep=S`` is a disk that takes ``S`` seconds over the file. ``sigterm=PID`` makes a
+    second pause signal certainly arrive during a save: ``PID`` (the process that started the
+    job) passes the ``SIGTERM`` on to the job's processes, and the
     write goes on only once this process has received it. ``faulthandler`` notes the arrival (it
     can be set up from this writer thread, where :func:`signal.signal` cannot) and hands the
     signal on to the process's own handler. It dumps every thread: the signal may land on a
@@ -105,6 +107,9 @@ def _test_fault(path: Path) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("sleep="):
+        time.sleep(float(action.removeprefix("sleep=")))
+        return
     if action.startswith("sigterm="):
         pid = int(action.removeprefix("sigterm="))
         arrival, note = os.pipe()

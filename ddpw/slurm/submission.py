@@ -244,7 +244,9 @@ class Submission:
         # After node 0 requeued the job, what its processes left is from an attempt that ended
         # well; the attempt that failed never got as far as to report.
         requeued = main_node.get("requeued", False)
-        if self._has_results and not requeued and jobfolder.reports(payload_dir, self.world_size):
+        if self._has_results and not requeued and (jobfolder.hang_report(payload_dir)
+                                                   or jobfolder.reports(payload_dir,
+                                                                        self.world_size)):
             jobfolder.collect(payload_dir, self.world_size, Outcome({}, None))  # raises it
         after = " after requeueing itself" if requeued else ""
         raise WorkerError(f"SLURM job {self.job_id} ended {state}{after}{where}",
