@@ -57,7 +57,7 @@ from .outcome import LOST_PEER
 TIMED_OUT = re.compile(r"Timed out waiting \d+ ?ms|Watchdog caught collective operation timeout|"
                        r"timed out after \d+ milliseconds")
 #: How long rank 0 waits for every rank's stack, and a rank for rank 0's report.
-STACK_WAIT_S, REPORT_WAIT_S = 5.0, 15.0
+STACK_WAIT_S, REPORT_WAIT_S = 10.0, 20.0
 #: The innermost frames of a main thread's stack that the report shows.
 FRAMES = 8
 
@@ -259,7 +259,9 @@ def _dump_stacks(rank: int) -> None:
     print(f"[ddpw] rank {rank}: the job hung; every thread's stack follows", file=sys.stderr,
           flush=True)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    spy = shutil.which("py-spy")
+    # Beside this Python too: a virtual environment's scripts need not be on the PATH.
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
     if spy is not None:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run([spy, "dump", "--native", "--pid", str(os.getpid())],

@@ -12,7 +12,7 @@ import pytest
 from hang_jobs import SkippingTrainer, SleepingTrainer, SlowStepTrainer, beating_then_sleeping
 from jobs import artefacts, job
 
-from ddpw import ConfigError, JobHung, Platform, PlatformConfig, WorkerError, Wrapper
+from ddpw import ConfigError, JobHung, Platform, PlatformConfig, WorkerError, Wrapper, hang
 from ddpw import checkpoint as ckpt
 from ddpw.errors import HUNG_EXIT_STATUS
 
@@ -48,6 +48,8 @@ def test_a_rank_asleep_in_train_step_is_named_with_every_stack_and_the_job_ends(
     assert "[ddpw] rank 0: the job hung; every thread's stack follows" in err
     assert "[ddpw] rank 1: the job hung; every thread's stack follows" in err
     assert 'hang_jobs.py", line' in err and "in train_step" in err
+    # py-spy's dump (the test extra installs it), with the native frames of the sleep.
+    assert 'Thread' in err and "(idle): \"MainThread\"" in err and "time_sleep" in err
 
 
 def test_a_skipped_collective_ends_the_job_with_the_stack_that_made_it(
@@ -143,3 +145,88 @@ def test_ddpw_launch_passes_the_timeout_or_off_to_a_script(tmp_path):
     run = subprocess.run([CONSOLE_SCRIPT, "--hang-timeout-s", "soon", "x.py"], cwd=tmp_path,
                          text=True, capture_output=True, timeout=60)
     assert run.returncode == 2 and "'soon' is neither a number of seconds nor 'off'" in run.stderr
+
+
+class Store:
+    """The few TCPStore calls that the judgement makes, on a dict."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self.data[key] = value.encode()
+
+    def check(self, keys: list[str]) -> bool:
+        return all(key in self.data for key in keys)
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        return [self.data[key] for key in keys]
+
+
+def judge_of(world_size: int = 3, timeout_s: float = 10.0):
+    watch = hang.Watch(timeout_s, 0, world_size, None)
+    watch._store = Store()
+    clock = [1000.0]
+
+    def beat(rank: int, moves: int, **state) -> None:
+        watch._store.set(watch._key(f"beat/{rank}"), json.dumps(
+            {"moves": moves, "phase": "p", "busy": False, "armed": True, "waiting": False,
+             "done": False, **state}))
+
+    def judge(after_s: float = 0.0):
+        clock[0] += after_s
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hang.time, "monotonic", lambda: clock[0])
+            return watch._judge()
+
+    return beat, judge
+
+
+def test_the_judgement_names_the_rank_that_moved_least_once_all_are_quiet_for_t():
+    beat, judge = judge_of()
+    for rank, moves in ((0, 8), (1, 7), (2, 8)):
+        beat(rank, moves)
+    assert judge() is None
+    assert judge(9.5) is None  # quiet, but not for T yet
+    verdict = judge(1.0)
+    assert verdict["stuck"] == [1] and verdict["waiting"] == [] and verdict["quiet_s"] == 10.5
+    beat(2, 9)  # a rank that moves again holds the verdict off for another T
+    assert judge() is None and judge(9.9) is None and judge(0.2) is not None
+
+
+def test_the_judgement_spares_a_busy_rank_an_unarmed_one_and_a_job_that_ended():
+    for state in ({"busy": True}, {"armed": False}, {"done": True}):
+        beat, judge = judge_of()
+        for rank in range(3):
+            beat(rank, 5, **(state if rank == 2 else {}))
+        assert judge() is None and judge(3600) is None, state
+
+
+def test_a_timed_out_collective_is_a_verdict_at_once_against_the_ranks_not_waiting():
+    beat, judge = judge_of()
+    beat(0, 9, waiting=True)
+    beat(1, 9)
+    beat(2, 9, waiting=True)
+    verdict = judge()
+    assert verdict["stuck"] == [1] and verdict["waiting"] == [0, 2]
+
+
+def test_the_report_puts_the_stuck_rank_first_with_its_frames():
+    verdict = {"stuck": [1], "waiting": [0], "quiet_s": 10.0, "since": [0.0, 12.0]}
+    frame = ["/x/train.py", 7, "train_step", "time.sleep(60)"]
+    stacks = {0: {"host": "a", "pid": 1, "phase": "in the backward pass", "moves": 3,
+                  "waiting": True, "frames": [["", 0, "RuntimeError", "Timed out"]]},
+              1: {"host": "b", "pid": 2, "phase": "in train_step", "moves": 2,
+                  "waiting": False, "frames": [frame]}}
+    report = hang.compose(verdict, stacks, 2, 10.0)
+    assert report["stuck"] == [1]
+    assert report["message"] == (
+        "the job hung: rank(s) 0 waited 10 s in a collective that never completed "
+        "(hang_timeout_s=10); the stuck rank(s) of 2: rank 1 (b, pid 2), in train_step, at "
+        "train_step (train.py:7): time.sleep(60)")
+    first, second = report["details"].split("\n")[:2]
+    assert first == ("rank 1 (b, pid 2): stuck, in train_step, last progress 12 s before the "
+                     "verdict:")
+    assert second == '  File "/x/train.py", line 7, in train_step'
+    assert "rank 0 (a, pid 1): waiting, in the backward pass" in report["details"]
+    assert "  RuntimeError: Timed out" in report["details"]
