@@ -263,7 +263,8 @@ def agent_log(folder: Path, node: int | None = None) -> Path:
 # --- a SLURM job's attempts ----------------------------------------------------------------------
 
 def attempt_file(folder: Path, attempt: int) -> Path:
-    """Attempt ``attempt``'s start, written by node 0: ``{"attempt": K, "resume": PATH}``."""
+    """Attempt ``attempt``'s start, written by node 0:
+    ``{"attempt": K, "port": RENDEZVOUS_PORT, "resume": PATH}``."""
     return folder / f"attempt-{attempt}.json"
 
 

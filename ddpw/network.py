@@ -86,6 +86,19 @@ def route_address(host: str, port: int = DEFAULT_PORT) -> str | None:
     return None
 
 
+def bindable_port(preferred: int) -> int:
+    """``preferred`` when a TCP server on this machine can bind it now, else a free port that
+    the kernel chooses."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As torch's store binds: a port that only lingers in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", preferred))
+        except OSError:
+            probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
 def arrival_addresses(port: int) -> list[str]:
     """This machine's addresses at which TCP connections from other machines to ``port``
     arrived (and are still open), most used first; none where connections cannot be listed."""

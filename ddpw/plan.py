@@ -264,6 +264,9 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
     slurm["slurm_additional_parameters"] = {"signal": f"{sig}@{config.signal_delay_s}",
                                             **config.slurm_parameters}
     slurm["slurm_setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={sig}"]
+    # A node that fails (its launch could not start, its processes failed) ends the others',
+    # which would otherwise wait for it at the rendezvous or in a collective.
+    slurm["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     # A world of one is started without accelerate launch, whose config would give a plain
     # Accelerator() its mixed precision: the environment gives it, to every process alike.
     env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
@@ -290,8 +293,9 @@ def _hang_timeout(config: PlatformConfig) -> str:
 
 def rendezvous_port(job_id: str) -> int:
     """The rendezvous port of a SLURM job: derived from its id, so every node and task agrees
-    on it without talking, and jobs sharing a node rarely collide."""
-    return random.Random(job_id).randint(20000, 60000)
+    on it without talking, and jobs sharing a node rarely collide. It lies below Linux's range
+    of ephemeral ports (32768 to 60999), which any outgoing connection may hold."""
+    return random.Random(job_id).randint(20000, 32767)
 
 
 def auto_platform(facts: MachineFacts) -> dict[str, Any]:

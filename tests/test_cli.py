@@ -387,7 +387,8 @@ def test_dry_run_slurm_shows_the_sbatch_parameters(monkeypatch):
                              "gpus_per_node": 4, "mem_gb": 64.0, "timeout_min": 2880,
                              "slurm_partition": "gpu", "slurm_signal_delay_s": 90,
                              "slurm_additional_parameters": {"signal": "USR2@90"},
-                             "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR2"]}
+                             "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR2"],
+                             "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     assert plan["env"]["OMP_NUM_THREADS"] == "8" and plan["plan"]["threads_per_process"] == 8
     assert plan["env"]["ACCELERATE_MIXED_PRECISION"] == "no"
     explicit = dry_run("--platform", "slurm", "--n-gpus", "4", "--cpus-per-task", "2",

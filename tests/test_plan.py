@@ -224,7 +224,8 @@ def test_mps_available_runs_in_process():
 
 
 SIGNAL_90 = {"slurm_signal_delay_s": 90, "slurm_additional_parameters": {"signal": "USR2@90"},
-             "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR2"]}
+             "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR2"],
+             "slurm_srun_args": ["--kill-on-bad-exit=1"]}
 
 
 @pytest.mark.parametrize(("kwargs", "expected", "world"), [
@@ -250,6 +251,7 @@ SIGNAL_90 = {"slurm_signal_delay_s": 90, "slurm_additional_parameters": {"signal
       "timeout_min": 2880, "slurm_partition": "general", "slurm_account": "proj42",
       "slurm_qos": "high", "slurm_constraint": "a100", "slurm_exclusive": True,
       "slurm_signal_delay_s": 300, "slurm_setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR1"],
+      "slurm_srun_args": ["--kill-on-bad-exit=1"],
       "slurm_additional_parameters": {"signal": "USR1@300", "mail_type": "END",
                                       "mail-user": "me@example.org", "hint": True}}, 8),
 ])

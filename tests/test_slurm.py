@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from ddpw import (
 )
 from ddpw import checkpoint as ckpt
 from ddpw.errors import HUNG_EXIT_STATUS
+from ddpw.plan import rendezvous_port
 
 TESTS = Path(__file__).resolve().parent
 SLURM_CPU = {"platform": Platform.SLURM, "n_gpus": 0, "partition": "debug", "timeout_min": 5,
@@ -82,6 +84,44 @@ def test_a_failing_rank_surfaces_its_traceback(cluster):
     with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
         Wrapper(p_config).start(fail_on_node_one)
     assert "ValueError: node one is unhappy" in caught.value.details
+
+
+def fail_on_node_one_while_node_zero_works() -> None:
+    if world().node_rank == 1:
+        raise ValueError("node one gave up")
+    time.sleep(600)  # no collective: nothing on node 0 learns of node 1's failure by itself
+
+
+def test_a_node_that_fails_ends_the_others_at_once(cluster):
+    p_config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_gpus=0, partition="debug",
+                              timeout_min=5, verbose=False)
+    began = time.monotonic()
+    with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
+        Wrapper(p_config).start(fail_on_node_one_while_node_zero_works)
+    assert time.monotonic() - began < 120, "node 0 ran on after node 1 failed"
+    assert "ValueError: node one gave up" in caught.value.details
+    (folder,) = job_folders()
+    (submitted,) = (folder / "slurm").glob("*_submission.sh")
+    shown = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j",
+                            submitted.name.split("_")[0]], capture_output=True, text=True)
+    assert shown.stdout.strip() == "FAILED", shown
+
+
+def test_a_rendezvous_port_held_on_node_0_is_not_waited_for(cluster):
+    # The cluster numbers jobs in turn: the next job's id, and so its port, is known.
+    last = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--output=/dev/null",
+                           "--wrap=true"], capture_output=True, text=True, check=True)
+    next_id = str(int(last.stdout.strip().split(";")[0]) + 1)
+    with socket.socket() as holder:
+        holder.bind(("", rendezvous_port(next_id)))
+        holder.listen()
+        p_config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_procs=1,
+                                  partition="debug", timeout_min=5, verbose=False)
+        submission = Wrapper(p_config, wait=False).start(where, 10)
+        assert submission.job_id == next_id
+        assert submission.wait() == [(0, 0, 2, 21.0), (1, 1, 2, 21.0)]
+    start = json.loads((submission.folder / "attempt-0.json").read_text())
+    assert start["port"] != rendezvous_port(next_id)
 
 
 @pytest.mark.parametrize(("fields", "message"), [

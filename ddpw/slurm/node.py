@@ -11,7 +11,6 @@ one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import os
@@ -27,7 +26,7 @@ from typing import IO, Any
 
 import psutil
 
-from .. import environment, jobfolder
+from .. import environment, jobfolder, network
 from ..errors import PAUSED_EXIT_STATUS
 from ..launcher import Logs, launch_env, run_accelerate
 from ..outcome import Outcome
@@ -88,15 +87,10 @@ class NodeTask:
         if missing:
             jobfolder.write_json(jobfolder.node_file(folder, node), {
                 "attempt": attempt, "requeued": False, "refused": missing, "failures": {}})
-            if self.plan.slurm["nodes"] > 1:
-                # The other nodes' processes would wait for this node's at the rendezvous,
-                # holding the allocation until it times out.
-                with contextlib.suppress(OSError, subprocess.SubprocessError):
-                    subprocess.run(["scancel", os.environ["SLURM_JOB_ID"]],
-                                   capture_output=True, timeout=60)
             raise RuntimeError(missing)
         procs = self.plan.world_size // self.plan.slurm["nodes"]
-        outcome = self._run(node, env, Logs(folder, first_rank=node * procs, node=node), sig)
+        outcome = self._run(node, start["port"], env,
+                            Logs(folder, first_rank=node * procs, node=node), sig)
         requeue = (bool(asked) or sig in outcome.received) and self._requeues(outcome, sig)
         refused = None
         if requeue and node == 0:
@@ -148,15 +142,18 @@ class NodeTask:
 
     def _begin_attempt(self, folder: Path, attempt: int) -> dict[str, Any]:
         """On node 0: clear what the last attempt's processes left, choose the checkpoint to
-        resume from, and tell the other nodes (``attempt-K.json``)."""
+        resume from and the rendezvous port, and tell the other nodes (``attempt-K.json``)."""
         jobfolder.clear_attempt(folder)
         record = jobfolder.checkpoint_record(folder)
-        start = {"attempt": attempt,
+        # The job's own port, unless something on this node holds it: then the other nodes
+        # would wait for a rendezvous that never opens.
+        port = network.bindable_port(rendezvous_port(os.environ["SLURM_JOB_ID"]))
+        start = {"attempt": attempt, "port": port,
                  "resume": jobfolder.newest_checkpoint(record) if attempt else None}
         jobfolder.write_json(jobfolder.attempt_file(folder, attempt), start)
         return start
 
-    def _run(self, node: int, env: dict[str, str], logs: Logs,
+    def _run(self, node: int, port: int, env: dict[str, str], logs: Logs,
              sig: signal.Signals) -> Outcome:
         """Run this node's processes and return how they ended."""
         plan = dataclasses.replace(self.plan, env={**self.plan.env, **env})
@@ -165,7 +162,6 @@ class NodeTask:
                    tuple(s for s in FORWARDED if s != sig))
         if plan.world_size == 1:
             return run_single(plan, list(self.entry), logs, forward)
-        port = rendezvous_port(os.environ["SLURM_JOB_ID"])
         plan = dataclasses.replace(plan, launch_args=(
             *plan.launch_args, "--machine_rank", str(node), "--main_process_ip", main_address(),
             "--main_process_port", str(port)))

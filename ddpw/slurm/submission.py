@@ -232,8 +232,7 @@ class Submission:
         if state == "COMPLETED" and self._has_results and self._results_appear(payload_dir):
             values = jobfolder.collect(payload_dir, self.world_size, Outcome({}, None))
             return values[0] if self._is_trainer else values
-        # ddpw's own reason for ending the job (on any node) says more than SLURM's state,
-        # CANCELLED included: a node that refuses the job cancels it for the others.
+        # ddpw's own reason for ending the job (on any node) says more than SLURM's state.
         refused = [record["refused"] for record in map(self._node_record, range(self.n_nodes))
                    if record.get("refused")]
         if refused:
