@@ -11,6 +11,13 @@ what it moved. Parameters stay parameters, ``requires_grad`` and a tensor's attr
 (torch's own pickling does that, only the data is replaced), an object reached twice (tied
 weights) stays one object, and tensors that shared a device's memory (views) share the copy.
 Tensors on the CPU pass through as torch pickles them, without a copy.
+
+A Trainer that resumes from a checkpoint gets every tensor of its model's ``state_dict`` from
+that checkpoint (a checkpoint that lacks one is refused before launch, and again as the ranks
+load it), so :func:`ship` sends those tensors' storages without their data: each worker
+allocates them, uninitialised, and the restore fills them in place. The model's other tensors
+(non-persistent buffers, plain attributes) travel whole. A resumed 7B model then costs its
+structure, not 28 GB of pickle, before the checkpoint is read.
 """
 
 from __future__ import annotations
@@ -55,11 +62,15 @@ class Moved:
                 f"function moves its tensors to ddpw.world().device itself).")
 
 
-def dumps(obj: Any) -> tuple[bytes, Moved]:
+def dumps(obj: Any, hollow: frozenset[int] = frozenset()) -> tuple[bytes, Moved]:
     """Pickle ``obj`` with cloudpickle, the data of its tensors that are not on the CPU as CPU
-    copies; return the bytes and what was moved."""
+    copies; return the bytes and what was moved.
+
+    :param hollow: the addresses (``data_ptr``) of storages to send without their data, as
+        uninitialised storages of the same size on the CPU.
+    """
     with io.BytesIO() as file:
-        pickler = _CpuPickler(file)
+        pickler = _CpuPickler(file, hollow)
         pickler.dump(obj)
         return file.getvalue(), pickler.moved
 
@@ -71,7 +82,7 @@ def ship(payload: Payload) -> bytes:
     :raises ConfigError: naming the first part of the payload that cannot be pickled.
     """
     try:
-        data, moved = dumps(payload)
+        data, moved = dumps(payload, restored_storages(payload))
     except Exception as error:
         culprit = _unpicklable_part(payload) or "the job"
         raise ConfigError(
@@ -82,6 +93,16 @@ def ship(payload: Payload) -> bytes:
     if moved.storages and payload.p_config.verbose:
         print(moved.note("the job"), file=sys.stderr, flush=True)
     return data
+
+
+def restored_storages(payload: Payload) -> frozenset[int]:
+    """The addresses of the model's storages that the checkpoint a Trainer resumes from will
+    fill (those of its ``state_dict``); none when it starts from the model as it is."""
+    model = payload.a_config.model if payload.a_config is not None else None
+    if payload.resume_from is None or model is None or not is_trainer(payload.target):
+        return frozenset()
+    storages = (t.untyped_storage() for t in model.state_dict(keep_vars=True).values())
+    return frozenset(s.data_ptr() for s in storages if s.nbytes())
 
 
 def _unpicklable_part(payload: Payload) -> str | None:
@@ -118,16 +139,22 @@ class _CpuPickler(cloudpickle.Pickler):
     device).
     """
 
-    def __init__(self, file: io.BytesIO) -> None:
+    def __init__(self, file: io.BytesIO, hollow: frozenset[int]) -> None:
         super().__init__(file)
         self.moved = Moved()
+        self._hollow = {address: _Hollow(0) for address in hollow}
         # One copy per block of device memory and dtype, so that views of it share their copy
         # (the same object is pickled once).
         self._copies: dict[tuple[str, int, torch.dtype], torch.TypedStorage] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.TypedStorage):
-            device = on_a_device(obj._untyped_storage)
+            untyped = obj._untyped_storage
+            hollow = self._hollow.get(untyped.data_ptr())
+            if hollow is not None:
+                hollow.nbytes = untyped.nbytes()
+                return _uninitialised, (hollow, obj.dtype)
+            device = on_a_device(untyped)
             if device is not None:
                 return _as_is, (self._cpu_copy(obj, device),)
         return super().reducer_override(obj)
@@ -149,3 +176,21 @@ class _CpuPickler(cloudpickle.Pickler):
 
 def _as_is(value: Any) -> Any:
     return value
+
+
+class _Hollow:
+    """A storage sent without its data: pickled once, however many tensors view it, so that
+    they view one storage again when unpickled."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.storage: torch.UntypedStorage | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"nbytes": self.nbytes, "storage": None}
+
+
+def _uninitialised(hollow: _Hollow, dtype: torch.dtype) -> torch.TypedStorage:
+    if hollow.storage is None:
+        hollow.storage = torch.UntypedStorage(hollow.nbytes)
+    return torch.TypedStorage(wrap_storage=hollow.storage, dtype=dtype, _internal=True)

@@ -9,6 +9,7 @@ login node). The GPU-marked tests at the end check the real thing where a GPU is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pickle
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from jobs import Blobs, BlobTrainer, artefacts, job
 from torch import nn
 
 from ddpw import Platform, PlatformConfig, Wrapper, world
-from ddpw.shipping import dumps, on_a_device
+from ddpw.jobfolder import Payload
+from ddpw.plan import MachineFacts, resolve_plan
+from ddpw.shipping import dumps, on_a_device, ship
 
 NOTE = "tensor storage(s)"
 CPU1 = PlatformConfig(platform=Platform.CPU, verbose=True)
@@ -150,6 +153,38 @@ def test_views_of_one_device_storage_share_one_copy(on_cuda):
     copy, tail, square, _ = pickle.loads(pickled)
     copy[3] = -1.0
     assert tail[1].item() == -1.0 and square[1, 1].item() == -1.0
+
+
+class Wide(Tied):
+    """:class:`Tied` with 4 MiB of weights, a non-persistent buffer, a plain tensor attribute
+    and a view of a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Linear(1024, 1024)
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+        self.plain = torch.full((2,), 7.0)
+        self.head = self.wide.bias[:4]
+
+
+def test_the_weights_that_a_resume_restores_travel_without_their_data(tmp_path):
+    model = Wide()
+    plan = resolve_plan(CPU1, MachineFacts.probe())
+    payload = Payload(target=BlobTrainer(job(tmp_path)), p_config=CPU1,
+                      a_config=artefacts(model=model), plan=plan)
+    fresh = ship(payload)
+    resumed = ship(dataclasses.replace(payload, resume_from="ckpt_2"))
+    assert len(fresh) > 4 * 2**20 > 100 * len(resumed)
+    back = pickle.loads(resumed).a_config.model
+    # What no checkpoint holds travels whole; ties and views hold, so the restore fills all.
+    assert torch.equal(back.table, model.table) and torch.equal(back.plain, model.plain)
+    assert back.out.weight is back.embed.weight and type(back.wide.weight) is nn.Parameter
+    back.load_state_dict(model.state_dict())
+    assert torch.equal(back.head, model.head)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
+                                                  model.state_dict().values(), strict=True))
+    # A Trainer that starts from the model as it is gets its weights.
+    assert pickle.loads(fresh).a_config.model.wide.weight.equal(model.wide.weight)
 
 
 # --- on a GPU -----------------------------------------------------------------------------------
