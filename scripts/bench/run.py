@@ -136,9 +136,18 @@ def publish(results: list[Result], facts: dict[str, str], repeats: int, png: Pat
     for row in dict.fromkeys(r.row for r in results):
         rows = [r for r in results if r.row == row]
         title = row.replace("_", " ").capitalize()
-        when = rows[0].extra.get("measured", facts["date"])
-        times = rows[0].extra.get("repeats", repeats)
-        out += [title, "=" * len(title), "", f"Measured {when}, {times} repeats per variant.",
+        # A row measured in parts (run.py --add) says when each of its cases was.
+        runs: dict[tuple[str, int], list[str]] = {}
+        for r in rows:
+            run = (r.extra.get("measured", facts["date"]), r.extra.get("repeats", repeats))
+            runs.setdefault(run, [])
+            if r.case not in runs[run]:
+                runs[run].append(r.case)
+        said = [f"Measured {when}, {times} repeats per variant"
+                + (f": {'; '.join(cases)}" if len(runs) > 1 else "") + "."
+                for (when, times), cases in runs.items()]
+        out += [title, "=" * len(title), "", *(f"- {line}" if len(said) > 1 else line
+                                               for line in said),
                 "", ".. list-table::", "   :header-rows: 1", "",
                 "   * - Case", "     - Variant", "     - Median", "     - Spread",
                 "     - Ratio", "     - Peak MiB"]
