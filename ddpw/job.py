@@ -6,6 +6,7 @@ so resuming from it trains epochs ``k + 1`` to ``epochs``.
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 from dataclasses import dataclass
@@ -59,6 +60,13 @@ class JobConfig:
         while each rank copies its share of the state into host buffers, and every pause, end
         and error of the job waits for the save in flight
         (:meth:`~ddpw.trainer.Trainer.save_checkpoint`). ``False`` writes in the training loop.
+    :param max_grad_norm: clip the gradients to this total norm (the 2-norm over every
+        parameter) once per optimiser step, after they are accumulated, all-reduced and, under
+        ``fp16``, unscaled (:meth:`accelerate.Accelerator.clip_grad_norm_`); ``None`` clips
+        nothing. The step metrics then hold ``grad_norm``, the norm the optimiser stepped with
+        (at most ``max_grad_norm``), and ``grad_norm_unclipped``, the norm before clipping,
+        which shows how often and how far the limit bites; each epoch's metrics hold their
+        means over its optimiser steps.
     """
 
     job_type: JobMode = JobMode.TRAIN
@@ -73,6 +81,7 @@ class JobConfig:
     training_logs_path: str = "./logs/training_logs"
     gradient_accumulation_steps: int = 1
     async_checkpoint: bool = True
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         owner = "JobConfig"
@@ -99,6 +108,11 @@ class JobConfig:
         check_int(owner, "keep_last", self.keep_last, 0)
         check_int(owner, "gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         check_type(owner, "async_checkpoint", self.async_checkpoint, bool, "True or False")
+        norm = self.max_grad_norm
+        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float))
+                                 or not 0 < norm < math.inf):
+            fail(owner, "max_grad_norm", norm,
+                 "a positive number (the largest total gradient norm), or None to clip nothing")
         self.pause_signals = tuple(self.pause_signals)
         for name in self.pause_signals:
             if not (isinstance(name, str) and name.startswith("SIG") and hasattr(signal, name)):

@@ -15,37 +15,41 @@ from accelerate import Accelerator
 
 
 class RunningSums:
-    """The sum of each training step value over this rank's batches of the epoch so far."""
+    """The sum of each training step value over this rank's batches of the epoch so far, and
+    how many batches gave it (a value that only some steps give, such as the gradient norm of
+    an optimiser step under gradient accumulation, averages over those)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.batches = 0
+        self.counts: dict[str, int] = {}
 
     def clear(self) -> None:
         """Start from nothing, as at the start of an epoch."""
-        self.sums, self.batches = {}, 0
+        self.sums, self.counts = {}, {}
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         """Add one batch's values (scalar tensors, detached here)."""
         for key, value in values.items():
             value = value.detach().float()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.batches += 1
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
         """The mean of each value over the batches and the ranks (every rank must call it)."""
-        means = {k: accelerator.reduce(v / max(self.batches, 1), reduction="mean")
+        means = {k: accelerator.reduce(v / self.counts[k], reduction="mean")
                  for k, v in self.sums.items()}
         return {k: float(v) for k, v in means.items()}
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of them, in this rank's part."""
-        return {"sums": self.sums, "sum_batches": self.batches}
+        return {"sums": self.sums, "sum_counts": self.counts}
 
     def load(self, state: dict[str, Any], device: torch.device) -> None:
-        """Take back what :meth:`state` returned, onto ``device``."""
+        """Take back what :meth:`state` returned, onto ``device``. (Checkpoints written before
+        the counts were kept counted every value over all the batches: ``sum_batches``.)"""
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
-        self.batches = state["sum_batches"]
+        self.counts = state.get("sum_counts") or dict.fromkeys(self.sums,
+                                                                state.get("sum_batches", 0))
 
 
 def check_per_sample(output: Any, owner: str) -> None:

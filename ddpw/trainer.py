@@ -333,6 +333,8 @@ class Trainer:
                 values = output if isinstance(output, dict) else {"loss": output}
                 hang.progress(f"in the backward pass {at}")
                 self.accelerator.backward(values["loss"])
+                if self.j_config.max_grad_norm is not None and self.accelerator.sync_gradients:
+                    values = {**values, **self._clip_gradients()}
                 hang.progress(f"in the optimiser step {at}")
                 self.optimiser.step()
                 if self.scheduler is not None:
@@ -355,6 +357,15 @@ class Trainer:
             hang.progress(f"loading the batch after {self.batch} {at}")
         hang.progress(f"averaging epoch {self.epoch}'s metrics")
         return sums.means(self.accelerator)
+
+    def _clip_gradients(self) -> dict[str, torch.Tensor]:
+        """Clip the gradients to ``JobConfig.max_grad_norm``; return their norm after and
+        before."""
+        limit = self.j_config.max_grad_norm
+        before = self.accelerator.clip_grad_norm_(self.model.parameters(), limit)
+        # torch scales by limit / (norm + 1e-6) when that is below 1: the norm it leaves.
+        after = before * torch.clamp(limit / (before + 1e-6), max=1.0)
+        return {"grad_norm": after, "grad_norm_unclipped": before}
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
