@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ._checks import check_int, check_type, fail
+from ._checks import check_choice, check_int, check_type, fail
 
 #: ``model -> optimiser``, called once on every rank; Accelerate then moves the model (and so the
 #: optimiser's parameters) to the rank's device.
@@ -37,9 +37,16 @@ class ArtefactsConfig:
         samples per optimiser step (times the gradient accumulation steps).
     :param model: the :class:`torch.nn.Module` to train or evaluate.
     :param optimiser_loader: ``model -> torch.optim.Optimizer``.
-    :param scheduler_loader: optional ``optimiser -> scheduler``. The scheduler steps with every
-        optimiser step; Accelerate steps it once per process, so that the schedule follows the
-        number of samples seen whatever the world size.
+    :param scheduler_loader: optional ``optimiser -> scheduler``, stepped as
+        ``scheduler_interval`` says.
+    :param scheduler_interval: ``"epoch"`` (the default): the scheduler steps once after each
+        epoch, after its validation and before its checkpoint, as a schedule written in epochs
+        expects (``StepLR(step_size=30)`` for "every 30 epochs", as in PyTorch's own examples).
+        ``"step"``: it steps with every optimiser step, and Accelerate steps it once per
+        process, so that a schedule written in steps of one process (a warm-up,
+        ``OneCycleLR``) follows the number of samples seen whatever the world size. Each
+        epoch's metrics hold ``lr``, the first parameter group's learning rate when the
+        epoch's training ended.
     :param model_has_batch_norm: in a world of more than one process, compute the statistics of
         the model's ``BatchNorm1d/2d/3d`` layers over the global batch, as one process with
         batches of ``N * batch_size`` would (running statistics included): on GPUs the layers
@@ -65,6 +72,7 @@ class ArtefactsConfig:
     model: torch.nn.Module | None = None
     optimiser_loader: OptimiserLoader | None = None
     scheduler_loader: SchedulerLoader | None = None
+    scheduler_interval: str = "epoch"
     model_has_batch_norm: bool = False
     collate_fn: Callable[[list[Any]], Any] | None = None
     num_workers: int = 0
@@ -91,6 +99,7 @@ class ArtefactsConfig:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 fail(owner, name, value, "a callable or None")
+        check_choice(owner, "scheduler_interval", self.scheduler_interval, ("epoch", "step"))
         check_int(owner, "num_workers", self.num_workers, 0)
         for name in ("model_has_batch_norm", "pin_memory", "drop_last", "shuffle"):
             check_type(owner, name, getattr(self, name), bool, "True or False")

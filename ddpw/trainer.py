@@ -286,16 +286,21 @@ class Trainer:
         :class:`~ddpw.errors.JobPaused`.
 
         :returns: the last epoch's metrics: ``epoch``, the mean of each :meth:`train_step` value
-            across batches and ranks, and ``val_*`` metrics when there is a validation set.
+            across batches and ranks, ``lr`` (the learning rate when the epoch's training
+            ended), and ``val_*`` metrics when there is a validation set.
         """
         j = self.j_config
         while self.epochs_done < j.epochs:
             self.epoch = self.epochs_done + 1
-            self.metrics = {"epoch": self.epoch, **self.train_epoch()}
+            self.metrics = {"epoch": self.epoch, **self.train_epoch(),
+                            "lr": float(self.optimiser.param_groups[0]["lr"])}
             self.epochs_done, self.batch = self.epoch, 0
             if self.validation_loader is not None:
                 validation = self.evaluate(self.validation_loader)
                 self.metrics.update({f"val_{k}": v for k, v in validation.items()})
+            if self.scheduler is not None and self.a_config.scheduler_interval == "epoch":
+                # Accelerate's wrapper would step it once per process: once an epoch, here.
+                self.scheduler.scheduler.step()
             self.log_metrics(self.metrics)
             if j.saves_after(self.epoch):
                 self.save_checkpoint()
@@ -337,7 +342,7 @@ class Trainer:
                     values = {**values, **self._clip_gradients()}
                 hang.progress(f"in the optimiser step {at}")
                 self.optimiser.step()
-                if self.scheduler is not None:
+                if self.scheduler is not None and self.a_config.scheduler_interval == "step":
                     self.scheduler.step()
                 self.optimiser.zero_grad()
             hang.progress(f"at the step boundary {at}", unit_done=True)
