@@ -60,6 +60,9 @@ class JobConfig:
         while each rank copies its share of the state into host buffers, and every pause, end
         and error of the job waits for the save in flight
         (:meth:`~ddpw.trainer.Trainer.save_checkpoint`). ``False`` writes in the training loop.
+    :param validate_every: ``v >= 1`` evaluates ``ArtefactsConfig.validation_set`` after epochs
+        ``v``, ``2v``, ... and after the last epoch (its ``val_*`` metrics are in those epochs'
+        metrics only).
     :param max_grad_norm: clip the gradients to this total norm (the 2-norm over every
         parameter) once per optimiser step, after they are accumulated, all-reduced and, under
         ``fp16``, unscaled (:meth:`accelerate.Accelerator.clip_grad_norm_`); ``None`` clips
@@ -81,6 +84,7 @@ class JobConfig:
     training_logs_path: str = "./logs/training_logs"
     gradient_accumulation_steps: int = 1
     async_checkpoint: bool = True
+    validate_every: int = 1
     max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
@@ -106,6 +110,7 @@ class JobConfig:
         check_int(owner, "epochs", self.epochs, 0)
         check_int(owner, "save_every", self.save_every, 0)
         check_int(owner, "keep_last", self.keep_last, 0)
+        check_int(owner, "validate_every", self.validate_every, 1)
         check_int(owner, "gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         check_type(owner, "async_checkpoint", self.async_checkpoint, bool, "True or False")
         norm = self.max_grad_norm
@@ -132,6 +137,10 @@ class JobConfig:
     def restores(self) -> bool:
         """Whether the job starts by restoring a checkpoint (if one exists, for ``"latest"``)."""
         return isinstance(self.start_at, str) or self.start_at > 0
+
+    def validates_after(self, epoch: int) -> bool:
+        """Whether the validation set is evaluated after ``epoch``."""
+        return epoch % self.validate_every == 0 or epoch == self.epochs
 
     def saves_after(self, epoch: int) -> bool:
         """Whether a checkpoint is written after ``epoch``."""

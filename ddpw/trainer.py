@@ -295,7 +295,7 @@ class Trainer:
             self.metrics = {"epoch": self.epoch, **self.train_epoch(),
                             "lr": float(self.optimiser.param_groups[0]["lr"])}
             self.epochs_done, self.batch = self.epoch, 0
-            if self.validation_loader is not None:
+            if self.validation_loader is not None and j.validates_after(self.epoch):
                 validation = self.evaluate(self.validation_loader)
                 self.metrics.update({f"val_{k}": v for k, v in validation.items()})
             if self.scheduler is not None and self.a_config.scheduler_interval == "epoch":

@@ -1,5 +1,6 @@
-"""ArtefactsConfig.scheduler_interval: a scheduler steps once an epoch, or once an optimiser
-step, on 2 real processes, and a resume goes on with the same schedule."""
+"""When things happen in a run of epochs, on 2 real processes: a scheduler steps once an epoch
+or once an optimiser step (ArtefactsConfig.scheduler_interval), and a resume goes on with the
+same schedule; the validation set is evaluated every n epochs (JobConfig.validate_every)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 
 import pytest
 import torch
-from jobs import BlobTrainer, artefacts, final_files, job
+from jobs import Blobs, BlobTrainer, artefacts, final_files, job
 
-from ddpw import ConfigError, JobPaused, Platform, PlatformConfig, Wrapper
+from ddpw import ConfigError, JobConfig, JobPaused, Platform, PlatformConfig, Wrapper
 from ddpw.artefacts import ArtefactsConfig
 
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
@@ -68,3 +69,18 @@ def test_an_unknown_interval_is_refused():
     with pytest.raises(ConfigError, match=r"ArtefactsConfig\.scheduler_interval='batch' is not "
                                           r"valid: one of 'epoch', 'step'"):
         ArtefactsConfig(scheduler_interval="batch")
+
+
+def test_validation_every_2_epochs_and_after_the_last(tmp_path):
+    a_config = artefacts(validation_set=Blobs(30, seed=2))
+    Wrapper(CPU2, a_config).start(BlobTrainer(job(tmp_path, epochs=5, save_every=0,
+                                                  validate_every=2)))
+    logged = [json.loads(line) for line in
+              (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in logged if "val_loss" in entry] == [2, 4, 5]
+
+
+def test_a_validate_every_of_0_is_refused():
+    with pytest.raises(ConfigError, match=r"JobConfig\.validate_every=0 is not valid: an "
+                                          r"integer >= 1"):
+        JobConfig(validate_every=0)
