@@ -15,6 +15,7 @@ from enum import Enum
 from ._checks import check_int, check_type, fail
 from .checkpoint import Position
 from .jobfolder import DEFAULT_ROOT
+from .tracking import TRACKERS
 
 
 class JobMode(Enum):
@@ -70,6 +71,16 @@ class JobConfig:
         (at most ``max_grad_norm``), and ``grad_norm_unclipped``, the norm before clipping,
         which shows how often and how far the limit bites; each epoch's metrics hold their
         means over its optimiser steps.
+    :param log_with: a tracker or several (``"tensorboard"``, ``"wandb"``, ``"mlflow"``, or
+        another of Accelerate's: :data:`ddpw.tracking.TRACKERS`) that the main rank logs to,
+        beside ``metrics.jsonl``: each epoch's metrics, the step metrics every
+        ``log_every_n_steps`` and, once, the configs as hyper-parameters (:mod:`ddpw.tracking`).
+        Their files go under ``training_logs_path``; a resumed run goes on in the same runs.
+        ``None`` writes ``metrics.jsonl`` alone, which needs nothing installed.
+    :param log_every_n_steps: log ``step/loss``, ``step/lr``, ``step/samples_per_s`` and the
+        other step values to the trackers after every ``n``-th optimiser step.
+    :param project_name: the trackers' project: TensorBoard's folder under
+        ``training_logs_path``, MLflow's experiment, W&B's project.
     """
 
     job_type: JobMode = JobMode.TRAIN
@@ -86,6 +97,9 @@ class JobConfig:
     async_checkpoint: bool = True
     validate_every: int = 1
     max_grad_norm: float | None = None
+    log_with: str | tuple[str, ...] | None = None
+    log_every_n_steps: int = 50
+    project_name: str = "ddpw"
 
     def __post_init__(self) -> None:
         owner = "JobConfig"
@@ -93,7 +107,7 @@ class JobConfig:
             names = ", ".join(f"JobMode.{m}" for m in JobMode.__members__)
             fail(owner, "job_type", self.job_type, f"one of {names}")
         for name in ("checkpoint_path", "checkpoint_name_prefix", "console_logs_path",
-                     "training_logs_path"):
+                     "training_logs_path", "project_name"):
             check_type(owner, name, getattr(self, name), str, "a string")
         if not re.fullmatch(r"[\w.-]+", self.checkpoint_name_prefix):
             fail(owner, "checkpoint_name_prefix", self.checkpoint_name_prefix,
@@ -118,6 +132,8 @@ class JobConfig:
                                  or not 0 < norm < math.inf):
             fail(owner, "max_grad_norm", norm,
                  "a positive number (the largest total gradient norm), or None to clip nothing")
+        check_int(owner, "log_every_n_steps", self.log_every_n_steps, 1)
+        self._check_trackers()
         self.pause_signals = tuple(self.pause_signals)
         for name in self.pause_signals:
             if not (isinstance(name, str) and name.startswith("SIG") and hasattr(signal, name)):
@@ -132,6 +148,16 @@ class JobConfig:
             fail(owner, "epochs", self.epochs,
                  f"at least start_at={self.start_at}: epochs is the epoch at which training "
                  f"stops, not the number of epochs to add")
+
+    def _check_trackers(self) -> None:
+        names = (self.log_with,) if isinstance(self.log_with, str) else self.log_with
+        if names is not None:
+            if (not isinstance(names, (tuple, list)) or not names
+                    or any(name not in TRACKERS for name in names)):
+                fail("JobConfig", "log_with", self.log_with,
+                     f"None, or one or more of {', '.join(map(repr, TRACKERS))}")
+            names = tuple(dict.fromkeys(names))
+        self.log_with = names
 
     @property
     def restores(self) -> bool:

@@ -47,6 +47,7 @@ from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
 from .metrics import RunningSums, check_per_sample
 from .platform import Platform, PlatformConfig
+from .tracking import Tracking, missing
 from .vote import PauseVote
 
 
@@ -61,9 +62,10 @@ class _Bar(tqdm):
 @dataclass
 class _Machinery:
     """ddpw's own state on a :class:`Trainer`, all under one attribute (``_ddpw``) that a
-    subclass will not take by chance: the pause vote, the epoch's running sums and, once set
-    up, the checkpoints."""
+    subclass will not take by chance: the trackers, the pause vote, the epoch's running sums
+    and, once set up, the checkpoints."""
 
+    tracking: Tracking
     vote: PauseVote = field(default_factory=PauseVote)
     sums: RunningSums = field(default_factory=RunningSums)
     checkpoints: Checkpointer | None = None
@@ -110,7 +112,7 @@ class Trainer:
         #: The checkpoint this job starts from: chosen by :meth:`check` before any process
         #: starts, and set on every rank from the payload before :meth:`setup`.
         self.resume_from: str | None = None
-        self._ddpw = _Machinery()
+        self._ddpw = _Machinery(Tracking(j_config))
 
     # --- what a subclass writes ----------------------------------------------------------------
 
@@ -172,6 +174,10 @@ class Trainer:
                               f"needs a callable model -> torch.optim.Optimizer.")
         if not training and a_config.test_set is None:
             raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
+        if training and j.log_with and missing(j.log_with):
+            packages = " ".join(missing(j.log_with))
+            raise ConfigError(f"JobConfig.log_with={j.log_with}: {packages} is not installed "
+                              f"here; pip install {packages}, or leave it out of log_with.")
         self.resume_from = resume.choose(j, a_config, world_size or p_config.world_size,
                                          requeued=os.environ.get(environment.RESUME_FROM))
         return self.resume_from
@@ -185,10 +191,12 @@ class Trainer:
         overlap) and follows the epoch (``set_epoch``), which makes a resumed run see the same
         batches as an uninterrupted one.
         """
+        training = self.j_config.job_type is not JobMode.EVALUATE
         return {
             "gradient_accumulation_steps": self.j_config.gradient_accumulation_steps,
             "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True,
                                                          data_seed=p_config.seed),
+            **(self._ddpw.tracking.accelerator_kwargs() if training else {}),
         }
 
     def setup(self, accelerator: Accelerator, p_config: PlatformConfig,
@@ -228,8 +236,12 @@ class Trainer:
             Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
             self.global_rank, self.world_size, self.device, on_failure=self.request_pause)
         self._ddpw.checkpoints.open(writes=j.job_type is not JobMode.EVALUATE)
+        runs = None
         if self.resume_from is not None:
-            self.restore_checkpoint(self.resume_from)
+            runs = self.restore_checkpoint(self.resume_from)
+        if j.job_type is not JobMode.EVALUATE:
+            self._ddpw.tracking.start(accelerator, self.global_step, runs, {
+                "job": j, "platform": p_config, "artefacts": a_config})
 
     @property
     def global_rank(self) -> int:
@@ -273,9 +285,11 @@ class Trainer:
         except BaseException as error:
             hang.settle(error)  # before the wait for a save in flight, which may be long
             checkpoints.close(raising=False)  # the job's own error is the one to raise
+            self._ddpw.tracking.end()
             raise
         with hang.busy("publishing the last checkpoint"):
             checkpoints.close()  # success only once the last checkpoint is published
+        self._ddpw.tracking.end()
         return metrics
 
     def train(self) -> dict[str, float]:
@@ -318,7 +332,8 @@ class Trainer:
         """
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
-        loader, sums = self.train_loader, self._ddpw.sums
+        loader, sums, tracking = self.train_loader, self._ddpw.sums, self._ddpw.tracking
+        tracking.begin_epoch()
         if self.batch:
             loader = self.accelerator.skip_first_batches(loader, self.batch)
         else:
@@ -348,11 +363,16 @@ class Trainer:
             hang.progress(f"at the step boundary {at}", unit_done=True)
             self.batch += 1
             sums.add(values)
+            tracking.batch_done()
             if self.verbose and self.batch % 10 == 0:
                 rate = (self.batch - first) * samples_per_batch / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values['loss'].item():.4f}", samples_s=f"{rate:.0f}")
             if self.accelerator.sync_gradients:
                 self.global_step += 1
+                if tracking.due(self.global_step):
+                    tracking.log_step(self.global_step, values,
+                                      float(self.optimiser.param_groups[0]["lr"]),
+                                      samples_per_batch)
                 # Only here, after an optimiser step, is there no half-accumulated gradient to
                 # lose; the last batch of the epoch is left to the epoch boundary. Accelerate's
                 # loaders read a batch ahead, so they know the last one, in a stream too.
@@ -456,7 +476,7 @@ class Trainer:
             "global_step": self.global_step, "batch_size": self.a_config.batch_size,
             "world_size": self.world_size, "data_seed": self.p_config.seed,
             "gradient_accumulation_steps": self.j_config.gradient_accumulation_steps,
-            "metrics": self.metrics}
+            "metrics": self.metrics, "trackers": self._ddpw.tracking.runs()}
         contents = Contents(
             model=acc.unwrap_model(self.model), state=state,
             parts={name: obj.state_dict() for name, obj in parts.items() if obj is not None},
@@ -476,7 +496,7 @@ class Trainer:
         with hang.busy("waiting for a checkpoint to be published"):
             self._ddpw.checkpoints.wait()
 
-    def restore_checkpoint(self, name: str) -> None:
+    def restore_checkpoint(self, name: str) -> dict[str, str]:
         """Load checkpoint ``name`` into the model, optimiser, scheduler, scaler, RNGs and
         position; every rank must call it at the same point.
 
@@ -487,6 +507,7 @@ class Trainer:
         they were; with others, the RNGs are seeded from the seed and the position, and the
         batch position is converted to this run's batches.
 
+        :returns: the ids of the tracker runs that wrote it (:meth:`ddpw.tracking.Tracking.runs`).
         :raises ConfigError: on every rank, naming a file that is damaged.
         """
         acc, j = self.accelerator, self.j_config
@@ -514,6 +535,7 @@ class Trainer:
             set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
                      device_specific=True)
             self._ddpw.sums.clear()
+        return state.get("trackers", {})
 
     def _position(self) -> Position:
         return Position(self.epochs_done, self.batch)
@@ -521,7 +543,9 @@ class Trainer:
     # --- output ---------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        """Append ``metrics`` to ``{training_logs_path}/metrics.jsonl`` (main process only)."""
+        """Log an epoch's ``metrics`` to the trackers (``JobConfig.log_with``) at this optimiser
+        step and append them to ``{training_logs_path}/metrics.jsonl`` (main process only)."""
+        self._ddpw.tracking.log_epoch(self.global_step, metrics)
         if not self.accelerator.is_main_process:
             return
         folder = Path(self.j_config.training_logs_path)

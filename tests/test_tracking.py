@@ -1,0 +1,160 @@
+"""JobConfig.log_with: real tracker files, read back with each tracker's own reader, from jobs
+of 2 real processes, paused and resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from jobs import Blobs, BlobTrainer, PausingTrainer, artefacts, job
+
+from ddpw import ConfigError, JobConfig, JobPaused, Platform, PlatformConfig, Wrapper
+
+CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+# 150 samples in batches of 8 on 2 ranks: 10 optimiser steps an epoch.
+STEPS_PER_EPOCH = 10
+
+
+def a_config():
+    return artefacts(validation_set=Blobs(30, seed=2))
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for the run in ``folder``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def epoch_lines(folder) -> list[dict]:
+    lines = (folder / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_tensorboard_has_every_step_and_epoch_of_a_paused_and_resumed_run(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
+        whole, epochs=3, save_every=1, log_with="tensorboard", log_every_n_steps=4)))
+    with pytest.raises(JobPaused):
+        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
+            parts, epochs=3, save_every=1, log_with="tensorboard", log_every_n_steps=4),
+            at=(2, 5)))
+    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
+        parts, start_at="latest", epochs=3, save_every=1, log_with="tensorboard",
+        log_every_n_steps=4)))
+
+    expected = tensorboard_scalars(whole / "logs" / "ddpw")
+    resumed = tensorboard_scalars(parts / "logs" / "ddpw")
+    steps = list(range(4, 3 * STEPS_PER_EPOCH + 1, 4))
+    epoch_ends = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
+    assert [s for s, _ in expected["step/loss"]] == steps
+    assert [s for s, _ in expected["step/lr"]] == steps
+    assert [s for s, _ in expected["val_accuracy"]] == epoch_ends
+    # The epoch metrics are those of metrics.jsonl, at each epoch's last step.
+    jsonl = epoch_lines(whole)
+    assert [v for _, v in expected["loss"]] == pytest.approx([e["loss"] for e in jsonl])
+    assert [v for _, v in expected["val_loss"]] == pytest.approx([e["val_loss"] for e in jsonl])
+    # Resumed: each step once, in order, with the uninterrupted run's values (the resume is
+    # exact); samples per second is a wall-clock rate, and only its steps are compared.
+    assert set(resumed) == set(expected)
+    for tag, points in expected.items():
+        if tag == "step/samples_per_s":
+            assert [s for s, _ in resumed[tag]] == [s for s, _ in points]
+            assert all(v > 0 for _, v in resumed[tag])
+        else:
+            assert resumed[tag] == points, tag
+
+
+def test_the_configs_are_hyperparameters_logged_once(tmp_path):
+    with pytest.raises(JobPaused):
+        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
+            tmp_path, epochs=2, save_every=1, log_with="tensorboard"), at=(1, 5)))
+    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
+        tmp_path, start_at="latest", epochs=2, save_every=1, log_with="tensorboard")))
+    stored = list((tmp_path / "logs" / "ddpw").glob("*/hparams.yml"))
+    assert len(stored) == 1
+    text = stored[0].read_text()
+    for line in ("job.epochs: 2", "platform.n_procs: 2", "artefacts.batch_size: 8",
+                 "artefacts.model: Net", "artefacts.train_set: Blobs(len=150)"):
+        assert line in text
+
+
+def test_mlflow_goes_on_in_the_same_run_after_a_pause(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    with pytest.raises(JobPaused):
+        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
+            tmp_path, epochs=2, save_every=1, log_with="mlflow", log_every_n_steps=5),
+            at=(2, 3)))
+    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
+        tmp_path, start_at="latest", epochs=2, save_every=1, log_with="mlflow",
+        log_every_n_steps=5)))
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpw")
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                     "step/loss")]
+    assert [step for step, _ in history] == [5, 10, 15, 20]
+    epochs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert [step for step, _ in epochs] == [10, 20]
+    assert [v for _, v in epochs] == pytest.approx([e["val_loss"] for e in epoch_lines(tmp_path)])
+    assert run.data.params["job.epochs"] == "2"
+
+
+def wandb_history(path) -> list[dict]:
+    """The history rows of a W&B run file: W&B's own protobuf records, framed as LevelDB's log
+    (32 KiB blocks of chunks with a 7-byte header: CRC, length, type), after a 7-byte file
+    header. (wandb no longer ships a Python reader.)"""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    records, pending, offset = [], b"", 7
+    while offset + 7 <= len(data):
+        room = block - offset % block
+        if room < 7:
+            offset += room
+            continue
+        length, kind = int.from_bytes(data[offset + 4:offset + 6], "little"), data[offset + 6]
+        chunk, offset = data[offset + 7:offset + 7 + length], offset + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+             for item in record.history.item}
+            for record in records if record.WhichOneof("record_type") == "history"]
+
+
+def test_wandb_offline_writes_its_run_under_the_training_logs(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
+        tmp_path, epochs=2, save_every=1, log_with="wandb", log_every_n_steps=5)))
+    (run,) = (tmp_path / "logs" / "wandb").glob("offline-run-*")
+    (records,) = run.glob("run-*.wandb")
+    history = wandb_history(records)
+    assert [h["_step"] for h in history if "step/loss" in h] == [5, 10, 15, 20]
+    assert [h["_step"] for h in history if "val_loss" in h] == [10, 20]
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_launch(tmp_path):
+    j_config = job(tmp_path, log_with=("tensorboard", "aim"))
+    with pytest.raises(ConfigError, match=r"JobConfig\.log_with=\('tensorboard', 'aim'\): aim "
+                                          r"is not installed here; pip install aim"):
+        Wrapper(CPU2, a_config()).start(BlobTrainer(j_config))
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("value", ["tensorbord", (), ("wandb", 3), 7])
+def test_an_unknown_tracker_is_refused(value):
+    with pytest.raises(ConfigError, match=r"JobConfig\.log_with=.* is not valid: None, or one "
+                                          r"or more of 'tensorboard', 'wandb', 'mlflow'"):
+        JobConfig(log_with=value)
