@@ -12,9 +12,11 @@ import signal
 from dataclasses import dataclass
 from enum import Enum
 
-from ._checks import check_int, check_type, fail
+from ._checks import check_choice, check_int, check_type, fail
 from .checkpoint import Position
+from .errors import ConfigError
 from .jobfolder import DEFAULT_ROOT
+from .monitor import MODES
 from .tracking import TRACKERS
 
 
@@ -41,14 +43,15 @@ class JobConfig:
     :param start_at: the checkpoint to start from. ``0`` starts fresh; ``k > 0`` restores the
         checkpoint of epoch ``k`` and trains epochs ``k + 1`` to ``epochs`` (``TRAIN``, ``RESUME``)
         or evaluates it (``EVALUATE``); ``"latest"`` restores the most recent checkpoint, paused
-        mid-epoch or not, and starts fresh when there is none (``EVALUATE`` then fails); a
+        mid-epoch or not, and starts fresh when there is none (``EVALUATE`` then fails);
+        ``"best"`` restores the best checkpoint by ``monitor`` (likewise); a
         checkpoint's folder name (``"ckpt_3_batch40"``) restores that one; a negative value
         restores nothing, for jobs with no model state to restore.
     :param epochs: the epoch at which training stops (not the number of epochs still to run).
     :param save_every: ``s > 0`` saves a checkpoint after epochs ``s``, ``2s``, ... and after the
         last epoch; ``0`` saves nothing (a pause still saves its checkpoint).
     :param keep_last: keep only the ``k`` most recent checkpoints (``0`` keeps all); the one the
-        job started from is never deleted.
+        job started from is never deleted, nor are the ``keep_best`` best.
     :param pause_signals: signals that pause training: every rank stops at the same step
         boundary, a checkpoint is written and :class:`~ddpw.errors.JobPaused` ends the job.
     :param checkpoint_path: folder holding the checkpoints.
@@ -81,6 +84,19 @@ class JobConfig:
         other step values to the trackers after every ``n``-th optimiser step.
     :param project_name: the trackers' project: TensorBoard's folder under
         ``training_logs_path``, MLflow's experiment, W&B's project.
+    :param monitor: the epoch metric (a name in ``metrics.jsonl``, such as ``"val_loss"``) by
+        which ``keep_best``, ``early_stopping_patience`` and ``start_at="best"`` judge the
+        epochs. A name that the first validated epoch's metrics lack stops the job with a
+        :class:`~ddpw.errors.ConfigError` that lists them (:mod:`ddpw.monitor`).
+    :param monitor_mode: ``"min"``: the smaller value is the better; ``"max"``: the larger.
+    :param keep_best: beside the ``keep_last`` most recent checkpoints, keep the ``k`` best
+        checkpoints of whole epochs by ``monitor`` (ties: the earlier epoch), which
+        ``keep_last`` never prunes; needs ``keep_last >= 1``.
+    :param early_stopping_patience: ``p >= 1`` ends training after ``p`` judged epochs in a
+        row without an improvement of ``monitor`` (epochs that do not validate are not judged);
+        that epoch is saved as a last one (when ``save_every > 0``), and its checkpoint keeps
+        the count, so that a resumed run stops where an uninterrupted one would. ``0`` never
+        stops early.
     """
 
     job_type: JobMode = JobMode.TRAIN
@@ -100,6 +116,10 @@ class JobConfig:
     log_with: str | tuple[str, ...] | None = None
     log_every_n_steps: int = 50
     project_name: str = "ddpw"
+    monitor: str | None = None
+    monitor_mode: str = "min"
+    keep_best: int = 0
+    early_stopping_patience: int = 0
 
     def __post_init__(self) -> None:
         owner = "JobConfig"
@@ -114,9 +134,10 @@ class JobConfig:
                  "a non-empty name of letters, digits, '_', '.' or '-'")
         if isinstance(self.start_at, str):
             prefix = self.checkpoint_name_prefix
-            if self.start_at != "latest" and Position.parse(self.start_at, prefix) is None:
-                fail(owner, "start_at", self.start_at, f"an epoch number, 'latest' or a "
-                     f"checkpoint name such as '{prefix}_3' or '{prefix}_3_batch40'")
+            if (self.start_at not in ("latest", "best")
+                    and Position.parse(self.start_at, prefix) is None):
+                fail(owner, "start_at", self.start_at, f"an epoch number, 'latest', 'best' or "
+                     f"a checkpoint name such as '{prefix}_3' or '{prefix}_3_batch40'")
         elif not isinstance(self.start_at, int) or isinstance(self.start_at, bool):
             fail(owner, "start_at", self.start_at,
                  "an epoch number (0 starts fresh, < 0 restores nothing), 'latest' or a "
@@ -134,6 +155,7 @@ class JobConfig:
                  "a positive number (the largest total gradient norm), or None to clip nothing")
         check_int(owner, "log_every_n_steps", self.log_every_n_steps, 1)
         self._check_trackers()
+        self._check_monitor()
         self.pause_signals = tuple(self.pause_signals)
         for name in self.pause_signals:
             if not (isinstance(name, str) and name.startswith("SIG") and hasattr(signal, name)):
@@ -158,6 +180,27 @@ class JobConfig:
                      f"None, or one or more of {', '.join(map(repr, TRACKERS))}")
             names = tuple(dict.fromkeys(names))
         self.log_with = names
+
+    def _check_monitor(self) -> None:
+        owner = "JobConfig"
+        if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
+            fail(owner, "monitor", self.monitor, "an epoch metric's name, such as 'val_loss', "
+                 "or None")
+        check_choice(owner, "monitor_mode", self.monitor_mode, MODES)
+        check_int(owner, "keep_best", self.keep_best, 0)
+        check_int(owner, "early_stopping_patience", self.early_stopping_patience, 0)
+        if self.monitor is None:
+            for name, value in (("keep_best", self.keep_best), ("early_stopping_patience",
+                                                               self.early_stopping_patience),
+                                ("start_at", self.start_at if self.start_at == "best" else 0)):
+                if value:
+                    raise ConfigError(f"JobConfig.{name}={value!r} needs JobConfig.monitor: "
+                                      f"the metric that says which epoch is best, such as "
+                                      f"monitor='val_loss'.")
+        if self.keep_best and not self.keep_last:
+            fail(owner, "keep_last", 0, f"at least 1 with keep_best={self.keep_best}: keep_last"
+                 f"=0 keeps every checkpoint, so none would be pruned; 1 keeps the latest "
+                 f"(to resume from) beside the {self.keep_best} best")
 
     @property
     def restores(self) -> bool:

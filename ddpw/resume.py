@@ -17,6 +17,7 @@ from .checkpoint.checkpointer import samples_into_epoch
 from .checkpoint.names import sequence
 from .errors import ConfigError
 from .job import JobConfig, JobMode
+from .monitor import best, scores
 
 
 def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
@@ -27,7 +28,8 @@ def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
     :meth:`ddpw.checkpoint.checkpointer.Checkpointer.restore`.)
 
     A training job resumes from ``requeued`` whatever ``start_at`` says, when that is one of its
-    own checkpoints; otherwise ``j_config.start_at`` chooses (:func:`ddpw.checkpoint.resolve`).
+    own checkpoints; otherwise ``j_config.start_at`` chooses (:func:`ddpw.checkpoint.resolve`;
+    ``"best"``: :func:`ddpw.monitor.best`).
 
     :param a_config: the job's artefacts, with a model (checked before).
     :param world_size: the number of processes the job will have.
@@ -39,11 +41,17 @@ def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
     j = j_config
     training = j.job_type is not JobMode.EVALUATE
     name = _own(j, requeued) if training else None
-    if name is None and j.restores:
+    if name is None and j.start_at == "best":
+        ranked = best(scores(j.checkpoint_path, j.checkpoint_name_prefix, j.monitor),
+                      j.checkpoint_name_prefix, j.monitor_mode, 1)
+        name = ranked[0] if ranked else None
+    elif name is None and j.restores:
         name = checkpoint.resolve(j.checkpoint_path, j.checkpoint_name_prefix, j.start_at)
     if name is None:
-        if not training and j.start_at == checkpoint.LATEST:
-            raise ConfigError(f"JobConfig.start_at='latest': there is no checkpoint with "
+        if not training and j.start_at in (checkpoint.LATEST, "best"):
+            what = "checkpoint" if j.start_at == checkpoint.LATEST else \
+                f"checkpoint of a whole epoch with {j.monitor} in its metrics"
+            raise ConfigError(f"JobConfig.start_at={j.start_at!r}: there is no {what} with "
                               f"prefix '{j.checkpoint_name_prefix}' in {j.checkpoint_path} "
                               f"to evaluate.")
         return None

@@ -46,6 +46,7 @@ from .checkpoint.rng import rng_state, set_rng_state
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
 from .metrics import RunningSums, check_per_sample
+from .monitor import Monitor, best, scores
 from .platform import Platform, PlatformConfig
 from .tracking import Tracking, missing
 from .vote import PauseVote
@@ -62,10 +63,11 @@ class _Bar(tqdm):
 @dataclass
 class _Machinery:
     """ddpw's own state on a :class:`Trainer`, all under one attribute (``_ddpw``) that a
-    subclass will not take by chance: the trackers, the pause vote, the epoch's running sums
-    and, once set up, the checkpoints."""
+    subclass will not take by chance: the trackers, the monitored metric, the pause vote, the
+    epoch's running sums and, once set up, the checkpoints."""
 
     tracking: Tracking
+    monitor: Monitor
     vote: PauseVote = field(default_factory=PauseVote)
     sums: RunningSums = field(default_factory=RunningSums)
     checkpoints: Checkpointer | None = None
@@ -112,7 +114,8 @@ class Trainer:
         #: The checkpoint this job starts from: chosen by :meth:`check` before any process
         #: starts, and set on every rank from the payload before :meth:`setup`.
         self.resume_from: str | None = None
-        self._ddpw = _Machinery(Tracking(j_config))
+        self._ddpw = _Machinery(Tracking(j_config), Monitor(
+            j_config.monitor, j_config.monitor_mode, j_config.early_stopping_patience))
 
     # --- what a subclass writes ----------------------------------------------------------------
 
@@ -174,6 +177,11 @@ class Trainer:
                               f"needs a callable model -> torch.optim.Optimizer.")
         if not training and a_config.test_set is None:
             raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
+        if (training and j.monitor and j.monitor.startswith("val_")
+                and a_config.validation_set is None):
+            raise ConfigError(f"JobConfig.monitor={j.monitor!r} is a validation metric, and "
+                              f"ArtefactsConfig.validation_set=None: give a validation set, or "
+                              f"monitor a training metric such as 'loss'.")
         if training and j.log_with and missing(j.log_with):
             packages = " ".join(missing(j.log_with))
             raise ConfigError(f"JobConfig.log_with={j.log_with}: {packages} is not installed "
@@ -236,6 +244,9 @@ class Trainer:
             Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
             self.global_rank, self.world_size, self.device, on_failure=self.request_pause)
         self._ddpw.checkpoints.open(writes=j.job_type is not JobMode.EVALUATE)
+        if j.monitor is not None:
+            self._ddpw.monitor.values = scores(j.checkpoint_path, j.checkpoint_name_prefix,
+                                               j.monitor)
         runs = None
         if self.resume_from is not None:
             runs = self.restore_checkpoint(self.resume_from)
@@ -297,29 +308,39 @@ class Trainer:
 
         A pause (a signal from ``j_config.pause_signals``, or :meth:`request_pause`) stops every
         rank at the same step boundary, saves a checkpoint and raises
-        :class:`~ddpw.errors.JobPaused`.
+        :class:`~ddpw.errors.JobPaused`. With ``j_config.early_stopping_patience``, training
+        ends after the epoch that used up the patience (:mod:`ddpw.monitor`).
 
         :returns: the last epoch's metrics: ``epoch``, the mean of each :meth:`train_step` value
             across batches and ranks, ``lr`` (the learning rate when the epoch's training
             ended), and ``val_*`` metrics when there is a validation set.
         """
-        j = self.j_config
-        while self.epochs_done < j.epochs:
+        j, monitor = self.j_config, self._ddpw.monitor
+        while self.epochs_done < j.epochs and not monitor.stops:
             self.epoch = self.epochs_done + 1
             self.metrics = {"epoch": self.epoch, **self.train_epoch(),
                             "lr": float(self.optimiser.param_groups[0]["lr"])}
             self.epochs_done, self.batch = self.epoch, 0
-            if self.validation_loader is not None and j.validates_after(self.epoch):
+            validates = self.validation_loader is not None and j.validates_after(self.epoch)
+            if validates:
                 validation = self.evaluate(self.validation_loader)
                 self.metrics.update({f"val_{k}": v for k, v in validation.items()})
+            monitor.judge(self.epoch, self.metrics, validates)
             if self.scheduler is not None and self.a_config.scheduler_interval == "epoch":
                 # Accelerate's wrapper would step it once per process: once an epoch, here.
                 self.scheduler.scheduler.step()
             self.log_metrics(self.metrics)
-            if j.saves_after(self.epoch):
+            saves = j.saves_after(self.epoch) or (monitor.stops and j.save_every > 0)
+            if saves:
                 self.save_checkpoint()
-            if self.epochs_done < j.epochs and self._ddpw.vote.agreed(self.world_size):
-                self._pause(saved=j.saves_after(self.epoch))
+            if monitor.stops:
+                if self.verbose:
+                    self.accelerator.print(
+                        f"[ddpw] early stop after epoch {self.epoch}: {j.monitor} has not "
+                        f"improved for {monitor.waited} epochs (best {monitor.best:.4g}, "
+                        f"epoch {monitor.best_epoch})")
+            elif self.epochs_done < j.epochs and self._ddpw.vote.agreed(self.world_size):
+                self._pause(saved=saves)
         self._ddpw.vote.settle()  # the last epoch's last step boundary started a vote
         return dict(self.metrics)
 
@@ -476,16 +497,21 @@ class Trainer:
             "global_step": self.global_step, "batch_size": self.a_config.batch_size,
             "world_size": self.world_size, "data_seed": self.p_config.seed,
             "gradient_accumulation_steps": self.j_config.gradient_accumulation_steps,
-            "metrics": self.metrics, "trackers": self._ddpw.tracking.runs()}
+            "metrics": self.metrics, "trackers": self._ddpw.tracking.runs(),
+            "monitor": self._ddpw.monitor.state()}
         contents = Contents(
             model=acc.unwrap_model(self.model), state=state,
             parts={name: obj.state_dict() for name, obj in parts.items() if obj is not None},
             own={"rng": rng_state(self.device), **self._ddpw.sums.state()},
             manifest={"platform": self.p_config.platform.name,
                       "mixed_precision": self.p_config.mixed_precision})
+        j, monitor, position = self.j_config, self._ddpw.monitor, self._position()
+        if not position.batches:
+            monitor.saved(position.name(j.checkpoint_name_prefix), self.metrics)
+        kept = best(monitor.values, j.checkpoint_name_prefix, j.monitor_mode, j.keep_best)
         with hang.busy("saving a checkpoint"):
-            return self._ddpw.checkpoints.save(self._position(), contents,
-                                               protect=(self.resume_from,))
+            return self._ddpw.checkpoints.save(position, contents,
+                                               protect=(self.resume_from, *kept))
 
     def wait_for_checkpoint(self) -> None:
         """Block until the save in flight, if any, is published; raise its error if it failed.
@@ -517,12 +543,13 @@ class Trainer:
                                                   ("scaler", acc.scaler)) if obj is not None}
         with hang.busy(f"restoring checkpoint {name}"):
             restored = self._ddpw.checkpoints.restore(
-                name, acc.unwrap_model(self.model), loadables, same_run=lambda state: (
-                    state["world_size"], state["batch_size"],
-                    state.get("gradient_accumulation_steps")) == shape)
+                name, acc.unwrap_model(self.model), loadables,
+                same_run=lambda state: (state["world_size"], state["batch_size"],
+                                        state.get("gradient_accumulation_steps")) == shape)
         state = restored.state
         self.epochs_done = self.epoch = state["epochs_done"]
         self.global_step, self.metrics = state["global_step"], state["metrics"]
+        self._ddpw.monitor.load(state.get("monitor"))
         if restored.own is not None:
             set_rng_state(restored.own["rng"], self.device)
             self._ddpw.sums.load(restored.own, self.device)

@@ -463,9 +463,9 @@ def test_restores(start_at, restores):
 
 
 @pytest.mark.parametrize("start_at", ["last", "ckpt_x", "other_3", "ckpt_3_batch", "3"])
-def test_start_at_strings_must_be_latest_or_a_checkpoint_name(start_at):
+def test_start_at_strings_must_be_latest_best_or_a_checkpoint_name(start_at):
     with pytest.raises(ConfigError, match=re.escape(f"JobConfig.start_at={start_at!r}") +
-                       r".*'latest' or a checkpoint name such as 'ckpt_3'"):
+                       r".*'latest', 'best' or a checkpoint name such as 'ckpt_3'"):
         JobConfig(start_at=start_at)
 
 
