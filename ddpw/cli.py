@@ -26,7 +26,7 @@ from . import jobfolder
 from .errors import HUNG_EXIT_STATUS, PAUSED_EXIT_STATUS, ConfigError, WorkerError
 from .outcome import LOST_PEER, Outcome, describe_status, root_cause
 from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
-from .platform import MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
+from .platform import COMPILE_MODES, MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
 from .process import exit_now
 from .slurm import ON_INTERRUPT
 
@@ -53,7 +53,7 @@ On SLURM: 143 when the job was cancelled, 124 when it ran out of time.
 #: in the order they are declared); the rest are listed under "Other".
 HELP_SECTIONS = {
     "Where to run": ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task",
-                     "mixed_precision"),
+                     "mixed_precision", "torch_compile", "torch_compile_mode"),
     "Hangs": ("hang_timeout_s",),
     "Several machines": ("node_rank", "master_addr", "master_port", "rendezvous_timeout_s",
                          "max_restarts"),
@@ -167,6 +167,10 @@ class _SectionedCommand(click.Command):
 @click.option("--name", help="The job's name (log folder, SLURM job name) [default: DDPW].")
 @click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION),
               help="Mixed precision for Accelerate [default: no].")
+@click.option("--torch-compile", is_flag=True, default=None,
+              help="Compile the model (accelerate launch --dynamo_backend inductor).")
+@click.option("--torch-compile-mode", type=click.Choice(COMPILE_MODES),
+              help="torch.compile's mode [default: default].")
 @click.option("--node-rank", type=click.IntRange(min=0),
               help="This machine's place among --n-nodes, from 0; node 0 holds the rendezvous "
                    "[default: PET_NODE_RANK / NODE_RANK].")

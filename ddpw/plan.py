@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ class MachineFacts:
     :param cpu_count: cores this process may run on.
     :param env: the environment variables.
     :param parent_pid: the process id of this process's parent.
+    :param cxx_compiler: the C++ compiler that TorchInductor would compile CPU code with
+        (``$CXX``, else ``g++``, ``c++`` or ``clang++`` on ``PATH``), or ``None``.
     """
 
     cuda_devices: int
@@ -46,6 +49,7 @@ class MachineFacts:
     cpu_count: int
     env: Mapping[str, str] = field(default_factory=dict)
     parent_pid: int = 0
+    cxx_compiler: str | None = None
 
     @classmethod
     def probe(cls) -> MachineFacts:
@@ -58,8 +62,10 @@ class MachineFacts:
         """
         cuda, mps = _torch_devices() if gpu_driver_present() else (0, False)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        compilers = (os.environ.get("CXX"), "g++", "c++", "clang++")
+        cxx = next((found for name in compilers if name and (found := shutil.which(name))), None)
         return cls(cuda_devices=cuda, mps_available=mps, cpu_count=cores or 1, env=dict(os.environ),
-                   parent_pid=os.getppid())
+                   parent_pid=os.getppid(), cxx_compiler=cxx)
 
 
 def gpu_driver_present() -> bool:
@@ -184,6 +190,10 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         "cpu": config.platform is Platform.CPU or cpu_slurm,
         "mixed_precision": config.mixed_precision,
     }
+    if config.torch_compile:
+        # As data, which the worker makes Accelerate's TorchDynamoPlugin of.
+        accelerator_kwargs["dynamo_plugin"] = {"backend": "inductor",
+                                               "mode": config.torch_compile_mode}
     if launch is not None:
         # The launch's world, whatever the config asks for: Wrapper.start warns when they differ.
         world_size, srun_env = launch
@@ -204,7 +214,8 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
     if procs == 1 and meeting is None:
         # The environment matters only to a script that ddpw-launch runs in this process, whose
         # own Accelerator() must then take the platform's settings.
-        script_env = {"ACCELERATE_MIXED_PRECISION": config.mixed_precision}
+        script_env = {"ACCELERATE_MIXED_PRECISION": config.mixed_precision,
+                      **_dynamo_env(config)}
         if config.platform is Platform.CPU:
             script_env["ACCELERATE_USE_CPU"] = "1"
         return LaunchPlan(mode=LaunchMode.IN_PROCESS, platform=config.platform, world_size=1,
@@ -224,7 +235,7 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
     where = (meeting.launch_args() if meeting else
              ("--num_machines", "1", "--machine_rank", "0", "--main_process_port", str(port)))
     launch_args = ("--multi_gpu", "--num_processes", str(world_size), *where,
-                   "--dynamo_backend", "no")
+                   *_dynamo_args(config))
     # Only the fields without a default: every other setting comes from the flags above or from
     # Accelerate's own defaults, never from a config file left on the machine.
     accelerate_config = {
@@ -270,11 +281,11 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
     # A world of one is started without accelerate launch, whose config would give a plain
     # Accelerator() its mixed precision: the environment gives it, to every process alike.
     env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
-           environment.HANG_TIMEOUT: _hang_timeout(config)}
+           environment.HANG_TIMEOUT: _hang_timeout(config), **_dynamo_env(config)}
     if not config.uses_gpus:
         env["ACCELERATE_USE_CPU"] = "1"
     launch_args = ("--multi_gpu", "--num_processes", str(config.world_size),
-                   "--num_machines", str(config.n_nodes), "--dynamo_backend", "no")
+                   "--num_machines", str(config.n_nodes), *_dynamo_args(config))
     accelerate_config = {
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
         "mixed_precision": config.mixed_precision, "use_cpu": not config.uses_gpus,
@@ -308,6 +319,21 @@ def auto_platform(facts: MachineFacts) -> dict[str, Any]:
     return {"platform": Platform.CPU, "n_procs": facts.cpu_count}
 
 
+def _dynamo_args(config: PlatformConfig) -> tuple[str, ...]:
+    """``accelerate launch``'s compile flags: what a script's own ``Accelerator()`` takes."""
+    if not config.torch_compile:
+        return ("--dynamo_backend", "no")
+    return ("--dynamo_backend", "inductor", "--dynamo_mode", config.torch_compile_mode)
+
+
+def _dynamo_env(config: PlatformConfig) -> dict[str, str]:
+    """The same for a script started without ``accelerate launch`` (a world of one)."""
+    if not config.torch_compile:
+        return {}
+    return {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR",
+            "ACCELERATE_DYNAMO_MODE": config.torch_compile_mode}
+
+
 def _check_devices(config: PlatformConfig, facts: MachineFacts, in_place: bool) -> None:
     """Refuse what this machine cannot run. Inside a launch, a rank may see fewer GPUs than the
     config asks for (``srun --gpus-per-task=1`` shows each rank its own), but not none."""
@@ -324,6 +350,11 @@ def _check_devices(config: PlatformConfig, facts: MachineFacts, in_place: bool) 
                 f"CUDA device(s) visible here (CUDA_VISIBLE_DEVICES="
                 f"{facts.env.get('CUDA_VISIBLE_DEVICES', 'unset')}); ask for at most "
                 f"{facts.cuda_devices}.")
+    if config.torch_compile and config.platform is Platform.CPU and facts.cxx_compiler is None:
+        raise ConfigError(
+            "PlatformConfig.torch_compile=True on Platform.CPU needs a C++ compiler, which "
+            "TorchInductor compiles the model's CPU code with, and none is on PATH here (CXX, "
+            "g++, c++, clang++): install one (apt install g++), or set torch_compile=False.")
     if config.platform is Platform.MPS and not facts.mps_available:
         raise ConfigError(
             "PlatformConfig.platform=Platform.MPS needs an Apple silicon GPU with a PyTorch build "

@@ -45,6 +45,8 @@ class Platform(Enum):
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: What ``PlatformConfig.torch_compile_mode`` may be (:func:`torch.compile`'s ``mode``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 #: Signals SLURM may send ahead of the end of a job; SIGTERM and SIGINT also stop it for good
 #: (``scancel``, Ctrl-C), so they cannot mean "requeue".
@@ -141,6 +143,16 @@ class PlatformConfig:
         watch off (torch's own 30-minute collective timeout then holds). A world of one
         process is never watched, nor is a job that runs inside a launch of the caller's own.
     :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
+    :param torch_compile: compile the model with :func:`torch.compile` (TorchInductor), through
+        Accelerate's dynamo plugin, on every rank, after DDP wraps it; a script that
+        ``ddpw-launch`` runs gets it as ``accelerate launch --dynamo_backend inductor``.
+        The first steps, and the first evaluation, take longer while it compiles; on the CPU
+        it needs a C++ compiler (checked before launch). Checkpoints hold the plain model's
+        weights either way, so a compiled run resumes an uncompiled one's checkpoint and the
+        other way round.
+    :param torch_compile_mode: :func:`torch.compile`'s ``mode``: one of ``"default"``,
+        ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune"``,
+        ``"max-autotune-no-cudagraphs"``.
     :param verbose: print ddpw's own summary and progress bars; ``False`` silences them (the job's
         own output is untouched).
     """
@@ -171,6 +183,8 @@ class PlatformConfig:
     max_restarts: int = 0
     hang_timeout_s: float | None = 300.0
     mixed_precision: str = "no"
+    torch_compile: bool = False
+    torch_compile_mode: str = "default"
     verbose: bool = True
 
     def __post_init__(self) -> None:
@@ -229,6 +243,8 @@ class PlatformConfig:
             fail(owner, "hang_timeout_s", timeout,
                  "a positive number of seconds, or None to watch for no hang")
         check_choice(owner, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_type(owner, "torch_compile", self.torch_compile, bool, "True or False")
+        check_choice(owner, "torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
         check_type(owner, "verbose", self.verbose, bool, "True or False")
         self._check_shape()
 

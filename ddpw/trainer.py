@@ -500,7 +500,8 @@ class Trainer:
             "metrics": self.metrics, "trackers": self._ddpw.tracking.runs(),
             "monitor": self._ddpw.monitor.state()}
         contents = Contents(
-            model=acc.unwrap_model(self.model), state=state,
+            # The plain model under DDP and torch.compile: no "module." or "_orig_mod." in names.
+            model=acc.unwrap_model(self.model, keep_torch_compile=False), state=state,
             parts={name: obj.state_dict() for name, obj in parts.items() if obj is not None},
             own={"rng": rng_state(self.device), **self._ddpw.sums.state()},
             manifest={"platform": self.p_config.platform.name,
@@ -543,7 +544,7 @@ class Trainer:
                                                   ("scaler", acc.scaler)) if obj is not None}
         with hang.busy(f"restoring checkpoint {name}"):
             restored = self._ddpw.checkpoints.restore(
-                name, acc.unwrap_model(self.model), loadables,
+                name, acc.unwrap_model(self.model, keep_torch_compile=False), loadables,
                 same_run=lambda state: (state["world_size"], state["batch_size"],
                                         state.get("gradient_accumulation_steps")) == shape)
         state = restored.state

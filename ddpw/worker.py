@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 
 from . import environment, hang, jobfolder, process, resume
 from .errors import JobPaused, PeerFailed
@@ -58,7 +58,10 @@ def run(payload: Payload) -> Any:
                                              requeued=requeued)
                                if requeued else payload.resume_from)
     extra = trainer.accelerator_kwargs(payload.p_config) if trainer is not None else {}
-    accelerator = Accelerator(**plan.accelerator_kwargs, **extra)
+    kwargs = dict(plan.accelerator_kwargs)
+    if "dynamo_plugin" in kwargs:
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(**kwargs["dynamo_plugin"])
+    accelerator = Accelerator(**kwargs, **extra)
     try:
         with current_world(World.of(accelerator)):
             if trainer is not None:

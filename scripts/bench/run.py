@@ -8,6 +8,8 @@ Rows (each a module of this folder with ``measure(repeats, quick)``):
 - ``launch``: a job that does one all-reduce, through ddpw and through the raw launchers, and
   the start-up of ``import ddpw`` and ``ddpw-launch --help`` against ``python -c pass``;
 - ``training``: samples per second of the Trainer against the same loop by hand;
+- ``compile``: ``PlatformConfig.torch_compile``'s gain in samples per second and cost in
+  start-up, against the loop by hand under ``accelerate launch --dynamo_backend inductor``;
 - ``checkpoint``: save and load times and bytes against ``torch.save`` and Accelerate;
 - ``resume``: time from the command's start to the first resumed training step;
 - ``slurm``: submit to first step and to the end, against a hand-written sbatch script (only
@@ -37,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Result
 
-ROWS = ("launch", "training", "checkpoint", "resume", "slurm", "original_ddpw")
+ROWS = ("launch", "training", "compile", "checkpoint", "resume", "slurm", "original_ddpw")
 RESULTS = ROOT / "scripts" / "bench" / "results"
 
 

@@ -10,7 +10,7 @@ import json
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object, is_compiled_module, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -52,6 +52,7 @@ def main():
                        "distributed_type": str(accelerator.distributed_type),
                        "params_equal": bool((all_params == all_params[0]).all()),
                        "mixed_precision": accelerator.mixed_precision,
+                       "compiled": is_compiled_module(model),
                        "seen": all_seen, "loss": loss.item()}, f)
     accelerator.end_training()
 

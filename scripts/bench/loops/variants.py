@@ -28,11 +28,12 @@ def ddpw(args: list[str]) -> Command:
     return [sys.executable, str(LOOPS / "ddpw_loop.py"), "--threads", str(THREADS), *args], {}
 
 
-def accelerate(args: list[str]) -> Command:
+def accelerate(args: list[str], dynamo_backend: str = "no") -> Command:
     """``loops/accelerate_loop.py`` under ``accelerate launch``, a gloo world on the CPU."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(PROCESSES), "--num_machines", "1", "--machine_rank", "0",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               "--mixed_precision", "no", "--dynamo_backend", dynamo_backend,
+               "--main_process_port", "0",
                str(LOOPS / "accelerate_loop.py"), "--threads", str(THREADS), *args]
     return command, {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(THREADS)}
 

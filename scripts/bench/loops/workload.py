@@ -78,6 +78,9 @@ def arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="compute threads per process")
     parser.add_argument("--save", default=None, help="checkpoint folder to write at the end")
     parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    parser.add_argument("--compile", action="store_true",
+                        help="ddpw: PlatformConfig.torch_compile (the Accelerate loop takes "
+                             "accelerate launch's --dynamo_backend instead)")
     return parser.parse_args()
 
 
