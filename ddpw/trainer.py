@@ -90,6 +90,17 @@ class Trainer:
     - ``global_rank``, ``local_rank``, ``world_size``, ``device``;
     - ``j_config``, ``p_config``, ``a_config``: the three configs.
 
+    What the loop does around the steps is set in the configs:
+
+    - :class:`~ddpw.job.JobConfig`: ``epochs``, ``gradient_accumulation_steps``,
+      ``max_grad_norm`` (clipping), ``validate_every``, ``save_every``, ``keep_last`` and
+      ``async_checkpoint`` (checkpoints), ``monitor``, ``keep_best`` and
+      ``early_stopping_patience`` (the best epoch), ``log_with`` and ``log_every_n_steps``
+      (trackers), ``pause_signals``;
+    - :class:`~ddpw.artefacts.ArtefactsConfig`: ``scheduler_loader`` and
+      ``scheduler_interval``, ``model_has_batch_norm``;
+    - :class:`~ddpw.platform.PlatformConfig`: ``mixed_precision``, ``torch_compile``, ``seed``.
+
     :param j_config: what the job does.
     """
 

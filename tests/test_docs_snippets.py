@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import json
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ EXAMPLE = ROOT / "examples" / "mnist"
 
 #: The snippets, each run by a test below.
 TESTED = {"quick_start.py", "function_task.py", "pause_and_resume.py", "checkpoint_files.py",
-          "accelerate_script.py", "collective_timeout.py",
+          "accelerate_script.py", "collective_timeout.py", "tracking.py",
           "slurm_job.py"}  # on the real cluster, in test_slurm.py
 
 PYTHON_BLOCK = re.compile(
@@ -175,6 +176,21 @@ def test_checkpoint_files(tmp_path):
                              "model.safetensors differs from the manifest's")
     page = (DOCS / "guides" / "checkpoints.rst").read_text()
     assert all(line in page for line in out), "the checkpoints page shows another output"
+
+
+def test_tracking_keeps_the_best_and_stops_early_as_the_guide_says(tmp_path):
+    out = run_snippet("tracking.py", tmp_path)
+    stopped = int(re.search(r"stopped after epoch (\d+)", out).group(1))
+    kept = re.search(r"kept: (.*)", out).group(1).split()
+    lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["val_loss"] for line in lines]  # unrounded, as ddpw judged
+    assert len(losses) == stopped < 30  # it did stop early
+    best = min(range(stopped), key=lambda e: (losses[e], e)) + 1
+    assert stopped == best + 3  # the patience: 3 epochs without a better val_loss
+    ranked = sorted(range(1, stopped + 1), key=lambda e: (losses[e - 1], e))
+    assert set(kept) == {f"ckpt_{e}" for e in (*ranked[:2], stopped)}
+    assert "tags: epoch loss lr step/loss step/lr step/samples_per_s val_accuracy val_loss" in out
+    assert "step/loss logged at steps: [2, 4, 6, 8, 10] ..." in out
 
 
 def test_an_unmodified_accelerate_script_under_ddpw_launch(tmp_path):

@@ -29,9 +29,17 @@ def run_example(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess
 
 
 def test_the_example_trains_resumes_and_evaluates_on_two_processes(tmp_path):
-    _, accuracy = run_example(tmp_path, "--n-procs", "2", "--quiet")
+    _, accuracy = run_example(tmp_path, "--n-procs", "2", "--quiet", "--log-with", "tensorboard")
     assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2", "ckpt_4"]
     assert accuracy > 0.8, "the CNN did not learn the digits"
+    # TensorBoard has each epoch once, across the training and its resumption.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs" / "training_logs" / "ddpw"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert len(steps) == 4 and steps == sorted(set(steps))
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(10, steps[-1] + 1, 10))
 
 
 def test_the_example_trains_in_bf16_on_the_cpu(tmp_path):

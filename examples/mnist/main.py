@@ -5,6 +5,8 @@
     python examples/mnist/main.py --platform cpu --n-procs 2 --mode evaluate --start-at 6
     python examples/mnist/main.py --platform slurm --partition debug --n-nodes 2 --n-gpus 0
     python examples/mnist/main.py --platform gpu --n-gpus 1 --mixed-precision bf16 --demo
+    python examples/mnist/main.py --platform cpu --n-procs 2 --log-with tensorboard
+        (then: tensorboard --logdir logs/training_logs)
     python examples/mnist/main.py --platform cpu --n-procs 1 --n-nodes 2 --node-rank R \
         --master-addr HOST --master-port 29500         (on 2 machines, R = 0 and 1)
 
@@ -50,6 +52,9 @@ def main() -> None:
                         help="autocast the forward pass (fp16 needs CUDA GPUs)")
     parser.add_argument("--data", default=None, help="folder with MNIST's IDX files")
     parser.add_argument("--checkpoint-path", default="./checkpoint")
+    parser.add_argument("--log-with", nargs="+", default=None,
+                        choices=["tensorboard", "mlflow", "wandb"],
+                        help="trackers to log to, beside logs/training_logs/metrics.jsonl")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--demo", action="store_true",
                         help="train to epochs/2, resume to epochs, then evaluate")
@@ -77,7 +82,9 @@ def main() -> None:
 
     def job(mode: JobMode, start_at: int, epochs: int) -> dict[str, float]:
         j_config = JobConfig(job_type=mode, start_at=start_at, epochs=epochs,
-                             save_every=args.save_every, checkpoint_path=args.checkpoint_path)
+                             save_every=args.save_every, checkpoint_path=args.checkpoint_path,
+                             log_with=tuple(args.log_with) if args.log_with else None,
+                             log_every_n_steps=10)
         metrics = wrapper.start(MyTrainer(j_config))
         print(f"{mode.name.lower()} (start_at={start_at}, epochs={epochs}): "
               + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
