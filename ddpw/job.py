@@ -79,7 +79,8 @@ class JobConfig:
         beside ``metrics.jsonl``: each epoch's metrics, the step metrics every
         ``log_every_n_steps`` and, once, the configs as hyper-parameters (:mod:`ddpw.tracking`).
         Their files go under ``training_logs_path``; a resumed run goes on in the same runs.
-        ``None`` writes ``metrics.jsonl`` alone, which needs nothing installed.
+        Training jobs log; ``EVALUATE`` returns its metrics and logs them nowhere. ``None``
+        writes ``metrics.jsonl`` alone, which needs nothing installed.
     :param log_every_n_steps: log ``step/loss``, ``step/lr``, ``step/samples_per_s`` and the
         other step values to the trackers after every ``n``-th optimiser step.
     :param project_name: the trackers' project: TensorBoard's folder under

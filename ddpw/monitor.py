@@ -95,17 +95,24 @@ class Monitor:
         return bool(self.patience) and self.waited >= self.patience
 
     def saved(self, name: str, metrics: dict[str, Any]) -> None:
-        """Note the metric of a whole-epoch checkpoint ``name`` that is being saved."""
+        """Note the metric of a whole-epoch checkpoint ``name`` that is being saved (a NaN
+        makes it no candidate, as on disk: :func:`scores`)."""
         if self.metric is not None and self.metric in metrics:
-            self.values[name] = float(metrics[self.metric])
+            value = float(metrics[self.metric])
+            if math.isnan(value):
+                self.values.pop(name, None)
+            else:
+                self.values[name] = value
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the early-stopping count."""
-        return {"metric": self.metric, "best": self.best, "best_epoch": self.best_epoch,
-                "waited": self.waited}
+        return {"metric": self.metric, "mode": self.mode, "best": self.best,
+                "best_epoch": self.best_epoch, "waited": self.waited}
 
     def load(self, state: dict[str, Any] | None) -> None:
-        """Take back what :meth:`state` returned, if it followed the same metric."""
-        if state and state.get("metric") == self.metric:
+        """Take back what :meth:`state` returned, if it followed the same metric the same
+        way (a new metric or mode starts counting afresh)."""
+        if state and (state.get("metric"), state.get("mode", "min")) == (self.metric,
+                                                                          self.mode):
             self.best, self.best_epoch = state["best"], state["best_epoch"]
             self.waited = state["waited"]

@@ -147,9 +147,10 @@ class PlatformConfig:
         Accelerate's dynamo plugin, on every rank, after DDP wraps it; a script that
         ``ddpw-launch`` runs gets it as ``accelerate launch --dynamo_backend inductor``.
         The first steps, and the first evaluation, take longer while it compiles; on the CPU
-        it needs a C++ compiler (checked before launch). Checkpoints hold the plain model's
-        weights either way, so a compiled run resumes an uncompiled one's checkpoint and the
-        other way round.
+        it needs a C++ compiler (on ``Platform.CPU``, checked before launch; on a SLURM
+        node or a GPU, where Triton needs a C compiler, it is not). Checkpoints hold the plain
+        model's weights either way, so a compiled run resumes an uncompiled one's checkpoint
+        and the other way round.
     :param torch_compile_mode: :func:`torch.compile`'s ``mode``: one of ``"default"``,
         ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune"``,
         ``"max-autotune-no-cudagraphs"``.

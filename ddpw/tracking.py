@@ -174,7 +174,8 @@ class Tracking:
 
         keys = list(values)
         mean = self.accelerator.reduce(
-            torch.stack([values[k].detach().float() for k in keys]), reduction="mean")
+            torch.stack([values[k].detach().float().reshape(()) for k in keys]),
+            reduction="mean")
         started, batches = self._window
         elapsed = time.perf_counter() - started
         logged = {f"step/{k}": float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
@@ -190,6 +191,11 @@ class Tracking:
             self.accelerator.log(dict(metrics), step=step)
 
     def end(self) -> None:
-        """Flush and close the trackers (the job's end, pause or error)."""
+        """Flush and close the trackers (the job's end, pause or error). Not through
+        :meth:`accelerate.Accelerator.end_training`, which would also destroy the process
+        group: the results are gathered through it afterwards, and a job that runs in the
+        caller's own launch leaves the caller's group up."""
         if self.names and self.accelerator is not None:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []

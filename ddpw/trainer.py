@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
 from .checkpoint.checkpointer import Checkpointer, Contents, samples_into_epoch
+from .checkpoint.names import sequence
 from .checkpoint.rng import rng_state, set_rng_state
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
@@ -255,12 +257,11 @@ class Trainer:
             Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
             self.global_rank, self.world_size, self.device, on_failure=self.request_pause)
         self._ddpw.checkpoints.open(writes=j.job_type is not JobMode.EVALUATE)
-        if j.monitor is not None:
-            self._ddpw.monitor.values = scores(j.checkpoint_path, j.checkpoint_name_prefix,
-                                               j.monitor)
         runs = None
         if self.resume_from is not None:
             runs = self.restore_checkpoint(self.resume_from)
+            if j.monitor is not None:
+                self._ddpw.monitor.values = self._earlier_scores(self.resume_from)
         if j.job_type is not JobMode.EVALUATE:
             self._ddpw.tracking.start(accelerator, self.global_step, runs, {
                 "job": j, "platform": p_config, "artefacts": a_config})
@@ -307,7 +308,10 @@ class Trainer:
         except BaseException as error:
             hang.settle(error)  # before the wait for a save in flight, which may be long
             checkpoints.close(raising=False)  # the job's own error is the one to raise
-            self._ddpw.tracking.end()
+            try:
+                self._ddpw.tracking.end()
+            except Exception as closing:
+                print(f"[ddpw] closing the trackers failed too: {closing!r}", file=sys.stderr)
             raise
         with hang.busy("publishing the last checkpoint"):
             checkpoints.close()  # success only once the last checkpoint is published
@@ -346,10 +350,11 @@ class Trainer:
                 self.save_checkpoint()
             if monitor.stops:
                 if self.verbose:
+                    best = (f"best {monitor.best:.4g}, epoch {monitor.best_epoch}"
+                            if monitor.best is not None else "never a number")
                     self.accelerator.print(
                         f"[ddpw] early stop after epoch {self.epoch}: {j.monitor} has not "
-                        f"improved for {monitor.waited} epochs (best {monitor.best:.4g}, "
-                        f"epoch {monitor.best_epoch})")
+                        f"improved for {monitor.waited} epochs ({best})")
             elif self.epochs_done < j.epochs and self._ddpw.vote.agreed(self.world_size):
                 self._pause(saved=saves)
         self._ddpw.vote.settle()  # the last epoch's last step boundary started a vote
@@ -545,7 +550,8 @@ class Trainer:
         they were; with others, the RNGs are seeded from the seed and the position, and the
         batch position is converted to this run's batches.
 
-        :returns: the ids of the tracker runs that wrote it (:meth:`ddpw.tracking.Tracking.runs`).
+        :returns: the ids of the tracker runs that wrote it (:meth:`ddpw.tracking.Tracking.runs`),
+            ``None`` when it was written before ddpw kept them.
         :raises ConfigError: on every rank, naming a file that is damaged.
         """
         acc, j = self.accelerator, self.j_config
@@ -574,7 +580,18 @@ class Trainer:
             set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
                      device_specific=True)
             self._ddpw.sums.clear()
-        return state.get("trackers", {})
+        return state.get("trackers")
+
+    def _earlier_scores(self, name: str) -> dict[str, float]:
+        """The monitored metric of the checkpoints on disk that lead up to checkpoint
+        ``name``: at or before its position, written no later. (A fresh start, or a line of
+        training abandoned by resuming from an earlier checkpoint, competes for no place.)"""
+        j = self.j_config
+        root, prefix = Path(j.checkpoint_path), j.checkpoint_name_prefix
+        until, last = Position.parse(name, prefix), sequence(root / name)
+        return {other: value
+                for other, value in scores(root, prefix, j.monitor).items()
+                if Position.parse(other, prefix) <= until and sequence(root / other) <= last}
 
     def _position(self) -> Position:
         return Position(self.epochs_done, self.batch)

@@ -11,6 +11,7 @@ from jobs import Blobs, BlobTrainer, artefacts, final_files, job
 
 from ddpw import ConfigError, JobConfig, JobMode, JobPaused, Platform, PlatformConfig, Wrapper
 from ddpw import checkpoint as ckpt
+from ddpw.monitor import Monitor, best
 from ddpw.resume import choose
 
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
@@ -19,11 +20,17 @@ SCORES = [0.3, 0.1, 0.4, 0.15, 0.5, 0.9, 0.2, 0.8, 0.7, 0.6]
 
 
 class ScoringTrainer(BlobTrainer):
-    """Validates to SCORES[epoch - 1] as ``val_score``, beside the real loss and accuracy."""
+    """Validates to scores[epoch - 1] as ``val_score``, beside the real loss and accuracy."""
+
+    scores = SCORES
 
     def evaluate_step(self, batch):
         out = super().evaluate_step(batch)
-        return {**out, "score": torch.full_like(out["loss"], SCORES[self.epoch - 1])}
+        return {**out, "score": torch.full_like(out["loss"], self.scores[self.epoch - 1])}
+
+
+class LowScoringTrainer(ScoringTrainer):
+    scores = [0.01, 0.02, 0.03]
 
 
 class PausingScoringTrainer(ScoringTrainer):
@@ -64,6 +71,42 @@ def test_the_kept_checkpoints_are_the_best_k_and_the_latest(tmp_path, mode):
     assert set(metrics) == {"loss", "accuracy", "score"}
 
 
+def test_an_earlier_runs_checkpoints_take_no_place_among_the_best(tmp_path):
+    def j_config(**kw):
+        return job(tmp_path, save_every=1, keep_last=1, keep_best=2, monitor="val_score",
+                   monitor_mode="max", **kw)
+
+    Wrapper(CPU2, a_config()).start(ScoringTrainer(j_config(epochs=6)))
+    assert on_disk(tmp_path) == ["ckpt_5", "ckpt_6"]  # 0.5 and 0.9, the best
+    # From scratch in the same folder: its own best 2 stay, and the earlier run's go the way
+    # of every checkpoint that keep_last prunes.
+    Wrapper(CPU2, a_config()).start(LowScoringTrainer(j_config(epochs=3)))
+    assert on_disk(tmp_path) == ["ckpt_2", "ckpt_3"]
+    assert choose(j_config(epochs=3, start_at="best"), a_config(), 2) == "ckpt_3"
+
+
+def test_a_nan_epoch_is_no_candidate_for_the_best():
+    monitor = Monitor("val_score", "min", patience=0)
+    for epoch, value in ((1, 0.5), (2, float("nan")), (3, 0.4)):
+        monitor.saved(f"ckpt_{epoch}", {"val_score": value})
+        monitor.judge(epoch, {"val_score": value}, validated=True)
+    assert best(monitor.values, "ckpt", "min", 1) == ["ckpt_3"]
+    assert best(monitor.values, "ckpt", "min", 3) == ["ckpt_3", "ckpt_1"]
+    assert (monitor.best, monitor.best_epoch, monitor.waited) == (0.4, 3, 0)
+
+
+def test_a_new_mode_starts_the_count_afresh():
+    before = Monitor("val_loss", "min", patience=2)
+    before.judge(1, {"val_loss": 0.3}, validated=True)
+    before.judge(2, {"val_loss": 0.4}, validated=True)
+    after = Monitor("val_loss", "max", patience=2)
+    after.load(before.state())
+    assert (after.best, after.waited) == (None, 0)
+    same = Monitor("val_loss", "min", patience=2)
+    same.load(before.state())
+    assert (same.best, same.best_epoch, same.waited) == (0.3, 1, 1)
+
+
 def test_the_best_by_the_real_validation_loss_survive_keep_last(tmp_path):
     Wrapper(CPU2, a_config()).start(BlobTrainer(job(
         tmp_path, epochs=6, save_every=1, keep_last=2, keep_best=2, monitor="val_loss",
@@ -84,8 +127,8 @@ def test_early_stopping_fires_after_the_patience_and_a_resume_stops_there_too(tm
     assert metrics["epoch"] == 4 and [e["epoch"] for e in logged(whole)] == [1, 2, 3, 4]
     assert on_disk(whole) == ["ckpt_3", "ckpt_4"]  # epoch 4, the last, is saved
     state = json.loads((whole / "checkpoint" / "ckpt_4" / "state.json").read_text())
-    assert state["monitor"] == {"metric": "val_score", "best": pytest.approx(0.1),
-                                "best_epoch": 2, "waited": 2}
+    assert state["monitor"] == {"metric": "val_score", "mode": "min",
+                                "best": pytest.approx(0.1), "best_epoch": 2, "waited": 2}
 
     # Paused in epoch 4: the pause's checkpoint knows that epoch 3 did not improve.
     with pytest.raises(JobPaused):

@@ -4,6 +4,10 @@ of 2 real processes, paused and resumed."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from jobs import Blobs, BlobTrainer, PausingTrainer, artefacts, job
@@ -143,6 +147,36 @@ def test_wandb_offline_writes_its_run_under_the_training_logs(tmp_path, monkeypa
     history = wandb_history(records)
     assert [h["_step"] for h in history if "step/loss" in h] == [5, 10, 15, 20]
     assert [h["_step"] for h in history if "val_loss" in h] == [10, 20]
+
+
+def test_inside_torchrun_the_trackers_end_and_the_process_group_stays(tmp_path):
+    """In place, the caller's launch owns the process group: closing the trackers must leave it
+    up for the results' gather, and for the caller's own collectives after the job."""
+    script = tmp_path / "inplace.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from pathlib import Path
+        import torch
+        import torch.distributed as dist
+        from jobs import Blobs, BlobTrainer, artefacts, job
+        from ddpw import Platform, PlatformConfig, Wrapper
+
+        p = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+        a = artefacts(validation_set=Blobs(30, seed=2))
+        metrics = Wrapper(p, a).start(BlobTrainer(job(Path("."), epochs=2, save_every=1,
+                                                      log_with="tensorboard")))
+        total = torch.ones(1)
+        dist.all_reduce(total)  # the caller's group is still there
+        print("after", int(total.item()), metrics["epoch"])
+    """))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(script)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("after 2 2") == 2
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "logs" / "ddpw")["val_loss"]] == [
+        STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 
 
 def test_a_tracker_that_is_not_installed_is_refused_before_launch(tmp_path):
