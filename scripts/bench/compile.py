@@ -7,12 +7,15 @@ inductor`` (the baseline) and not compiled.
 The loops and the data are the training row's (``loops/``). Two metrics per variant: samples
 per second from the start of epoch 2 to the end of the last (the gain, once compiled) and the
 whole command's seconds (the cost: start-up and compilation included). Every run compiles from
-nothing: TorchInductor's cache is a fresh folder in the run's own working folder.
+nothing: TorchInductor's cache is a fresh folder of its own (an absolute path: a relative one
+leaves the cache unused).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -27,8 +30,15 @@ ROW = "compile"
 BASELINE = "accelerate, compiled (by hand)"
 CASES = [Case("mlp", 1024, 8192), Case("cnn", 16, 8192)]
 QUICK_CASES = [Case("mlp", 256, 4096)]
-#: A cold compile in every run: the cache sits in the run's fresh working folder.
-COLD_CACHE = {"TORCHINDUCTOR_CACHE_DIR": "inductor-cache"}
+
+
+def cold(command: list[str], env: dict[str, str]) -> Measured:
+    """One run of ``command`` that compiles from nothing, in a fresh TorchInductor cache."""
+    cache = tempfile.mkdtemp(prefix="ddpw-bench-inductor-")
+    try:
+        return run_variant(command, {**env, "TORCHINDUCTOR_CACHE_DIR": cache})
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def commands(case: Case, epochs: int) -> dict[str, variants.Command]:
@@ -37,8 +47,8 @@ def commands(case: Case, epochs: int) -> dict[str, variants.Command]:
             "--epochs", str(epochs)]
     compiled, compiled_env = variants.accelerate(args, dynamo_backend="inductor")
     ddpw_compiled, _ = variants.ddpw([*args, "--compile"])
-    return {BASELINE: (compiled, {**compiled_env, **COLD_CACHE}),
-            "ddpw Trainer, torch_compile": (ddpw_compiled, COLD_CACHE),
+    return {BASELINE: (compiled, compiled_env),
+            "ddpw Trainer, torch_compile": (ddpw_compiled, {}),
             "accelerate (by hand)": variants.accelerate(args),
             "ddpw Trainer": variants.ddpw(args)}
 
@@ -48,7 +58,7 @@ def measure(repeats: int, quick: bool) -> list[Result]:
     epochs = 3 if quick else 5
     results = []
     for case in QUICK_CASES if quick else CASES:
-        outcome = interleave({name: partial(run_variant, command, env)
+        outcome = interleave({name: partial(cold, command, env)
                               for name, (command, env) in commands(case, epochs).items()},
                              repeats, warmup=0)
         for name, (runs, failed) in outcome.items():
