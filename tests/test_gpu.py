@@ -21,6 +21,7 @@ import pytest
 import torch
 from jobs import (
     BlobTrainer,
+    Net,
     PausingProbeTrainer,
     ProbeNet,
     ProbeTrainer,
@@ -77,6 +78,34 @@ def test_one_gpu_trains_in_process_on_cuda_with_the_precision_asked(tmp_path, pr
     assert math.isfinite(result["loss"])
     # The asynchronous saves copied the state from the GPU into pinned host buffers.
     assert result["staging"] == ["cpu:pinned"]
+
+
+class CompiledProbeTrainer(BlobTrainer):
+    """Reports whether the model it trained was compiled, and where it ran."""
+
+    def run(self):
+        from accelerate.utils import is_compiled_module
+
+        result = super().run()
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return {**result, "compiled": is_compiled_module(self.model),
+                "backend_compile": str(self.accelerator.state.dynamo_plugin.backend),
+                "device": self.device.type,
+                "param_devices": sorted({p.device.type for p in model.parameters()})}
+
+
+def test_one_gpu_trains_a_compiled_model_and_saves_the_plain_names(tmp_path):
+    p_config = PlatformConfig(platform=Platform.GPU, n_gpus=1, mixed_precision="bf16",
+                              torch_compile=True, verbose=False)
+    result = Wrapper(p_config, artefacts()).start(CompiledProbeTrainer(
+        job(tmp_path, epochs=2, save_every=2)))
+    assert result["compiled"] and result["backend_compile"] == "INDUCTOR"
+    assert result["device"] == "cuda" and result["param_devices"] == ["cuda"]
+    assert math.isfinite(result["loss"])
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "checkpoint" / "ckpt_2" / "model.safetensors", "pt") as saved:
+        assert sorted(saved.keys()) == sorted(Net().state_dict())
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
