@@ -18,9 +18,10 @@ Rows (each a module of this folder with ``measure(repeats, quick)``):
 
 Every variant of a row runs in fresh processes, after a warm-up, alternating with the others;
 the table gives the median, the spread and the ratio to the row's baseline, measured in the same
-run. Results go to ``scripts/bench/results/latest.json`` and ``latest.png``; ``--publish`` also
-writes the docs' Performance page (``docs/performance.rst``) from them, with the machine's
-description, so that no number there is typed by hand.
+run. Results go to ``scripts/bench/results/latest.json``, with a figure per row beside it;
+``--publish`` also writes the docs' Performance page (``docs/performance.rst``) and its figures
+from them (``publish.py`` does that from a results file alone), with the machine's description,
+so that no number there is typed by hand.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ import importlib
 import json
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import publish
 from common import ROOT, Result
 
 ROWS = ("launch", "training", "compile", "checkpoint", "resume", "slurm", "original_ddpw")
@@ -75,129 +76,11 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], path: Path) -> None:
-    """Each case's variants as bars of their ratio to the baseline (1.0 is the raw tool)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases: dict[tuple[str, str], list[Result]] = {}
-    for r in results:
-        if r.ratio is not None:
-            cases.setdefault((r.row, r.case), []).append(r)
-    fig, ax = plt.subplots(figsize=(12, 0.42 * sum(len(v) for v in cases.values()) + 1.5))
-    labels, y = [], 0.0
-    for (row, case), rows in cases.items():
-        for r in rows:
-            ddpw = r.variant.startswith("ddpw")
-            ax.barh(y, r.ratio, color="#1f77b4" if ddpw else "#b0b0b0")
-            ax.text(r.ratio, y, f" {r.ratio:.2f}", va="center", fontsize=7)
-            labels.append(f"{row}: {case[:40]} | {r.variant[:30]}")
-            y += 1
-        y += 0.6
-    ax.set_yticks(_positions(cases))
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.invert_yaxis()
-    ax.set_xlabel("ratio to the row's baseline (time: lower is better; samples/s: higher)")
-    ax.set_title("ddpw against the raw tools, same machine, same run (blue: ddpw)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _positions(cases: dict[tuple[str, str], list[Result]]) -> list[float]:
-    positions, y = [], 0.0
-    for rows in cases.values():
-        for _ in rows:
-            positions.append(y)
-            y += 1
-        y += 0.6
-    return positions
-
-
-def publish(results: list[Result], facts: dict[str, str], repeats: int, png: Path) -> None:
-    """Write docs/performance.rst (and its figure) from the results."""
-    static = ROOT / "docs" / "_static"
-    static.mkdir(exist_ok=True)
-    shutil.copyfile(png, static / "performance.png")
-    out = ["..", "   Written by scripts/bench/run.py --publish: do not edit by hand.", "",
-           "Performance", "###########", "",
-           "ddpw against the raw tools it wraps (``accelerate launch``, ``torchrun``, "
-           "``torch.save``, a hand-written sbatch script) and its peers, measured side by side "
-           "in one run of ``python scripts/bench/run.py --publish``. Each variant runs in "
-           "fresh processes after a warm-up, alternating with the others; the ratio is the "
-           "median over the baseline's median (for times lower is better, for samples per "
-           "second higher is better).", "",
-           f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB, GPU: "
-           f"{facts['gpu']}; Python {facts['python']}, torch {facts['torch']}, accelerate "
-           f"{facts['accelerate']}. Each row says when it was measured, and how many "
-           f"times each variant ran.", "",
-           ".. image:: _static/performance.png", "   :alt: ratios to the baselines", ""]
-    for row in dict.fromkeys(r.row for r in results):
-        rows = [r for r in results if r.row == row]
-        title = row.replace("_", " ").capitalize()
-        # A row measured in parts (run.py --add) says when each of its cases was.
-        runs: dict[tuple[str, int], list[str]] = {}
-        for r in rows:
-            run = (r.extra.get("measured", facts["date"]), r.extra.get("repeats", repeats))
-            runs.setdefault(run, [])
-            if r.case not in runs[run]:
-                runs[run].append(r.case)
-        said = [f"Measured {when}, {times} repeats per variant"
-                + (f": {'; '.join(cases)}" if len(runs) > 1 else "") + "."
-                for (when, times), cases in runs.items()]
-        out += [title, "=" * len(title), "", *(f"- {line}" if len(said) > 1 else line
-                                               for line in said),
-                "", ".. list-table::", "   :header-rows: 1", "",
-                "   * - Case", "     - Variant", "     - Median", "     - Spread",
-                "     - Ratio", "     - Peak MiB"]
-        for r in rows:
-            median = f"{r.median:.3g} {r.metric}" if r.values else "failed"
-            spread = f"{min(r.values):.3g} to {max(r.values):.3g}" if r.values else "-"
-            ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
-            peak = f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-"
-            variant = r.variant + (" (baseline)" if r.variant == r.baseline else "")
-            out += [f"   * - {r.case}", f"     - {variant}", f"     - {median}",
-                    f"     - {spread}", f"     - {ratio}", f"     - {peak}"]
-        notes = sorted({str(r.extra["note"]) for r in rows if r.extra.get("note")})
-        out += [""] + [f"- {note}" for note in notes] + ([""] if notes else [])
-        out += _breakdown(rows)
-    (ROOT / "docs" / "performance.rst").write_text("\n".join(out) + "\n")
-
-
-def _breakdown(rows: list[Result]) -> list[str]:
-    """Where the time goes, for the results that measured it (medians, seconds)."""
-    timed = [r for r in rows if r.extra.get("breakdown_s")]
-    if not timed:
-        return []
-    segments = list(timed[0].extra["breakdown_s"])
-    out = ["Where the time goes (medians, seconds):", "", ".. list-table::",
-           "   :header-rows: 1", "", "   * - Case, variant"]
-    out += [f"     - {segment}" for segment in segments]
-    for r in timed:
-        out.append(f"   * - {r.case}: {r.variant}")
-        out += [f"     - {r.extra['breakdown_s'].get(segment, float('nan')):.3f}"
-                for segment in segments]
-    return [*out, ""]
-
-
 def _other_rows(path: Path, measured: set[str]) -> list[Result]:
     """The results in ``path`` of the rows not in ``measured``, each marked with its run's
     date and repeats (ratios compare variants of one run, so rows of two runs may sit side by
     side)."""
-    last = json.loads(path.read_text())
-    kept = []
-    for found in last["results"]:
-        if found["row"] in measured:
-            continue
-        found.pop("median", None)
-        result = Result(**found)
-        result.extra.setdefault("measured", last["machine"]["date"])
-        result.extra.setdefault("repeats", last["repeats"])
-        kept.append(result)
-    return kept
+    return [r for r in publish.load(path)[0] if r.row not in measured]
 
 
 def main() -> None:
@@ -232,9 +115,9 @@ def main() -> None:
         {"machine": facts, "repeats": args.repeats, "quick": args.quick,
          "results": [dataclasses.asdict(r) | {"median": r.median} for r in results]},
         indent=1, default=str))
-    plot(results, RESULTS / "latest.png")
+    publish.figures(results, RESULTS)
     if args.publish:
-        publish(results, facts, args.repeats, RESULTS / "latest.png")
+        publish.publish(results, facts)
     print(f"results in {RESULTS}", file=sys.stderr)
 
 
