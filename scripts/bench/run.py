@@ -38,10 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import publish
-from common import ROOT, Result
+from common import Result
 
 ROWS = ("launch", "training", "compile", "checkpoint", "resume", "slurm", "original_ddpw")
-RESULTS = ROOT / "scripts" / "bench" / "results"
+RESULTS = publish.RESULTS
 
 
 def machine() -> dict[str, str]:
