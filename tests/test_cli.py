@@ -191,7 +191,7 @@ def machine(monkeypatch, cuda: int = 0, mps: bool = False, cpus: int = 8) -> Non
 def dry_run(*args: str) -> dict:
     result = CliRunner().invoke(main, ["--dry-run", *args, "train.py", "--lr", "1"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)  # its notes go to stderr
 
 
 def option(command: list[str], name: str) -> str:
@@ -250,7 +250,7 @@ def test_dry_run_module(monkeypatch):
     Path("dry_run_pkg/train.py").write_text("")
     result = CliRunner().invoke(main, ["--dry-run", "--platform", "cpu", "--n-procs", "2", "-m",
                                        "dry_run_pkg.train", "--x"])
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     assert plan["command"][-5:] == ["--module", "ddpw.entry", "--module", "dry_run_pkg.train",
                                     "--x"]
 
@@ -272,16 +272,27 @@ def test_settings_come_from_a_config_file_and_flags_win(monkeypatch, tmp_path):
                             "'gpu', 'mps', 'slurm', 'auto'"),
     (["--n-procs", "0"], "Invalid value for '--n-procs': 0 is not in the range x>=1"),
     (["--mixed-precision", "fp8"], "Invalid value for '--mixed-precision'"),
-    (["--platform", "gpu"], "--platform=Platform.GPU needs CUDA GPUs"),
+    # ddpw's messages in the command's words: options, not PlatformConfig's fields.
+    (["--platform", "gpu"], "--platform gpu needs CUDA GPUs, and this machine has none that "
+                            "PyTorch can use (torch.cuda.device_count() is 0). Use --platform "
+                            "cpu --n-procs N to run N CPU processes."),
+    (["--platform", "gpu", "--n-procs", "2"],
+     "--n-procs 2 is not valid: --platform gpu runs one process per GPU, and --n-gpus 1 sets "
+     "their number. For 2 CPU processes: --platform cpu --n-procs 2."),
     (["--platform", "cpu", "--mixed-precision", "fp16"],
-     "--mixed-precision='fp16' is not valid: 'no' or 'bf16' on Platform.CPU"),
+     "--mixed-precision fp16 is not valid: 'no' or 'bf16' on --platform cpu"),
     (["--platform", "cpu", "--n-nodes", "2"],
-     "--node-rank is not set, and a job on n_nodes=2 machines needs it"),
+     "--node-rank is not set, and a job on --n-nodes 2 machines needs it"),
     (["--platform", "cpu", "--n-nodes", "2", "--node-rank", "2"],
-     "--node-rank=2 is not valid: an integer from 0 to 1 (n_nodes=2), or None"),
+     "--node-rank 2 is not valid: an integer from 0 to 1 (--n-nodes 2), or left out"),
     (["--platform", "cpu", "--n-nodes", "2", "--node-rank", "1"],
-     "--master-addr is not set, and a job on n_nodes=2 machines needs it"),
-    (["--platform", "mps", "--n-nodes", "2"], "--n-nodes=2 is not valid"),
+     "--master-addr is not set, and a job on --n-nodes 2 machines needs it"),
+    (["--platform", "mps", "--n-nodes", "2"], "--n-nodes 2 is not valid: 1 on --platform mps"),
+    (["--platform", "slurm", "--n-nodes", "1:2"],
+     "--n-nodes 1:MAX is not valid: left out on --platform slurm: elastic jobs run on "
+     "--platform cpu or --platform gpu machines"),
+    (["--platform", "cpu", "--n-procs", "2", "--torch-compile", "--torch-compile-mode", "x"],
+     "Invalid value for '--torch-compile-mode'"),
     (["--platform", "cpu", "--n-nodes", "3:2"],
      "'3:2': N must be at least 1, and MIN:MAX must have 1 <= MIN <= MAX"),
     (["--platform", "cpu", "--n-nodes", "two"], "'two' is neither N nor MIN:MAX"),
@@ -293,6 +304,7 @@ def test_bad_flags_name_the_flag_and_what_is_valid(monkeypatch, args, message):
     result = CliRunner().invoke(main, [*args, "train.py"])
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert "PlatformConfig" not in result.output and "Platform." not in result.output
 
 
 def test_a_config_file_with_unknown_settings_is_refused(monkeypatch, tmp_path):
@@ -462,7 +474,7 @@ def test_a_signal_delay_longer_than_the_time_limit_is_refused(monkeypatch):
     refused = CliRunner().invoke(main, ["--platform", "slurm", "--n-gpus", "0", "--timeout-min",
                                         "1", "--dry-run", "train.py"])
     assert refused.exit_code == 2
-    assert "--timeout-min=1 is not valid: more than signal_delay_s=90" in refused.output
+    assert "--timeout-min 1 is not valid: more than --signal-delay-s 90" in refused.output
 
 
 def test_one_process_gets_the_threads_it_asks_for(tmp_path):
