@@ -33,7 +33,7 @@ def check_cluster(plan: LaunchPlan, fit: bool = False) -> LaunchPlan:
     command = ["sinfo", "-h", "-o", "%R %D %c %G"]
     shown = subprocess.run(command, capture_output=True, text=True)
     if shown.returncode != 0:
-        raise ConfigError(_unanswered(shlex.join(command), shown.stderr))
+        raise ConfigError(_unanswered(command, shown.stderr))
     # A partition of several kinds of node has a line per kind: (nodes, cores, GRES) each.
     partitions: dict[str, list[tuple[int, int, str]]] = {}
     for line in shown.stdout.splitlines():
@@ -64,7 +64,7 @@ _NO_CONTROLLER = re.compile(r"Unable to contact slurm controller|Unable to estab
                             r"configuration source|Connection refused")
 
 
-def _unanswered(command: str, stderr: str) -> str:
+def _unanswered(command: list[str], stderr: str) -> str:
     """One line for a SLURM command that failed, in place of its (many) lines of errors: that
     no controller answered, or else its last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
@@ -72,10 +72,11 @@ def _unanswered(command: str, stderr: str) -> str:
     # retries' noise around it.
     why = next((line for line in lines if _NO_CONTROLLER.search(line)), None)
     if why is not None:
-        return (f"no SLURM controller answered `{command}` ({why.removeprefix('sinfo: ')}): "
+        why = re.sub(rf"^{command[0]}: (error: |fatal: )?", "", why)
+        return (f"no SLURM controller answered `{shlex.join(command)}` ({why}): "
                 f"submit from a machine of the cluster, or check SLURM_CONF and that slurmctld "
                 f"is running.")
-    return f"`{command}` failed: {lines[-1] if lines else 'no message'}."
+    return f"`{shlex.join(command)}` failed: {lines[-1] if lines else 'no message'}."
 
 
 def fit_cores(plan: LaunchPlan, kinds: list[tuple[int, int, str]]) -> LaunchPlan:
