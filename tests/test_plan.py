@@ -101,7 +101,10 @@ def test_a_fixed_port_is_used_as_given_not_standalone():
     (8, 2, 4), (7, 2, 3), (16, 3, 5), (2, 4, 1), (1, 3, 1), (4, 4, 1),
 ])
 def test_cpu_threads_split_the_cores(cpus, procs, threads):
-    plan = resolve_plan(cpu(procs), machine(cpus=cpus))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        plan = resolve_plan(cpu(procs), machine(cpus=cpus))
+    assert len(said) == (procs > cpus)  # more processes than cores are said to share them
     assert plan.env["OMP_NUM_THREADS"] == str(threads)
     assert plan.threads_per_process == threads
 
