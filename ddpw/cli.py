@@ -13,20 +13,21 @@ import importlib.util
 import json
 import os
 import pkgutil
-import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 from click.formatting import term_len
 
-from . import jobfolder
+from . import environment, jobfolder
+from .cli_options import Nodes, Timeout, in_cli_words, platform_settings, slurm_parameters
 from .errors import HUNG_EXIT_STATUS, PAUSED_EXIT_STATUS, ConfigError, WorkerError
 from .outcome import LOST_PEER, Outcome, describe_status, root_cause
-from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform, resolve_plan
-from .platform import COMPILE_MODES, MIXED_PRECISION, REQUEUE_SIGNALS, Platform, PlatformConfig
+from .plan import RENDEZVOUS_PORTS, LaunchMode, LaunchPlan, MachineFacts, resolve_plan, shortfall
+from .platform import COMPILE_MODES, MIXED_PRECISION, REQUEUE_SIGNALS, PlatformConfig
 from .process import exit_now
 from .slurm import ON_INTERRUPT
 
@@ -37,7 +38,7 @@ Examples:
   ddpw-launch -m my_package.train --epochs 3          (run a module)
   ddpw-launch --config cluster.toml train.py           (settings from a file)
   ddpw-launch --platform cpu --n-procs 4 --dry-run train.py
-  ddpw-launch --platform cpu --n-nodes 2 --node-rank 0 --master-addr node0 \
+  ddpw-launch --platform cpu --n-nodes 2 --node-rank 0 --master-addr node0 \\
       --master-port 29500 --n-procs 2 train.py          (on every machine, its own rank)
   ddpw-launch --platform slurm --n-nodes 2 --n-gpus 4 --partition gpu \\
       --account proj --slurm-parameter mail_type=END train.py
@@ -62,41 +63,6 @@ HELP_SECTIONS = {
               "on_interrupt"),
     "Logs and output": ("name", "log_dir", "all_ranks", "dry_run"),
 }
-
-
-class _Timeout(click.ParamType):
-    """A positive number of seconds, or ``off``."""
-
-    name = "seconds|off"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> float | str:
-        if value == "off" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            return value
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither a number of seconds nor 'off'", param, ctx)
-
-
-class _Nodes(click.ParamType):
-    """``N`` machines, or ``MIN:MAX`` for an elastic job: ``(MIN or None, MAX)``."""
-
-    name = "nodes"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> tuple[int | None, int]:
-        if isinstance(value, tuple):
-            return value
-        low, sep, high = str(value).partition(":")
-        try:
-            fewest, most = (int(low), int(high)) if sep else (None, int(low))
-        except ValueError:
-            self.fail(f"{value!r} is neither N nor MIN:MAX", param, ctx)
-        if most < 1 or (fewest is not None and not 1 <= fewest <= most):
-            self.fail(f"{value!r}: N must be at least 1, and MIN:MAX must have 1 <= MIN <= MAX",
-                      param, ctx)
-        return fewest, most
 
 
 class _SectionedCommand(click.Command):
@@ -132,7 +98,7 @@ class _SectionedCommand(click.Command):
 @click.option("--n-gpus", type=click.IntRange(min=0),
               help="GPUs per node, one process each [default: 1; on SLURM, 0 when --n-procs is "
                    "given].")
-@click.option("--n-nodes", type=_Nodes(), metavar="N|MIN:MAX",
+@click.option("--n-nodes", type=Nodes(), metavar="N|MIN:MAX",
               help="Machines: on SLURM, asked for; on cpu and gpu, each runs this command "
                    "with its own --node-rank; MIN:MAX makes the job elastic (it goes on with "
                    "fewer when one is lost) [default: 1, or PET_NNODES / NNODES].")
@@ -181,7 +147,7 @@ class _SectionedCommand(click.Command):
                    "PET_MASTER_PORT / MASTER_PORT, else 29500].")
 @click.option("--rendezvous-timeout-s", type=click.IntRange(min=1),
               help="Seconds the machines wait for each other at the start [default: 600].")
-@click.option("--hang-timeout-s", type=_Timeout(),
+@click.option("--hang-timeout-s", type=Timeout(),
               help="Seconds a rank may go without progress (a collective that completes, "
                    "or ddpw.utils.heartbeat()) while the others wait, before the job is "
                    "ended as hung and every rank's stack logged; 'off' to never "
@@ -215,19 +181,25 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     processes). A leftover `accelerate config` file on this machine is ignored.
     """
     facts = MachineFacts.probe()
-    options["slurm_parameters"] = _slurm_parameters(options["slurm_parameters"])
-    settings = _settings(options, config_file, facts)
+    options["slurm_parameters"] = slurm_parameters(options["slurm_parameters"])
     try:
+        settings = platform_settings(options, config_file, FIELDS, facts)
         p_config = PlatformConfig(**settings)
-        plan = resolve_plan(p_config, facts)
+        with warnings.catch_warnings(record=True) as notes:  # shown below, in the CLI's words
+            warnings.simplefilter("always")
+            plan = resolve_plan(p_config, facts, for_this_machine=not dry_run)
     except ConfigError as error:
-        raise click.UsageError(_as_option_names(str(error))) from None
+        raise click.UsageError(_in_cli_words(str(error))) from None
     _refuse_what_python_would(script, module)
+    for note in notes:
+        click.echo(f"[ddpw] {_in_cli_words(str(note.message))}", err=True)
     # ddpw's entry point runs the script in every process, and ends each one cleanly.
     entry = ["--module", "ddpw.entry", "--module" if module else "--script", script,
              *script_args]
     if dry_run:
         click.echo(json.dumps(_describe(plan, entry), indent=2))
+        for line in _dry_run_notes(p_config, plan, facts, settings):
+            click.echo(f"[ddpw] {_in_cli_words(line)}", err=True)
         return
     if plan.mode is LaunchMode.SLURM:
         if not module:  # the nodes may start elsewhere than here
@@ -242,6 +214,10 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
         from .worker import run_script
 
         os.environ.update(plan.env)
+        if plan.mode is LaunchMode.IN_PROCESS:
+            # A Wrapper in the script runs in place, in this world of one, whatever its config
+            # asks for: the user asked for one process (it warns, as under a larger launch).
+            os.environ[environment.ONE_PROCESS_LAUNCH] = str(os.getpid())
         if plan.threads_per_process is not None:
             torch.set_num_threads(plan.threads_per_process)
         run_script(script, list(script_args), module=module, end_with_parent=False)
@@ -256,16 +232,40 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     try:
         outcome = run_accelerate(plan, entry, logs)
     except ConfigError as error:  # the machines did not meet
-        click.echo(f"Error: {_as_option_names(str(error))}", err=True)
+        click.echo(f"Error: {_in_cli_words(str(error))}", err=True)
         exit_now(2)
     # Finalising an interpreter that has imported torch takes about half a second, for nothing.
     exit_now(_exit_status(outcome, folder, all_ranks))
 
 
-#: The settings a --config file may hold: the options that set a
-#: :class:`~ddpw.platform.PlatformConfig` field, in the order they are declared.
-FIELDS = tuple(param.name for param in main.params
-               if param.name in {field.name for field in dataclasses.fields(PlatformConfig)})
+#: Each :class:`~ddpw.platform.PlatformConfig` field that an option sets, with the option's name,
+#: in the order they are declared: the settings a --config file may hold, and the words that
+#: ddpw's messages about the fields are put in (:func:`~ddpw.cli_options.in_cli_words`).
+OPTIONS = {param.name: param.opts[-1] for param in main.params
+           if param.name in {field.name for field in dataclasses.fields(PlatformConfig)}}
+FIELDS = tuple(OPTIONS)
+
+#: The SLURM settings that every job has, which a dry run names where they were not given.
+SLURM_DEFAULTS = ("partition", "timeout_min", "requeue_signal", "signal_delay_s")
+
+
+def _in_cli_words(message: str) -> str:
+    return in_cli_words(message, OPTIONS)
+
+
+def _dry_run_notes(p_config: PlatformConfig, plan: LaunchPlan, facts: MachineFacts,
+                   settings: dict[str, Any]) -> list[str]:
+    """What a dry run says beside the plan: what this machine lacks to run it (the plan may
+    be for another), and the SLURM settings that were not given and are at their defaults."""
+    notes = []
+    lacking = shortfall(p_config, facts, in_place=plan.mode is LaunchMode.IN_PLACE)
+    if lacking is not None:
+        notes.append(f"{lacking[0]}.")
+    defaults = [f"PlatformConfig.{name}={getattr(p_config, name)!r}" for name in SLURM_DEFAULTS
+                if name not in settings]
+    if plan.mode is LaunchMode.SLURM and defaults:
+        notes.append(f"not given, so at their defaults: {', '.join(defaults)}.")
+    return notes
 
 
 def _refuse_what_python_would(script: str, module: bool) -> None:
@@ -345,7 +345,7 @@ def _submit(p_config: PlatformConfig, plan: LaunchPlan, entry: list[str], log_di
         submission = submit(p_config, plan, log_dir, script=entry[2:])
     except ConfigError as error:
         # What the cluster refuses is no misuse of the command: its one line, without the usage.
-        click.echo(f"Error: {_as_option_names(str(error))}", err=True)
+        click.echo(f"Error: {_in_cli_words(str(error))}", err=True)
         return 2
     if no_wait:
         click.echo(json.dumps({"job_id": submission.job_id, "folder": str(submission.folder),
@@ -370,76 +370,6 @@ def _submit(p_config: PlatformConfig, plan: LaunchPlan, entry: list[str], log_di
     return status
 
 
-def _slurm_parameters(given: tuple[str, ...]) -> dict[str, Any] | None:
-    """``--slurm-parameter KEY=VALUE`` options as a dict (``KEY`` alone is a flag)."""
-    if not given:
-        return None
-    parameters: dict[str, Any] = {}
-    for item in given:
-        key, sep, value = item.partition("=")
-        parameters[key.strip().replace("-", "_")] = value if sep else True
-    return parameters
-
-
-def _settings(options: dict[str, Any], config_file: str | None,
-              facts: MachineFacts) -> dict[str, Any]:
-    """The PlatformConfig fields: the config file's, overridden by the options given."""
-    settings = _read_config(Path(config_file)) if config_file else {}
-    if options.get("slurm_parameters") and settings.get("slurm_parameters"):
-        options["slurm_parameters"] = {**settings["slurm_parameters"],
-                                       **options["slurm_parameters"]}
-    settings.update({k: v for k, v in options.items() if v is not None})
-    if settings.get("hang_timeout_s") == "off":  # None would read as "not given" above
-        settings["hang_timeout_s"] = None
-    if "n_nodes" in settings:  # N or MIN:MAX, from the command line or the file
-        settings["min_nodes"], settings["n_nodes"] = _Nodes().convert(
-            settings["n_nodes"], None, None)
-        if settings["min_nodes"] is None:
-            del settings["min_nodes"]
-    platform = str(settings.get("platform", "auto")).lower()
-    if platform == "auto":
-        settings = {**auto_platform(facts), **{k: v for k, v in settings.items()
-                                               if k != "platform"}}
-    else:
-        settings["platform"] = Platform.parse(platform)
-    return settings
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            raise click.BadParameter(f"{path} is neither .toml nor .yaml/.yml",
-                                     param_hint="--config")
-    except (ValueError, ImportError) as error:  # both parsers' errors are ValueErrors
-        raise click.BadParameter(f"cannot read {path}: {error}", param_hint="--config") from None
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{path} must hold a table of settings",
-                                 param_hint="--config")
-    settings = {str(key).replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(settings) - set(FIELDS))
-    if unknown:
-        raise click.BadParameter(f"{path} has unknown settings {unknown}; valid: "
-                                 f"{', '.join(FIELDS)}", param_hint="--config")
-    return settings
-
-
-def _as_option_names(message: str) -> str:
-    """Speak of ``--n-procs`` where the configuration's message says ``PlatformConfig.n_procs``."""
-    return re.sub(r"PlatformConfig\.(\w+)",
-                  lambda m: "--" + m.group(1).replace("_", "-"), message)
-
-
 def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
     """The plan as data, for --dry-run."""
     if plan.mode in (LaunchMode.ACCELERATE, LaunchMode.SLURM):
@@ -451,7 +381,8 @@ def _describe(plan: LaunchPlan, entry: list[str]) -> dict[str, Any]:
     if plan.mode is LaunchMode.SLURM:
         per_node = {"per_node_args": [
             "--machine_rank", "<SLURM_NODEID>", "--main_process_ip", "<the first node's address>",
-            "--main_process_port", "<a port from 20000 to 60000 derived from the job id>"]}
+            "--main_process_port", "<a port from {} to {} derived from the job id, or a free one "
+            "where node 0 cannot bind it>".format(*RENDEZVOUS_PORTS)]}
     meeting = plan.rendezvous
     if meeting is not None:
         per_node = {"rendezvous": {

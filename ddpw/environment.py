@@ -11,6 +11,11 @@ before it can be read, travels in the environment instead, under these names.
 #: compute node). Only the node runner's own children count (:func:`ddpw.plan.resolve_plan`).
 NODE_RUNNER = "DDPW_NODE_RUNNER"
 
+#: Set by ``ddpw-launch`` when it runs a world of one in its own process: that process's pid, so
+#: that a script's Wrapper there runs in place, in that world of one, as it does under a launch
+#: of several (the processes that the script starts have other pids, and are no ranks of it).
+ONE_PROCESS_LAUNCH = "DDPW_ONE_PROCESS_LAUNCH"
+
 #: Set by the SLURM node runner: the name of the requeue signal, which ``import ddpw`` notes
 #: from the process's first moment (:func:`ddpw.process.note_requeue_signal`).
 REQUEUE_SIGNAL = "DDPW_REQUEUE_SIGNAL"

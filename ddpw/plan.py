@@ -2,6 +2,7 @@
 
 :func:`resolve_plan` is a pure function of the config and of :class:`MachineFacts`, so every
 platform's plan can be tested as data, including GPU and MPS plans on a machine that has neither.
+(Its one side effect is a warning, when more processes than cores are to share this machine.)
 :mod:`ddpw.launcher` carries a plan out.
 """
 
@@ -12,6 +13,7 @@ import os
 import random
 import shutil
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -40,6 +42,7 @@ class MachineFacts:
     :param cpu_count: cores this process may run on.
     :param env: the environment variables.
     :param parent_pid: the process id of this process's parent.
+    :param pid: this process's id.
     :param cxx_compiler: the C++ compiler that TorchInductor would compile CPU code with
         (``$CXX``, else ``g++``, ``c++`` or ``clang++`` on ``PATH``), or ``None``.
     """
@@ -49,6 +52,7 @@ class MachineFacts:
     cpu_count: int
     env: Mapping[str, str] = field(default_factory=dict)
     parent_pid: int = 0
+    pid: int = 0
     cxx_compiler: str | None = None
 
     @classmethod
@@ -65,7 +69,7 @@ class MachineFacts:
         compilers = (os.environ.get("CXX"), "g++", "c++", "clang++")
         cxx = next((found for name in compilers if name and (found := shutil.which(name))), None)
         return cls(cuda_devices=cuda, mps_available=mps, cpu_count=cores or 1, env=dict(os.environ),
-                   parent_pid=os.getppid(), cxx_compiler=cxx)
+                   parent_pid=os.getppid(), pid=os.getpid(), cxx_compiler=cxx)
 
 
 def gpu_driver_present() -> bool:
@@ -177,14 +181,18 @@ class LaunchPlan:
                 *self.accelerate_args(config_file, entry)]
 
 
-def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
+def resolve_plan(config: PlatformConfig, facts: MachineFacts, *,
+                 for_this_machine: bool = True) -> LaunchPlan:
     """Work out how to run a job described by ``config`` on the machine described by ``facts``.
 
+    :param for_this_machine: ``False`` for a plan that another machine is to run (a dry run
+        prepares one): what this machine lacks (:func:`shortfall`) does not refuse it.
     :raises ConfigError: when the machine cannot run what ``config`` asks for, with what to change.
     """
-    launch = _launch_around(facts.env, facts.parent_pid)
-    if config.platform is not Platform.SLURM:
-        _check_devices(config, facts, in_place=launch is not None)
+    launch = _launch_around(facts.env, facts.parent_pid, facts.pid)
+    lacking = shortfall(config, facts, in_place=launch is not None)
+    if lacking is not None and for_this_machine:
+        raise ConfigError(lacking[1])
     cpu_slurm = config.platform is Platform.SLURM and not config.uses_gpus
     accelerator_kwargs: dict[str, Any] = {
         "cpu": config.platform is Platform.CPU or cpu_slurm,
@@ -211,6 +219,12 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts) -> LaunchPlan:
         # GPU processes too: torchrun's default of one thread each starves their data loading
         # (unless the user chose OMP_NUM_THREADS, which torchrun then keeps).
         threads = max(1, facts.cpu_count // procs)
+    if procs > facts.cpu_count:
+        # Not an error (a test of several ranks on a laptop is fine), but slow: said once.
+        threads_each = "" if threads is None else f", {threads} compute thread(s) each"
+        warnings.warn(f"{procs} processes share this machine's {facts.cpu_count} core(s)"
+                      f"{threads_each}: they take turns, each slower than it would run alone.",
+                      stacklevel=2)
     if procs == 1 and meeting is None:
         # The environment matters only to a script that ddpw-launch runs in this process, whose
         # own Accelerator() must then take the platform's settings.
@@ -302,11 +316,15 @@ def _hang_timeout(config: PlatformConfig) -> str:
     return "off" if config.hang_timeout_s is None else f"{config.hang_timeout_s:g}"
 
 
+#: The ports that :func:`rendezvous_port` chooses from: below Linux's range of ephemeral ports
+#: (32768 to 60999), which any outgoing connection may hold.
+RENDEZVOUS_PORTS = (20000, 32767)
+
+
 def rendezvous_port(job_id: str) -> int:
     """The rendezvous port of a SLURM job: derived from its id, so every node and task agrees
-    on it without talking, and jobs sharing a node rarely collide. It lies below Linux's range
-    of ephemeral ports (32768 to 60999), which any outgoing connection may hold."""
-    return random.Random(job_id).randint(20000, 32767)
+    on it without talking, and jobs sharing a node rarely collide (:data:`RENDEZVOUS_PORTS`)."""
+    return random.Random(job_id).randint(*RENDEZVOUS_PORTS)
 
 
 def auto_platform(facts: MachineFacts) -> dict[str, Any]:
@@ -334,35 +352,46 @@ def _dynamo_env(config: PlatformConfig) -> dict[str, str]:
             "ACCELERATE_DYNAMO_MODE": config.torch_compile_mode}
 
 
-def _check_devices(config: PlatformConfig, facts: MachineFacts, in_place: bool) -> None:
-    """Refuse what this machine cannot run. Inside a launch, a rank may see fewer GPUs than the
-    config asks for (``srun --gpus-per-task=1`` shows each rank its own), but not none."""
+def shortfall(config: PlatformConfig, facts: MachineFacts,
+              in_place: bool = False) -> tuple[str, str] | None:
+    """What this machine lacks to run ``config`` (``None`` when nothing): a line that says so,
+    which a dry run (a job prepared here for another machine) shows beside the plan, and the
+    error that refuses the job here. Inside a launch, a rank may see fewer GPUs than the config
+    asks for (``srun --gpus-per-task=1`` shows each rank its own), but not none."""
     if config.platform is Platform.GPU:
         if facts.cuda_devices == 0:
             hint = (" Apple silicon's GPU is Platform.MPS." if facts.mps_available else "")
-            raise ConfigError(
-                f"PlatformConfig.platform=Platform.GPU needs CUDA GPUs, and this machine has none "
-                f"that PyTorch can use (torch.cuda.device_count() is 0). Use "
-                f"PlatformConfig(platform=Platform.CPU, n_procs=N) to run N CPU processes.{hint}")
+            return (f"this machine has no CUDA GPU that PyTorch can use: the plan is for one "
+                    f"with {config.n_gpus}",
+                    f"PlatformConfig.platform=Platform.GPU needs CUDA GPUs, and this machine has "
+                    f"none that PyTorch can use (torch.cuda.device_count() is 0). Use "
+                    f"PlatformConfig(platform=Platform.CPU, n_procs=N) to run N CPU "
+                    f"processes.{hint}")
         if config.n_gpus > facts.cuda_devices and not in_place:
-            raise ConfigError(
-                f"PlatformConfig.n_gpus={config.n_gpus} is more than the {facts.cuda_devices} "
-                f"CUDA device(s) visible here (CUDA_VISIBLE_DEVICES="
-                f"{facts.env.get('CUDA_VISIBLE_DEVICES', 'unset')}); ask for at most "
-                f"{facts.cuda_devices}.")
+            visible = f"CUDA_VISIBLE_DEVICES={facts.env.get('CUDA_VISIBLE_DEVICES', 'unset')}"
+            return (f"this machine shows {facts.cuda_devices} CUDA device(s) ({visible}): the "
+                    f"plan is for one with {config.n_gpus}",
+                    f"PlatformConfig.n_gpus={config.n_gpus} is more than the "
+                    f"{facts.cuda_devices} CUDA device(s) visible here ({visible}); ask for at "
+                    f"most {facts.cuda_devices}.")
     if config.torch_compile and config.platform is Platform.CPU and facts.cxx_compiler is None:
-        raise ConfigError(
-            "PlatformConfig.torch_compile=True on Platform.CPU needs a C++ compiler, which "
-            "TorchInductor compiles the model's CPU code with, and none is on PATH here (CXX, "
-            "g++, c++, clang++): install one (apt install g++), or set torch_compile=False.")
+        return ("this machine has no C++ compiler on PATH (CXX, g++, c++, clang++), which "
+                "PlatformConfig.torch_compile=True on Platform.CPU needs",
+                "PlatformConfig.torch_compile=True on Platform.CPU needs a C++ compiler, which "
+                "TorchInductor compiles the model's CPU code with, and none is on PATH here "
+                "(CXX, g++, c++, clang++): install one (apt install g++), or compile nothing "
+                "(torch_compile=False).")
     if config.platform is Platform.MPS and not facts.mps_available:
-        raise ConfigError(
-            "PlatformConfig.platform=Platform.MPS needs an Apple silicon GPU with a PyTorch build "
-            "that supports it (torch.backends.mps.is_available() is False here). Use "
-            "Platform.CPU" + (" or Platform.GPU." if facts.cuda_devices else "."))
+        return ("this machine has no Apple silicon GPU that PyTorch can use: the plan is for "
+                "one that has",
+                "PlatformConfig.platform=Platform.MPS needs an Apple silicon GPU with a PyTorch "
+                "build that supports it (torch.backends.mps.is_available() is False here). Use "
+                "Platform.CPU" + (" or Platform.GPU." if facts.cuda_devices else "."))
+    return None
 
 
-def _launch_around(env: Mapping[str, str], parent_pid: int) -> tuple[int, bool] | None:
+def _launch_around(env: Mapping[str, str], parent_pid: int,
+                   pid: int) -> tuple[int, bool] | None:
     """The world size of the launch that this process is one rank of, and whether its
     process-group variables must be derived from a multi-task ``srun`` step's; ``None`` when
     the process is not inside a launch."""
@@ -376,6 +405,8 @@ def _launch_around(env: Mapping[str, str], parent_pid: int) -> tuple[int, bool] 
         # pid: the processes that this process starts in turn, and jobs it submits, inherit
         # it, and they are no ranks of this job.)
         return 1, False
+    if env.get(environment.ONE_PROCESS_LAUNCH) == str(pid):
+        return 1, False  # ddpw-launch --n-procs 1: a world of one, in this very process
     return None
 
 

@@ -69,7 +69,9 @@ class PlatformConfig:
     """Where and how wide a job runs. Every field is checked when the config is made.
 
     :param name: the job's name (SLURM job name, log folder names).
-    :param platform: a :class:`Platform` (or its name, ``"cpu"``).
+    :param platform: a :class:`Platform` (or its name, ``"cpu"``). Not given (``None``), it is
+        :attr:`Platform.GPU`, and the config then holds it; an error that the platform decides
+        says that it was not given.
     :param n_nodes: number of machines. On SLURM, ddpw asks for them. On :attr:`Platform.CPU`
         and :attr:`Platform.GPU`, every machine runs the same command, each with its own
         ``node_rank``, and they meet at ``master_addr:master_port`` (torchrun's static
@@ -159,7 +161,7 @@ class PlatformConfig:
     """
 
     name: str = "DDPW"
-    platform: Platform = Platform.GPU
+    platform: Platform | None = None
     n_nodes: int = 1
     node_rank: int | None = None
     n_gpus: int | None = None
@@ -190,7 +192,8 @@ class PlatformConfig:
 
     def __post_init__(self) -> None:
         owner = "PlatformConfig"
-        self.platform = Platform.parse(self.platform)
+        given = self.platform is not None
+        self.platform = Platform.parse(Platform.GPU if self.platform is None else self.platform)
         check_type(owner, "name", self.name, str, "a string")
         check_int(owner, "n_nodes", self.n_nodes, 1)
         if self.n_gpus is None:
@@ -247,7 +250,7 @@ class PlatformConfig:
         check_type(owner, "torch_compile", self.torch_compile, bool, "True or False")
         check_choice(owner, "torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
         check_type(owner, "verbose", self.verbose, bool, "True or False")
-        self._check_shape()
+        self._check_shape(platform_given=given)
 
     def _check_slurm_parameters(self) -> None:
         owner, given = "PlatformConfig", self.slurm_parameters
@@ -264,8 +267,10 @@ class PlatformConfig:
                      f"options other than ddpw's own ({key!r} comes from "
                      f"{_SLURM_OWN[key.replace('-', '_')]})")
 
-    def _check_shape(self) -> None:
+    def _check_shape(self, platform_given: bool) -> None:
         owner, p = "PlatformConfig", self.platform
+        # Where the platform decides, the message names it, and says when the user never chose it.
+        named = f"{p}" if platform_given else f"{p} (the platform when none is given)"
         if self.n_nodes > 1 and p is Platform.MPS:
             fail(owner, "n_nodes", self.n_nodes,
                  "1 on Platform.MPS; several machines need Platform.CPU, Platform.GPU or "
@@ -277,15 +282,19 @@ class PlatformConfig:
             fail(owner, "node_rank", self.node_rank, "None on Platform.SLURM, where SLURM "
                  "numbers the nodes")
         if p is Platform.GPU and self.n_gpus < 1:
-            fail(owner, "n_gpus", self.n_gpus, "at least 1 on Platform.GPU (or use Platform.CPU)")
+            fail(owner, "n_gpus", self.n_gpus, f"at least 1 on {named}; for CPU processes: "
+                 f"PlatformConfig(platform=Platform.CPU, n_procs=N)")
         if p is Platform.MPS and (self.n_gpus != 1 or self.n_procs not in (None, 1)):
             wrong = ("n_gpus", self.n_gpus) if self.n_gpus != 1 else ("n_procs", self.n_procs)
             fail(owner, *wrong, "1 on Platform.MPS: Apple silicon has one GPU and "
                  "PyTorch runs one process on it")
         if self.uses_gpus and self.n_procs not in (None, self.n_gpus):
-            fail(owner, "n_procs", self.n_procs,
-                 f"None or equal to n_gpus={self.n_gpus}: GPU jobs run one process per GPU "
-                 f"(for CPU processes on SLURM, set n_gpus=0)")
+            procs = self.n_procs
+            cpu = (f"PlatformConfig(platform=Platform.SLURM, n_gpus=0, n_procs={procs})"
+                   if p is Platform.SLURM else
+                   f"PlatformConfig(platform=Platform.CPU, n_procs={procs})")
+            fail(owner, "n_procs", procs, f"{named} runs one process per GPU, and "
+                 f"n_gpus={self.n_gpus} sets their number. For {procs} CPU processes: {cpu}")
         if self.mixed_precision == "fp16" and not self.uses_gpus:
             fail(owner, "mixed_precision", "fp16", f"'no' or 'bf16' on {p}: fp16 needs CUDA")
 

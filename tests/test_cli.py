@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 from jobs import wait_for_mid_epoch
 
 from ddpw import checkpoint as ckpt
-from ddpw.cli import FIELDS, main
+from ddpw.cli import FIELDS, _in_cli_words, main
 from ddpw.errors import PAUSED_EXIT_STATUS
 from ddpw.jobfolder import DEFAULT_ROOT
 from ddpw.plan import MachineFacts
@@ -153,16 +154,29 @@ def test_a_script_using_wrapper_runs_in_place_under_ddpw_launch(tmp_path):
         assert results[rank][2] == pid, "the job was launched a second time"
 
 
-def test_one_process_runs_the_script_in_the_commands_own_process(tmp_path):
+def test_one_process_runs_the_script_and_its_wrapper_in_the_commands_own_process(tmp_path):
     script = tmp_path / "one.py"
-    script.write_text("import os, sys; print(os.getpid(), os.environ['ACCELERATE_USE_CPU'], "
-                      "sys.argv[1:])")
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        from ddpw import Platform, PlatformConfig, Wrapper, world
+
+        print(os.getpid(), os.environ['ACCELERATE_USE_CPU'], sys.argv[1:])
+
+        def who():
+            return (world().global_rank, world().world_size, os.getpid())
+
+        # The user asked ddpw-launch for one process: the Wrapper's 3 are not started.
+        print(Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=3)).start(who))
+    """))
     command = subprocess.Popen([sys.executable, "-m", "ddpw", "--platform", "cpu", "--n-procs",
                                 "1", str(script), "a", "--b"], cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = command.communicate(timeout=120)
     assert command.returncode == 0, err
-    assert out.strip() == f"{command.pid} 1 ['a', '--b']"
+    assert out.splitlines() == [f"{command.pid} 1 ['a', '--b']", f"[(0, 1, {command.pid})]"]
+    assert ("ddpw runs in place, in the existing launch's world of 1 processes; PlatformConfig "
+            "asks for 3.") in err
+    assert not (tmp_path / "logs").exists(), "a launch started"
 
 
 @pytest.mark.parametrize(("body", "status"), [
@@ -191,7 +205,7 @@ def machine(monkeypatch, cuda: int = 0, mps: bool = False, cpus: int = 8) -> Non
 def dry_run(*args: str) -> dict:
     result = CliRunner().invoke(main, ["--dry-run", *args, "train.py", "--lr", "1"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)  # its notes go to stderr
 
 
 def option(command: list[str], name: str) -> str:
@@ -250,7 +264,7 @@ def test_dry_run_module(monkeypatch):
     Path("dry_run_pkg/train.py").write_text("")
     result = CliRunner().invoke(main, ["--dry-run", "--platform", "cpu", "--n-procs", "2", "-m",
                                        "dry_run_pkg.train", "--x"])
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     assert plan["command"][-5:] == ["--module", "ddpw.entry", "--module", "dry_run_pkg.train",
                                     "--x"]
 
@@ -272,16 +286,27 @@ def test_settings_come_from_a_config_file_and_flags_win(monkeypatch, tmp_path):
                             "'gpu', 'mps', 'slurm', 'auto'"),
     (["--n-procs", "0"], "Invalid value for '--n-procs': 0 is not in the range x>=1"),
     (["--mixed-precision", "fp8"], "Invalid value for '--mixed-precision'"),
-    (["--platform", "gpu"], "--platform=Platform.GPU needs CUDA GPUs"),
+    # ddpw's messages in the command's words: options, not PlatformConfig's fields.
+    (["--platform", "gpu"], "--platform gpu needs CUDA GPUs, and this machine has none that "
+                            "PyTorch can use (torch.cuda.device_count() is 0). Use --platform "
+                            "cpu --n-procs N to run N CPU processes."),
+    (["--platform", "gpu", "--n-procs", "2"],
+     "--n-procs 2 is not valid: --platform gpu runs one process per GPU, and --n-gpus 1 sets "
+     "their number. For 2 CPU processes: --platform cpu --n-procs 2."),
     (["--platform", "cpu", "--mixed-precision", "fp16"],
-     "--mixed-precision='fp16' is not valid: 'no' or 'bf16' on Platform.CPU"),
+     "--mixed-precision fp16 is not valid: 'no' or 'bf16' on --platform cpu"),
     (["--platform", "cpu", "--n-nodes", "2"],
-     "--node-rank is not set, and a job on n_nodes=2 machines needs it"),
+     "--node-rank is not set, and a job on --n-nodes 2 machines needs it"),
     (["--platform", "cpu", "--n-nodes", "2", "--node-rank", "2"],
-     "--node-rank=2 is not valid: an integer from 0 to 1 (n_nodes=2), or None"),
+     "--node-rank 2 is not valid: an integer from 0 to 1 (--n-nodes 2), or left out"),
     (["--platform", "cpu", "--n-nodes", "2", "--node-rank", "1"],
-     "--master-addr is not set, and a job on n_nodes=2 machines needs it"),
-    (["--platform", "mps", "--n-nodes", "2"], "--n-nodes=2 is not valid"),
+     "--master-addr is not set, and a job on --n-nodes 2 machines needs it"),
+    (["--platform", "mps", "--n-nodes", "2"], "--n-nodes 2 is not valid: 1 on --platform mps"),
+    (["--platform", "slurm", "--n-nodes", "1:2"],
+     "--n-nodes 1:MAX is not valid: left out on --platform slurm: elastic jobs run on "
+     "--platform cpu or --platform gpu machines"),
+    (["--platform", "cpu", "--n-procs", "2", "--torch-compile", "--torch-compile-mode", "x"],
+     "Invalid value for '--torch-compile-mode'"),
     (["--platform", "cpu", "--n-nodes", "3:2"],
      "'3:2': N must be at least 1, and MIN:MAX must have 1 <= MIN <= MAX"),
     (["--platform", "cpu", "--n-nodes", "two"], "'two' is neither N nor MIN:MAX"),
@@ -293,6 +318,25 @@ def test_bad_flags_name_the_flag_and_what_is_valid(monkeypatch, args, message):
     result = CliRunner().invoke(main, [*args, "train.py"])
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert "PlatformConfig" not in result.output and "Platform." not in result.output
+
+
+@pytest.mark.parametrize(("message", "words"), [
+    ("PlatformConfig.torch_compile=True on Platform.CPU needs a C++ compiler (or compile "
+     "nothing: torch_compile=False).",
+     "--torch-compile on --platform cpu needs a C++ compiler (or compile nothing: no "
+     "--torch-compile)."),
+    ("PlatformConfig.slurm_parameters={'mail_type': 'END', 'hint': True} is not valid",
+     "--slurm-parameter mail_type=END --slurm-parameter hint=True is not valid"),
+    ("PlatformConfig.master_addr='my host' does not resolve",
+     "--master-addr 'my host' does not resolve"),
+    ("PET_NNODES='x' in the environment (for PlatformConfig.n_nodes)",
+     "PET_NNODES='x' in the environment (for --n-nodes)"),
+    # A field that no option sets, and a field's name alone, stay as they are.
+    ("PlatformConfig.seed=3, the partition", "PlatformConfig.seed=3, the partition"),
+])
+def test_messages_are_put_in_the_commands_words(message, words):
+    assert _in_cli_words(message) == words
 
 
 def test_a_config_file_with_unknown_settings_is_refused(monkeypatch, tmp_path):
@@ -302,6 +346,11 @@ def test_a_config_file_with_unknown_settings_is_refused(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["--config", str(bad), "train.py"])
     assert result.exit_code == 2
     assert "unknown settings ['n_proc']; valid: platform, n_procs" in result.output
+    bad.write_text('platform = "tpu"\n')
+    result = CliRunner().invoke(main, ["--config", str(bad), "train.py"])
+    assert result.exit_code == 2 and result.exception is not None  # SystemExit, no traceback
+    assert "Error: --platform tpu is not valid: one of --platform cpu, --platform gpu" in \
+        result.output
 
 
 def test_help_has_examples():
@@ -309,6 +358,8 @@ def test_help_has_examples():
     assert result.exit_code == 0
     assert "ddpw-launch --platform cpu --n-procs 2 train.py" in result.output
     assert "Exit status" in result.output
+    # Each continued example is a line of its own, not one line with a gap.
+    assert "--master-addr node0 \\\n        --master-port 29500" in result.output
 
 
 def test_help_lists_every_option_once_under_its_heading():
@@ -399,6 +450,45 @@ def test_dry_run_slurm_shows_the_sbatch_parameters(monkeypatch):
     assert option(plan["command"], "--num_machines") == "2"
     assert plan["per_node_args"][0::2] == ["--machine_rank", "--main_process_ip",
                                            "--main_process_port"]
+    # The range that ddpw.plan.rendezvous_port draws from.
+    assert plan["per_node_args"][-1].startswith("<a port from 20000 to 32767 derived from")
+
+
+def test_a_slurm_dry_run_names_the_settings_left_at_their_defaults(monkeypatch):
+    machine(monkeypatch)
+    given = CliRunner().invoke(main, ["--dry-run", "--platform", "slurm", "--n-gpus", "0",
+                                      "--timeout-min", "60", "train.py"])
+    assert given.exit_code == 0, given.output
+    assert json.loads(given.stdout)["slurm"]["slurm_partition"] == "general"
+    assert given.stderr == ("[ddpw] not given, so at their defaults: --partition general, "
+                            "--requeue-signal SIGUSR2, --signal-delay-s 90.\n")
+
+
+def test_a_dry_run_plans_a_gpu_job_on_a_machine_without_gpus(monkeypatch):
+    machine(monkeypatch, cuda=0, cpus=2)
+    result = CliRunner().invoke(main, ["--dry-run", "--platform", "gpu", "--n-gpus", "2",
+                                       "train.py"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert (plan["platform"], plan["world_size"], option(plan["command"], "--num_processes")) == (
+        "GPU", 2, "2")
+    assert result.stderr == ("[ddpw] this machine has no CUDA GPU that PyTorch can use: the plan "
+                             "is for one with 2.\n")
+    # Run, not dry: refused as before, in the command's words.
+    refused = CliRunner().invoke(main, ["--platform", "gpu", "--n-gpus", "2", "train.py"])
+    assert refused.exit_code == 2 and "Error: --platform gpu needs CUDA GPUs" in refused.output
+
+
+def test_more_processes_than_cores_is_said_once(monkeypatch):
+    machine(monkeypatch, cpus=2)
+    result = CliRunner().invoke(main, ["--dry-run", "--platform", "cpu", "--n-procs", "3",
+                                       "train.py"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("[ddpw] 3 processes share this machine's 2 core(s), 1 compute "
+                             "thread(s) each: they take turns, each slower than it would run "
+                             "alone.\n")
+    assert CliRunner().invoke(main, ["--dry-run", "--platform", "cpu", "--n-procs", "2",
+                                     "train.py"]).stderr == ""
 
 
 def test_slurm_pass_through_options(monkeypatch):
@@ -462,7 +552,7 @@ def test_a_signal_delay_longer_than_the_time_limit_is_refused(monkeypatch):
     refused = CliRunner().invoke(main, ["--platform", "slurm", "--n-gpus", "0", "--timeout-min",
                                         "1", "--dry-run", "train.py"])
     assert refused.exit_code == 2
-    assert "--timeout-min=1 is not valid: more than signal_delay_s=90" in refused.output
+    assert "--timeout-min 1 is not valid: more than --signal-delay-s 90" in refused.output
 
 
 def test_one_process_gets_the_threads_it_asks_for(tmp_path):
@@ -473,3 +563,42 @@ def test_one_process_gets_the_threads_it_asks_for(tmp_path):
                           capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+#: A SLURM configuration whose controller cannot answer: ``{host}`` does not resolve, or nothing
+#: listens on ``{port}`` (a short MessageTimeout: sinfo gives up on a refused connection at once).
+NO_CONTROLLER = """ClusterName=gone
+SlurmctldHost={host}
+SlurmctldPort={port}
+MessageTimeout=1
+AuthType=auth/munge
+NodeName=n1 CPUs=1 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES
+"""
+
+
+def test_no_slurm_controller_answering_is_one_line_naming_the_command(slurm, tmp_path):
+    """SLURM's commands are installed (the test cluster's), but the controller that the
+    configuration names cannot be reached: real sinfo, whose errors (ten lines of retries when
+    the name does not resolve) become one line."""
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    runs = {}
+    for host, why in (("127.0.0.1", "slurm_load_partitions: Unable to contact slurm controller "
+                                    "(connect failure)"),
+                      ("no-such-controller.invalid",
+                       'slurm_set_addr: Unable to resolve "no-such-controller.invalid"')):
+        conf = tmp_path / f"{host}.conf"
+        conf.write_text(NO_CONTROLLER.format(host=host, port=closed))
+        runs[why] = subprocess.Popen(
+            [sys.executable, "-m", "ddpw", "--platform", "slurm", "--n-gpus", "0", "train.py"],
+            cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**slurm, "SLURM_CONF": str(conf)})
+    for why, run in runs.items():
+        out, err = run.communicate(timeout=120)
+        assert (run.returncode, out) == (2, ""), err
+        assert err == (f"Error: no SLURM controller answered `sinfo -h -o '%R %D %c %G'` ({why}): "
+                       f"submit from a machine of the cluster, or check SLURM_CONF and that "
+                       f"slurmctld is running.\n")
+    assert not (tmp_path / "logs").exists(), "a job folder was made"

@@ -585,3 +585,18 @@ def test_slurm_fields_are_checked(fields, message):
 
 def test_a_short_timeout_is_fine_off_slurm():
     assert PlatformConfig(platform=Platform.CPU, timeout_min=1).timeout_min == 1
+
+
+def test_a_gpu_mistake_names_the_platform_it_defaulted_to():
+    with pytest.raises(ConfigError) as left_out:
+        PlatformConfig(n_procs=2)
+    assert str(left_out.value) == (
+        "PlatformConfig.n_procs=2 is not valid: Platform.GPU (the platform when none is given) "
+        "runs one process per GPU, and n_gpus=1 sets their number. For 2 CPU processes: "
+        "PlatformConfig(platform=Platform.CPU, n_procs=2).")
+    with pytest.raises(ConfigError) as given:
+        PlatformConfig(platform=Platform.GPU, n_gpus=0)
+    assert "at least 1 on Platform.GPU;" in str(given.value)  # chosen: no word of a default
+    # The default itself is kept, and held by the config.
+    assert PlatformConfig().platform is Platform.GPU
+    assert dataclasses.replace(PlatformConfig(n_gpus=2)).platform is Platform.GPU

@@ -146,7 +146,7 @@ def test_a_node_that_never_arrives_ends_the_other_naming_who_waited_where(tmp_pa
         capture_output=True, text=True, timeout=120, env={**os.environ})
     assert done.returncode == 2, (done.stdout, done.stderr)
     last = done.stderr.strip().splitlines()[-1]
-    waited = f"within --rendezvous-timeout-s=3 s at 127.0.0.1:{port}"
+    waited = f"within --rendezvous-timeout-s 3 s at 127.0.0.1:{port}"
     if present == 0:
         assert last.startswith(f"Error: only 1 of 2 nodes joined the rendezvous {waited} "
                                f"(this is node 0)"), last

@@ -1,12 +1,15 @@
 """ddpw.plan.resolve_plan as pure data, on fake machines."""
 
+import dataclasses
 import os
 import re
 import sys
+import warnings
 
 import pytest
 import torch
 
+from ddpw import environment
 from ddpw import plan as plan_module
 from ddpw.errors import ConfigError
 from ddpw.plan import LaunchMode, LaunchPlan, MachineFacts, gpu_driver_present, resolve_plan
@@ -98,7 +101,10 @@ def test_a_fixed_port_is_used_as_given_not_standalone():
     (8, 2, 4), (7, 2, 3), (16, 3, 5), (2, 4, 1), (1, 3, 1), (4, 4, 1),
 ])
 def test_cpu_threads_split_the_cores(cpus, procs, threads):
-    plan = resolve_plan(cpu(procs), machine(cpus=cpus))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        plan = resolve_plan(cpu(procs), machine(cpus=cpus))
+    assert len(said) == (procs > cpus)  # more processes than cores are said to share them
     assert plan.env["OMP_NUM_THREADS"] == str(threads)
     assert plan.threads_per_process == threads
 
@@ -589,3 +595,29 @@ def test_gpu_driver_present_agrees_with_torch_here():
     if not gpu_driver_present():
         assert torch.cuda.device_count() == 0
         assert not torch.backends.mps.is_available()
+
+
+def test_more_processes_than_cores_are_said_to_share_them_once():
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("default")  # Python's own: once for each place it comes from
+        for _ in range(2):
+            plan = resolve_plan(cpu(4), machine(cpus=2))
+    assert [str(warning.message) for warning in said] == [
+        "4 processes share this machine's 2 core(s), 1 compute thread(s) each: they take turns, "
+        "each slower than it would run alone."]
+    assert plan.threads_per_process == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as many processes as cores: no word
+        resolve_plan(cpu(2), machine(cpus=2))
+
+
+def test_ddpw_launchs_own_process_is_a_world_of_one_to_a_wrapper_in_it():
+    """ddpw-launch --n-procs 1 runs the script in its own process, and names that process: a
+    Wrapper there runs in place whatever its config asks for; a process that the script
+    starts (another pid) is no part of it."""
+    env = {environment.ONE_PROCESS_LAUNCH: "77"}
+    facts = MachineFacts(cuda_devices=0, mps_available=False, cpu_count=8, env=env, pid=77)
+    inside = resolve_plan(cpu(3), facts)
+    assert (inside.mode, inside.world_size) == (LaunchMode.IN_PLACE, 1)
+    child = resolve_plan(cpu(3), dataclasses.replace(facts, pid=78))
+    assert (child.mode, child.world_size) == (LaunchMode.ACCELERATE, 3)

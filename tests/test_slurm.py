@@ -179,7 +179,7 @@ def test_what_sbatch_refuses_is_one_line_and_leaves_no_job_folder(cluster, monke
     with pytest.raises(ConfigError) as caught:
         Wrapper(p_config).start(where, 0)
     message = str(caught.value)
-    assert message.startswith("sbatch refused the job (check PlatformConfig's partition, "), message
+    assert message.startswith("sbatch refused the job (check its partition, GPUs, "), message
     assert said in message and "\n" not in message, message
     assert not job_folders(), "the job's folder was left behind"
 
@@ -393,13 +393,13 @@ def test_ddpw_launch_gives_the_failing_ranks_status_and_traceback(cluster, tmp_p
 
 
 @pytest.mark.parametrize(("options", "said"), [
-    (["--n-gpus", "1"], "Error: --n-gpus=1 asks for 1 GPU(s) on each of 1 node(s), and partition "
+    (["--n-gpus", "1"], "Error: --n-gpus 1 asks for 1 GPU(s) on each of 1 node(s), and partition "
                         "'debug' has no GPUs (sinfo shows GRES (null) on its nodes): for CPU "
-                        "processes set --n-gpus=0 with --n-procs=1, or choose a partition with "
+                        "processes set --n-gpus 0 with --n-procs 1, or choose a partition with "
                         "GPUs."),
     (["--n-gpus", "0", "--slurm-parameter", "begin=notatime"],
-     "Error: sbatch refused the job (check PlatformConfig's partition, n_gpus, mem_gb, account, "
-     "qos, constraint and slurm_parameters): sbatch: error: Invalid --begin specification"),
+     "Error: sbatch refused the job (check its partition, GPUs, memory, account, QoS, "
+     "constraint and other sbatch options): sbatch: error: Invalid --begin specification"),
 ])
 def test_ddpw_launch_says_in_one_line_why_a_job_cannot_be_submitted(cluster, tmp_path, options,
                                                                     said):

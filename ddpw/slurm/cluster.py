@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -29,9 +30,10 @@ def check_cluster(plan: LaunchPlan, fit: bool = False) -> LaunchPlan:
                           f"sacct and scancel on this machine's PATH (missing: "
                           f"{', '.join(missing)}); submit from a login node of the cluster.")
     partition = plan.slurm["slurm_partition"]
-    shown = subprocess.run(["sinfo", "-h", "-o", "%R %D %c %G"], capture_output=True, text=True)
+    command = ["sinfo", "-h", "-o", "%R %D %c %G"]
+    shown = subprocess.run(command, capture_output=True, text=True)
     if shown.returncode != 0:
-        raise ConfigError(f"sinfo cannot reach the cluster: {shown.stderr.strip()}")
+        raise ConfigError(_unanswered(command, shown.stderr))
     # A partition of several kinds of node has a line per kind: (nodes, cores, GRES) each.
     partitions: dict[str, list[tuple[int, int, str]]] = {}
     for line in shown.stdout.splitlines():
@@ -49,10 +51,32 @@ def check_cluster(plan: LaunchPlan, fit: bool = False) -> LaunchPlan:
     if fit:
         plan = fit_cores(plan, kinds)
     if plan.slurm["cpus_per_task"] > cpus:
-        raise ConfigError(f"PlatformConfig: {plan.slurm['cpus_per_task']} cores per node "
-                          f"(processes x cpus_per_task) is more than the {cpus} of a node of "
+        raise ConfigError(f"{plan.slurm['cpus_per_task']} cores per node (processes x "
+                          f"PlatformConfig.cpus_per_task) is more than the {cpus} of a node of "
                           f"partition {partition!r}.")
     return plan
+
+
+#: What SLURM's commands say when no controller answered them: its address is unknown (no
+#: configuration names one, or its host name does not resolve) or nothing listens there.
+_NO_CONTROLLER = re.compile(r"Unable to contact slurm controller|Unable to establish control "
+                            r"machine address|Unable to resolve|Could not establish a "
+                            r"configuration source|Connection refused")
+
+
+def _unanswered(command: list[str], stderr: str) -> str:
+    """One line for a SLURM command that failed, in place of its (many) lines of errors: that
+    no controller answered, or else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    # The line that says why (a name that does not resolve, a refused connection), without the
+    # retries' noise around it.
+    why = next((line for line in lines if _NO_CONTROLLER.search(line)), None)
+    if why is not None:
+        why = re.sub(rf"^{command[0]}: (error: |fatal: )?", "", why)
+        return (f"no SLURM controller answered `{shlex.join(command)}` ({why}): "
+                f"submit from a machine of the cluster, or check SLURM_CONF and that slurmctld "
+                f"is running.")
+    return f"`{shlex.join(command)}` failed: {lines[-1] if lines else 'no message'}."
 
 
 def fit_cores(plan: LaunchPlan, kinds: list[tuple[int, int, str]]) -> LaunchPlan:

@@ -72,8 +72,8 @@ def submit(p_config: PlatformConfig, plan: LaunchPlan, logs: str | Path,
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError,
             SlurmParseException, subprocess.SubprocessError) as error:
         shutil.rmtree(folder, ignore_errors=True)
-        raise ConfigError(f"sbatch refused the job (check PlatformConfig's partition, n_gpus, "
-                          f"mem_gb, account, qos, constraint and slurm_parameters): "
+        raise ConfigError(f"sbatch refused the job (check its partition, GPUs, memory, "
+                          f"account, QoS, constraint and other sbatch options): "
                           f"{_one_line(error)}") from None
     return Submission(slurm_job.job_id, folder, plan.world_size, plan.slurm["nodes"],
                       has_results=payload is not None,
