@@ -135,10 +135,11 @@ class Trainer:
     def train_step(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """Compute the loss of one batch (already on the device).
 
-        Return the loss, or a dict with ``"loss"`` and any other scalar metrics to average over
-        the epoch. The base class does the backward pass and the optimiser step. With mixed
-        precision, the model's forward pass runs under autocast (what follows it, such as the
-        loss, in full precision), as Accelerate arranges.
+        Return the loss, a scalar tensor with its graph (not ``loss.item()``), or a dict with it
+        under ``"loss"`` beside any other one-value tensors to average over the epoch
+        (:func:`ddpw.contract.step_values`). The base class does the backward pass and the
+        optimiser step. With mixed precision, the model's forward pass runs under autocast (what
+        follows it, such as the loss, in full precision), as Accelerate arranges.
         """
         raise NotImplementedError(f"{type(self).__name__} must define train_step(batch) to train.")
 
@@ -148,7 +149,7 @@ class Trainer:
         Return a dict of 1-D tensors with one value per sample, such as
         ``F.cross_entropy(logits, y, reduction="none")``. The base class gathers them from every
         rank, drops the samples that the last uneven batch repeats, and averages over the data
-        set, so the numbers are the same whatever the world size.
+        set exactly, so the same values give the same numbers whatever the world size.
         """
         raise NotImplementedError(
             f"{type(self).__name__} must define evaluate_step(batch) to evaluate.")
@@ -436,7 +437,9 @@ class Trainer:
 
         Per-sample values are gathered from every rank without the repeats that pad an uneven
         last batch, and summed with :func:`math.fsum`, whose result does not depend on the order:
-        the same checkpoint gives the same numbers on 1 or N processes.
+        the same per-sample values give the same numbers, to the last bit, on 1 or N processes.
+        The values themselves are computed in batches that differ with the world size, which
+        can round them differently in their last bits.
         """
         loader = loader if loader is not None else self.test_loader
         self.model.eval()

@@ -92,7 +92,9 @@ class Wrapper:
             function, the list of what it returned on each rank, in rank order; with
             ``wait=False``, the :class:`~ddpw.slurm.submission.Submission`.
         :raises ConfigError: for anything that cannot run, before any process starts.
-        :raises WorkerError: when a rank raises or dies; the job's processes are all ended.
+        :raises WorkerError: when a rank raises or dies; the job's processes are all ended. A
+            Trainer's job that fails removes the folders it made for its checkpoints and left
+            empty.
         """
         if _is_trainer_class(target):
             raise ConfigError(f"Wrapper.start({target.__name__}): the class, not a Trainer; start "
