@@ -158,8 +158,8 @@ class Tracking:
         self.begin_epoch()
 
     def runs(self) -> dict[str, str]:
-        """The ids of the runs that a resumed job goes on in, for its checkpoint: the main
-        rank's (the other ranks have none)."""
+        """The ids of the runs that a resumed job goes on in, for its checkpoint: the run's own
+        (under :data:`JSONL`) and the main rank's trackers' (the other ranks have none)."""
         ids: dict[str, str] = {JSONL: self.identity["run"]}
         if self.names and self.accelerator.is_main_process:
             for tracker in self.accelerator.trackers:
