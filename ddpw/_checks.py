@@ -13,7 +13,10 @@ from .errors import ConfigError
 
 def fail(owner: str, field: str, value: Any, valid: str) -> None:
     """Raise a :class:`ConfigError` for ``owner.field``."""
-    raise ConfigError(f"{owner}.{field}={value!r} is not valid: {valid}.")
+    shown = repr(value)
+    if "\n" in shown or len(shown) > 120:  # a model's or an optimiser's repr: many lines
+        shown = f"<{type(value).__name__}>"
+    raise ConfigError(f"{owner}.{field}={shown} is not valid: {valid}.")
 
 
 def check_int(owner: str, field: str, value: Any, minimum: int, *, optional: bool = False,

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ._checks import check_choice, check_int, check_type, fail
+from .errors import ConfigError
 
 #: ``model -> optimiser``, called once on every rank; Accelerate then moves the model (and so the
 #: optimiser's parameters) to the rank's device.
@@ -95,6 +96,12 @@ class ArtefactsConfig:
         if self.model is not None:
             if not isinstance(self.model, torch.nn.Module):
                 fail(owner, "model", type(self.model).__name__, "a torch.nn.Module or None")
+        # An optimiser's class cannot take the model; a scheduler's class takes the optimiser.
+        _check_loader("optimiser_loader", self.optimiser_loader, torch.optim.Optimizer, "model",
+                      "lambda model: torch.optim.Adam(model.parameters())", classes=True)
+        _check_loader("scheduler_loader", self.scheduler_loader,
+                      torch.optim.lr_scheduler.LRScheduler, "optimiser",
+                      "lambda optimiser: torch.optim.lr_scheduler.StepLR(optimiser, 30)")
         for name in ("optimiser_loader", "scheduler_loader", "collate_fn"):
             value = getattr(self, name)
             if value is not None and not callable(value):
@@ -123,3 +130,18 @@ class ArtefactsConfig:
                           collate_fn=self.collate_fn, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, drop_last=train and self.drop_last,
                           generator=generator, **self.dataloader_kwargs)
+
+
+def _check_loader(field: str, value: Any, made: type, takes: str, example: str,
+                  classes: bool = False) -> None:
+    """Refuse what a loader makes (an instance of ``made``) given in the loader's place, and,
+    with ``classes``, the class itself, which cannot be called with what the loader takes."""
+    kind = field.removesuffix("_loader")
+    if isinstance(value, made):
+        given = f"{type(value).__name__}(...), the {kind} itself,"
+    elif classes and isinstance(value, type) and issubclass(value, made):
+        given = f"{value.__name__}, the {kind}'s class,"
+    else:
+        return
+    raise ConfigError(f"ArtefactsConfig.{field}={given} is not valid: a function that takes the "
+                      f"{takes} and returns its {kind}, such as {example}.")

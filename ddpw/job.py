@@ -58,7 +58,8 @@ class JobConfig:
     :param checkpoint_name_prefix: checkpoint ``k`` is the folder ``{prefix}_{k}``.
     :param console_logs_path: folder for the processes' console logs (SLURM jobs):
         ``./logs/console_logs`` (:data:`ddpw.jobfolder.DEFAULT_ROOT`) unless given.
-    :param training_logs_path: folder for the per-epoch metrics (``metrics.jsonl``).
+    :param training_logs_path: folder for the per-epoch metrics (``metrics.jsonl``, whose lines
+        each name their run: :mod:`ddpw.tracking`) and the trackers' files.
     :param gradient_accumulation_steps: batches whose gradients add up before one optimiser step.
     :param async_checkpoint: write checkpoints in the background: a save blocks training only
         while each rank copies its share of the state into host buffers, and every pause, end
@@ -88,7 +89,8 @@ class JobConfig:
     :param monitor: the epoch metric (a name in ``metrics.jsonl``, such as ``"val_loss"``) by
         which ``keep_best``, ``early_stopping_patience`` and ``start_at="best"`` judge the
         epochs. A name that the first validated epoch's metrics lack stops the job with a
-        :class:`~ddpw.errors.ConfigError` that lists them (:mod:`ddpw.monitor`).
+        :class:`~ddpw.errors.ConfigError` that lists them (:mod:`ddpw.monitor`), once that epoch
+        is saved (with ``save_every=0`` too), so that ``start_at="latest"`` goes on from it.
     :param monitor_mode: ``"min"``: the smaller value is the better; ``"max"``: the larger.
     :param keep_best: beside the ``keep_last`` most recent checkpoints, keep the ``k`` best
         checkpoints of whole epochs by ``monitor`` (ties: the earlier epoch), which

@@ -65,21 +65,24 @@ class Monitor:
         self.waited = 0
         #: The metric's value in each whole-epoch checkpoint, on disk or being saved.
         self.values: dict[str, float] = {}
+        #: Set by :meth:`judge` when an epoch lacks the metric: the start of the error that
+        #: :meth:`refuse_unknown` raises once the epoch is saved.
+        self.unknown: str | None = None
 
     def judge(self, epoch: int, metrics: dict[str, Any], validated: bool) -> None:
         """Take epoch ``epoch``'s ``metrics`` into account. An epoch that did not validate
         (``JobConfig.validate_every``) has no ``val_*`` metric to judge, and is skipped.
 
-        :raises ConfigError: when the epoch should have the metric and does not, naming those
-            it has.
+        An epoch that should have the metric and does not sets :attr:`unknown`: only an epoch's
+        metrics name them all (a step may return a value that others do not), and the epoch is
+        saved before :meth:`refuse_unknown` ends the job, so that none is lost to the mistake.
         """
         if self.metric is None:
             return
         if self.metric not in metrics:
             if validated or not self.metric.startswith("val_"):
-                raise ConfigError(
-                    f"JobConfig.monitor={self.metric!r} is not among epoch {epoch}'s metrics: "
-                    f"{', '.join(sorted(metrics))}. Monitor one of these.")
+                self.unknown = (f"JobConfig.monitor={self.metric!r} is not among epoch {epoch}'s "
+                                f"metrics: {', '.join(sorted(metrics))}. Monitor one of these")
             return
         value = float(metrics[self.metric])
         if not math.isnan(value) and (self.best is None or _rank(
@@ -88,6 +91,17 @@ class Monitor:
             self.best, self.best_epoch, self.waited = value, epoch, 0
         else:
             self.waited += 1
+
+    def refuse_unknown(self, saved: Path) -> None:
+        """Raise the error that :meth:`judge` found, if any, once the epoch is saved in
+        ``saved``.
+
+        :raises ConfigError: naming the metrics that the epoch has, and the checkpoint to
+            resume from.
+        """
+        if self.unknown is not None:
+            raise ConfigError(f"{self.unknown}; the epoch is saved in {saved}: resume from it "
+                              f"with start_at='latest'.")
 
     @property
     def stops(self) -> bool:

@@ -109,8 +109,11 @@ class PlatformConfig:
         ``requeue_signal``: enough to finish a step and write a checkpoint.
     :param requeue_limit: how many times a job may requeue itself; one more preemption or time
         limit ends it with an error naming its last checkpoint.
-    :param seed: seeds Python, NumPy and torch on every rank (offset by the rank, so that dropout
-        differs across ranks) and the data order (the same on every rank, so shards never overlap).
+    :param seed: seeds Python, NumPy and torch on every rank as the job starts (offset by the
+        rank, so that dropout differs across ranks) and the data order (the same on every rank,
+        so shards never overlap). It does not seed what the calling script does before the job,
+        such as building ``ArtefactsConfig.model``: to start from the same weights every run,
+        build the model after ``torch.manual_seed(...)``.
     :param master_addr: the host name or address of node 0, where the nodes of a job on several
         machines (CPU, GPU) meet; ``None`` takes ``PET_MASTER_ADDR`` or ``MASTER_ADDR``. A job
         on one machine meets on this machine, and a SLURM job on its first node, whose address

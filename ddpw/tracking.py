@@ -15,6 +15,13 @@ One :class:`Tracking` per job, on every rank; the trackers themselves live on th
 - once, when a run starts from scratch, the three configs as hyper-parameters
   (:func:`hyperparameters`).
 
+``metrics.jsonl`` gets each epoch's metrics too, as one line that begins with the run's
+identity: ``run``, an id made when the run starts from scratch and kept in its checkpoints, so
+that a resumed run goes on with its own run's id, and ``resumed_from``, the checkpoint that this
+part of the run started from (``null`` from scratch). Runs that share the file are told apart by
+``run``; an epoch that appears twice in one run (resumed from an earlier checkpoint) by
+``resumed_from``.
+
 Every value is logged at its optimiser step (``Trainer.global_step``), so a resumed run goes on
 where its checkpoint stands. The checkpoint keeps the run ids (:meth:`Tracking.runs`), so that
 MLflow and W&B go on in the same run; TensorBoard hides what an earlier attempt logged past the
@@ -26,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.util
+import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +59,10 @@ TRACKERS = {
     "swanlab": "swanlab",
     "trackio": "trackio",
 }
+
+
+#: The key of the run's own id among :meth:`Tracking.runs`.
+JSONL = "metrics.jsonl"
 
 
 def missing(names: tuple[str, ...]) -> list[str]:
@@ -102,6 +115,8 @@ class Tracking:
         self.folder = Path(j_config.training_logs_path).absolute()
         self.accelerator: Accelerator | None = None
         self._window = (time.perf_counter(), 0)
+        #: This run's identity in ``metrics.jsonl``: its id and the checkpoint it resumed.
+        self.identity: dict[str, str | None] = {"run": None, "resumed_from": None}
 
     def accelerator_kwargs(self) -> dict[str, Any]:
         """What the :class:`~accelerate.Accelerator` needs to make the trackers."""
@@ -110,11 +125,14 @@ class Tracking:
         return {"log_with": list(self.names), "project_dir": str(self.folder)}
 
     def start(self, accelerator: Accelerator, step: int, runs: dict[str, str] | None,
-              configs: dict[str, Any]) -> None:
+              configs: dict[str, Any], resumed_from: str | None = None) -> None:
         """Open the trackers at optimiser step ``step``: in the runs ``runs`` of the checkpoint
-        that the job resumed (:meth:`runs`), or, when ``None``, in new runs that record
-        ``configs`` as hyper-parameters."""
+        ``resumed_from`` that the job resumed (:meth:`runs`), or, when ``None``, in new runs
+        that record ``configs`` as hyper-parameters."""
         self.accelerator = accelerator
+        # A time to sort by, and random digits that draw on no generator a resume restores.
+        new = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        self.identity = {"run": (runs or {}).get(JSONL, new), "resumed_from": resumed_from}
         if not self.names:
             return
         resumed, runs = runs is not None, runs or {}
@@ -140,12 +158,10 @@ class Tracking:
         self.begin_epoch()
 
     def runs(self) -> dict[str, str]:
-        """The ids of the runs that a resumed job goes on in, for its checkpoint: the main
-        rank's (the other ranks have none)."""
-        if not self.names:
-            return {}
-        ids: dict[str, str] = {}
-        if self.accelerator.is_main_process:
+        """The ids of the runs that a resumed job goes on in, for its checkpoint: the run's own
+        (under :data:`JSONL`) and the main rank's trackers' (the other ranks have none)."""
+        ids: dict[str, str] = {JSONL: self.identity["run"]}
+        if self.names and self.accelerator.is_main_process:
             for tracker in self.accelerator.trackers:
                 if tracker.name == "wandb":
                     ids["wandb"] = tracker.run.id
@@ -186,9 +202,14 @@ class Tracking:
         self._window = (time.perf_counter(), 0)
 
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
-        """Log an epoch's metrics at optimiser step ``step``."""
+        """Log an epoch's metrics at optimiser step ``step``, and append them to
+        ``metrics.jsonl`` after the run's identity (main rank only)."""
         if self.names:
             self.accelerator.log(dict(metrics), step=step)
+        if self.accelerator.is_main_process:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / JSONL, "a", encoding="utf-8") as f:
+                f.write(json.dumps({**self.identity, **metrics}) + "\n")
 
     def end(self) -> None:
         """Flush and close the trackers (the job's end, pause or error). Not through

@@ -21,7 +21,6 @@ data sharding, gradient accumulation, mixed precision, checkpoints, pausing and 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -45,6 +44,7 @@ from .checkpoint import Position
 from .checkpoint.checkpointer import Checkpointer, Contents, samples_into_epoch
 from .checkpoint.names import sequence
 from .checkpoint.rng import rng_state, set_rng_state
+from .contract import check_steps, step_values
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
 from .metrics import RunningSums, check_per_sample
@@ -135,10 +135,11 @@ class Trainer:
     def train_step(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """Compute the loss of one batch (already on the device).
 
-        Return the loss, or a dict with ``"loss"`` and any other scalar metrics to average over
-        the epoch. The base class does the backward pass and the optimiser step. With mixed
-        precision, the model's forward pass runs under autocast (what follows it, such as the
-        loss, in full precision), as Accelerate arranges.
+        Return the loss, a scalar tensor with its graph (not ``loss.item()``), or a dict with it
+        under ``"loss"`` beside any other one-value tensors to average over the epoch
+        (:func:`ddpw.contract.step_values`). The base class does the backward pass and the
+        optimiser step. With mixed precision, the model's forward pass runs under autocast (what
+        follows it, such as the loss, in full precision), as Accelerate arranges.
         """
         raise NotImplementedError(f"{type(self).__name__} must define train_step(batch) to train.")
 
@@ -148,7 +149,7 @@ class Trainer:
         Return a dict of 1-D tensors with one value per sample, such as
         ``F.cross_entropy(logits, y, reduction="none")``. The base class gathers them from every
         rank, drops the samples that the last uneven batch repeats, and averages over the data
-        set, so the numbers are the same whatever the world size.
+        set exactly, so the same values give the same numbers whatever the world size.
         """
         raise NotImplementedError(
             f"{type(self).__name__} must define evaluate_step(batch) to evaluate.")
@@ -176,6 +177,7 @@ class Trainer:
             raise ConfigError("Wrapper(p_config, a_config): a Trainer needs an ArtefactsConfig.")
         if a_config.model is None:
             raise ConfigError("ArtefactsConfig.model=None: a Trainer needs a torch.nn.Module.")
+        check_steps(self, Trainer, a_config)
         training = j.job_type is not JobMode.EVALUATE
         if (p_config.platform is Platform.SLURM and training
                 and p_config.requeue_signal not in j.pause_signals):
@@ -264,7 +266,7 @@ class Trainer:
                 self._ddpw.monitor.values = self._earlier_scores(self.resume_from)
         if j.job_type is not JobMode.EVALUATE:
             self._ddpw.tracking.start(accelerator, self.global_step, runs, {
-                "job": j, "platform": p_config, "artefacts": a_config})
+                "job": j, "platform": p_config, "artefacts": a_config}, self.resume_from)
 
     @property
     def global_rank(self) -> int:
@@ -345,9 +347,10 @@ class Trainer:
                 # Accelerate's wrapper would step it once per process: once an epoch, here.
                 self.scheduler.scheduler.step()
             self.log_metrics(self.metrics)
-            saves = j.saves_after(self.epoch) or (monitor.stops and j.save_every > 0)
+            saves = (j.saves_after(self.epoch) or (monitor.stops and j.save_every > 0)
+                     or monitor.unknown is not None)
             if saves:
-                self.save_checkpoint()
+                monitor.refuse_unknown(self.save_checkpoint())
             if monitor.stops:
                 if self.verbose:
                     best = (f"best {monitor.best:.4g}, epoch {monitor.best_epoch}"
@@ -386,8 +389,7 @@ class Trainer:
             at = f"(epoch {self.epoch}, batch {self.batch + 1})"
             hang.progress(f"in train_step {at}")
             with self.accelerator.accumulate(self.model):
-                output = self.train_step(batch)
-                values = output if isinstance(output, dict) else {"loss": output}
+                values = step_values(self.train_step(batch), type(self).__name__)
                 hang.progress(f"in the backward pass {at}")
                 self.accelerator.backward(values["loss"])
                 if self.j_config.max_grad_norm is not None and self.accelerator.sync_gradients:
@@ -435,7 +437,9 @@ class Trainer:
 
         Per-sample values are gathered from every rank without the repeats that pad an uneven
         last batch, and summed with :func:`math.fsum`, whose result does not depend on the order:
-        the same checkpoint gives the same numbers on 1 or N processes.
+        the same per-sample values give the same numbers, to the last bit, on 1 or N processes.
+        The values themselves are computed in batches that differ with the world size, which
+        can round them differently in their last bits.
         """
         loader = loader if loader is not None else self.test_loader
         self.model.eval()
@@ -600,14 +604,9 @@ class Trainer:
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         """Log an epoch's ``metrics`` to the trackers (``JobConfig.log_with``) at this optimiser
-        step and append them to ``{training_logs_path}/metrics.jsonl`` (main process only)."""
+        step and append them to ``{training_logs_path}/metrics.jsonl`` (main process only), on
+        a line that begins with the run's identity (:mod:`ddpw.tracking`)."""
         self._ddpw.tracking.log_epoch(self.global_step, metrics)
-        if not self.accelerator.is_main_process:
-            return
-        folder = Path(self.j_config.training_logs_path)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
         if self.verbose:
             shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in metrics.items())

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from accelerate.utils import gather_object
@@ -89,8 +92,13 @@ class Wrapper:
             function, the list of what it returned on each rank, in rank order; with
             ``wait=False``, the :class:`~ddpw.slurm.submission.Submission`.
         :raises ConfigError: for anything that cannot run, before any process starts.
-        :raises WorkerError: when a rank raises or dies; the job's processes are all ended.
+        :raises WorkerError: when a rank raises or dies; the job's processes are all ended. A
+            Trainer's job that fails removes the folders it made for its checkpoints and left
+            empty.
         """
+        if _is_trainer_class(target):
+            raise ConfigError(f"Wrapper.start({target.__name__}): the class, not a Trainer; start "
+                              f"an instance: Wrapper.start({target.__name__}(j_config)).")
         plan = resolve_plan(self.p_config, MachineFacts.probe())
         resume_from = None
         if is_trainer(target):
@@ -107,6 +115,14 @@ class Wrapper:
                           plan=plan, args=args, kwargs=kwargs, resume_from=resume_from,
                           written_before=(resume.last_written(target.j_config)
                                           if is_trainer(target) else 0))
+        if not is_trainer(target):
+            return self._start(payload)
+        with _tidied(Path(target.j_config.checkpoint_path)):
+            return self._start(payload)
+
+    def _start(self, payload: Payload) -> Any:
+        """Run ``payload`` as its plan says: launched, submitted, in place or here."""
+        plan, target = payload.plan, payload.target
         if plan.mode is LaunchMode.ACCELERATE:
             results = launch(payload)
         elif plan.mode is LaunchMode.SLURM:
@@ -120,16 +136,39 @@ class Wrapper:
             if plan.world_size != self.p_config.world_size:
                 warnings.warn(f"ddpw runs in place, in the existing launch's world of "
                               f"{plan.world_size} processes; PlatformConfig asks for "
-                              f"{self.p_config.world_size}.", stacklevel=2)
+                              f"{self.p_config.world_size}.", stacklevel=3)
             launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
             if launched_precision not in (None, self.p_config.mixed_precision):
                 warnings.warn(f"the launch asks for mixed precision {launched_precision!r}; "
                               f"this job uses PlatformConfig.mixed_precision="
-                              f"{self.p_config.mixed_precision!r}.", stacklevel=2)
+                              f"{self.p_config.mixed_precision!r}.", stacklevel=3)
             results = gather_object([run(payload)])
         else:
             results = [_run_here(payload)]
         return results[0] if is_trainer(target) else results
+
+
+@contextmanager
+def _tidied(folder: Path) -> Iterator[None]:
+    """Remove, when the block fails, the folders up to ``folder`` that it made and left empty
+    (a job that failed before its first checkpoint leaves no empty checkpoint folder). Only
+    empty folders go: ``rmdir`` refuses any other."""
+    made = [path for path in (folder.absolute(), *folder.absolute().parents)
+            if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        for path in made:  # the deepest first
+            with suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def _is_trainer_class(target: Any) -> bool:
+    """Whether ``target`` is a subclass of :class:`~ddpw.trainer.Trainer` (asked as
+    :func:`ddpw.utils.is_trainer` asks, without importing the trainer's module)."""
+    module = sys.modules.get("ddpw.trainer")
+    return isinstance(target, type) and module is not None and issubclass(target, module.Trainer)
 
 
 def _run_here(payload: Payload) -> Any:

@@ -319,6 +319,27 @@ def test_loaders_must_be_callable(field, value):
     assert "callable" in str(info.value)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("optimiser_loader", lambda m: torch.optim.Adam(m.parameters()),
+     r"optimiser_loader=Adam\(\.\.\.\), the optimiser itself, is not valid: a function that "
+     r"takes the model and returns its optimiser, such as "
+     r"lambda model: torch\.optim\.Adam\(model\.parameters\(\)\)\.$"),
+    ("optimiser_loader", lambda m: torch.optim.Adam,
+     r"optimiser_loader=Adam, the optimiser's class, is not valid: a function that takes the "
+     r"model"),
+    ("scheduler_loader", lambda m: torch.optim.lr_scheduler.StepLR(
+        torch.optim.SGD(m.parameters()), 3),
+     r"scheduler_loader=StepLR\(\.\.\.\), the scheduler itself, is not valid: a function that "
+     r"takes the optimiser and returns its scheduler, such as lambda optimiser: "),
+    ("collate_fn", lambda m: [m, m], r"collate_fn=<list> is not valid: a callable or None\.$"),
+])
+def test_what_a_loader_makes_is_refused_in_its_place_in_one_line(field, value, message):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match=r"^ArtefactsConfig\." + message) as info:
+        ArtefactsConfig(model=model, **{field: value(model)})
+    assert "\n" not in str(info.value)
+
+
 def test_loaders_accept_callables():
     config = ArtefactsConfig(model=torch.nn.Linear(1, 1),
                              optimiser_loader=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from jobs import BlobTrainer, Net, artefacts, job, wait_for_ranks
+from jobs import Blobs, BlobTrainer, Net, artefacts, job, wait_for_ranks
 
 import ddpw.launcher
 from ddpw import (
@@ -26,10 +26,12 @@ from ddpw import (
     JobMode,
     Platform,
     PlatformConfig,
+    Trainer,
     WorkerError,
     Wrapper,
     world,
 )
+from ddpw.contract import step_values
 
 CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
@@ -82,6 +84,43 @@ def test_a_checkpoint_that_does_not_fit_the_model_names_the_keys(tmp_path, no_la
 def test_missing_artefacts_are_named(tmp_path, no_launch, overrides, mode, message):
     with pytest.raises(ConfigError, match=message):
         Wrapper(CPU2, artefacts(**overrides)).start(BlobTrainer(job(tmp_path, mode=mode)))
+
+
+class NoSteps(Trainer):
+    """A Trainer that defines neither step."""
+
+
+class TrainOnly(NoSteps):
+    def train_step(self, batch):
+        return BlobTrainer.train_step(self, batch)
+
+
+@pytest.mark.parametrize(("target", "overrides", "mode", "message"), [
+    (NoSteps, {}, JobMode.TRAIN, r"^NoSteps defines no train_step\(batch\), which "
+                                 r"JobMode\.TRAIN calls for every batch: define it to return the "
+                                 r"loss as a scalar tensor with a graph"),
+    (TrainOnly, {"validation_set": Blobs(30)}, JobMode.TRAIN,
+     r"^TrainOnly defines no evaluate_step\(batch\), with which "
+     r"ArtefactsConfig\.validation_set is evaluated after the epochs: .* or leave "
+     r"validation_set=None\.$"),
+    (TrainOnly, {}, JobMode.EVALUATE, r"^TrainOnly defines no evaluate_step\(batch\), with "
+                                      r"which JobMode\.EVALUATE evaluates "
+                                      r"ArtefactsConfig\.test_set"),
+])
+def test_a_trainer_without_the_steps_its_job_calls_is_refused(tmp_path, no_launch, target,
+                                                              overrides, mode, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        Wrapper(CPU2, artefacts(**overrides)).start(target(job(tmp_path, mode=mode)))
+    assert "\n" not in str(caught.value)
+    # Without a validation set, training needs no evaluate_step.
+    assert TrainOnly(job(tmp_path)).check(CPU2, artefacts()) is None
+
+
+def test_a_trainer_class_is_refused_with_how_to_start_an_instance(no_launch):
+    with pytest.raises(ConfigError, match=r"^Wrapper\.start\(BlobTrainer\): the class, not a "
+                                          r"Trainer; start an instance: "
+                                          r"Wrapper\.start\(BlobTrainer\(j_config\)\)\.$"):
+        Wrapper(CPU2, artefacts()).start(BlobTrainer)
 
 
 def test_config_errors_at_construction_name_the_field():
@@ -181,6 +220,41 @@ def test_evaluate_step_must_return_per_sample_values(tmp_path):
         Wrapper(CPU1, artefacts()).start(Averaging(job(tmp_path, mode=JobMode.EVALUATE)))
     assert isinstance(caught.value.__cause__, TypeError)
     assert re.search(r"'loss' of shape \(\).*one value per sample", caught.value.details)
+
+
+def test_train_step_must_return_a_loss_with_a_graph(tmp_path, no_leftover_processes):
+    class Itemising(BlobTrainer):
+        def train_step(self, batch):
+            return super().train_step(batch)["loss"].item()
+
+    with pytest.raises(WorkerError, match="raised") as caught:
+        Wrapper(CPU2, artefacts()).start(Itemising(job(tmp_path)))
+    # The checkpoint folder that the job made (where every rank checked that it sees the
+    # main rank's files), and never saved into, is gone.
+    assert not (tmp_path / "checkpoint").exists() and tmp_path.exists()
+    assert re.search(r"TypeError: Itemising\.train_step returned the float \d\.\d+: it must "
+                     r"return the loss as a scalar tensor with a graph \(not loss\.item\(\)\), "
+                     r"or a dict holding one under 'loss'\.$", caught.value.details, re.M)
+
+
+GRAPH = torch.ones(2, requires_grad=True).sum()
+
+
+@pytest.mark.parametrize(("output", "message"), [
+    (3, r"returned the int 3: it must return the loss as a scalar tensor with a graph"),
+    ({"loss": 0.5}, r"returned 'loss' as the float 0\.5: it must return the loss as"),
+    (torch.tensor(0.5), r"returned a loss without a graph \(requires_grad=False: computed under "
+                        r"torch\.no_grad\(\) or detached\)"),
+    (torch.ones(4, requires_grad=True), r"returned a tensor of shape \(4,\): it must return"),
+    ({"accuracy": GRAPH}, r"returned a dict without 'loss' \(keys: accuracy\)"),
+    ({"loss": GRAPH, "accuracy": 0.75}, r"returned 'accuracy' as the float 0\.75: each value "
+                                        r"must be a tensor of one value"),
+])
+def test_what_train_step_returned_is_named(output, message):
+    with pytest.raises(TypeError, match=r"^Net\.train_step " + message):
+        step_values(output, "Net")
+    assert step_values({"loss": GRAPH, "n": torch.ones(1)}, "Net")["loss"] is GRAPH
+    assert step_values(GRAPH, "Net") == {"loss": GRAPH}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

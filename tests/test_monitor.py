@@ -153,13 +153,20 @@ def test_epochs_that_do_not_validate_are_not_judged(tmp_path):
     assert metrics["epoch"] == 6
 
 
-def test_an_unknown_metric_is_refused_at_the_first_validation(tmp_path):
-    with pytest.raises(Exception, match=r"JobConfig\.monitor='val_acc' is not among epoch 2's "
-                                        r"metrics: accuracy, epoch, loss, lr, val_accuracy, "
-                                        r"val_loss\. Monitor one of these\."):
+def test_an_unknown_metric_is_refused_at_the_first_validation_once_the_epoch_is_saved(
+        tmp_path):
+    with pytest.raises(ConfigError, match=r"^JobConfig\.monitor='val_acc' is not among epoch 2's "
+                                          r"metrics: accuracy, epoch, loss, lr, val_accuracy, "
+                                          r"val_loss\. Monitor one of these; the epoch is saved "
+                                          r"in .*ckpt_2: resume from it with "
+                                          r"start_at='latest'\.$"):
         Wrapper(CPU2, a_config()).start(BlobTrainer(job(
             tmp_path, epochs=3, save_every=0, validate_every=2, monitor="val_acc")))
-    assert [e["epoch"] for e in logged(tmp_path)] == [1]
+    assert [e["epoch"] for e in logged(tmp_path)] == [1, 2]
+    # Nothing is lost: epoch 2 is saved (save_every=0 notwithstanding), and is what resumes.
+    assert on_disk(tmp_path) == ["ckpt_2"]
+    assert choose(job(tmp_path, start_at="latest", epochs=3, monitor="val_loss"), a_config(),
+                  2) == "ckpt_2"
 
 
 def test_a_validation_metric_without_a_validation_set_is_refused_before_launch(tmp_path):

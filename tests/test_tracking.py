@@ -4,6 +4,7 @@ of 2 real processes, paused and resumed."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -61,6 +62,15 @@ def test_tensorboard_has_every_step_and_epoch_of_a_paused_and_resumed_run(tmp_pa
     jsonl = epoch_lines(whole)
     assert [v for _, v in expected["loss"]] == pytest.approx([e["loss"] for e in jsonl])
     assert [v for _, v in expected["val_loss"]] == pytest.approx([e["val_loss"] for e in jsonl])
+    # metrics.jsonl: each line names its run, which a resumed run goes on with, and the
+    # checkpoint its part of the run started from.
+    lines = epoch_lines(parts)
+    assert [e["epoch"] for e in lines] == [1, 2, 3]
+    assert len({e["run"] for e in lines}) == 1 and lines[0]["run"] != jsonl[0]["run"]
+    assert lines[0]["resumed_from"] is None
+    # The checkpoint the second part started from: the pause's, or epoch 1's.
+    assert re.fullmatch(r"ckpt_1(_batch\d+)?", lines[1]["resumed_from"])
+    assert lines[2]["resumed_from"] == lines[1]["resumed_from"]
     # Resumed: each step once, in order, with the uninterrupted run's values (the resume is
     # exact); samples per second is a wall-clock rate, and only its steps are compared.
     assert set(resumed) == set(expected)

@@ -1,0 +1,93 @@
+"""The Trainer's contract: the steps that a job needs its :class:`~ddpw.trainer.Trainer` to
+define, checked before any process starts (:func:`check_steps`), and what
+:meth:`~ddpw.trainer.Trainer.train_step` must return, checked at every step
+(:func:`step_values`). What :meth:`~ddpw.trainer.Trainer.evaluate_step` must return is checked by
+:func:`ddpw.metrics.check_per_sample`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import ConfigError
+from .job import JobMode
+
+if TYPE_CHECKING:
+    from .artefacts import ArtefactsConfig
+    from .trainer import Trainer
+
+#: What ``train_step`` must return, as every error about it says.
+TRAIN_STEP_RETURNS = ("the loss as a scalar tensor with a graph (not loss.item()), or a dict "
+                      "holding one under 'loss'")
+
+
+def _defines(trainer: Trainer, base: type, *names: str) -> bool:
+    """Whether ``trainer``'s class defines any of the methods ``names`` over ``base``'s."""
+    return any(getattr(type(trainer), name) is not getattr(base, name) for name in names)
+
+
+def check_steps(trainer: Trainer, base: type, a_config: ArtefactsConfig) -> None:
+    """Check that ``trainer`` defines the steps that its job calls: ``train_step`` to train,
+    ``evaluate_step`` to validate (when there is a validation set) or to evaluate. A class
+    that brings a loop of its own (``train``, ``train_epoch``, ``evaluate`` or ``run``) may
+    do without the step that loop would call.
+
+    :param base: :class:`~ddpw.trainer.Trainer` itself, whose steps are placeholders.
+    :raises ConfigError: naming the step, what calls it and what it must return.
+    """
+    name, mode = type(trainer).__name__, trainer.j_config.job_type
+    if _defines(trainer, base, "run"):
+        return
+    training = mode is not JobMode.EVALUATE
+    if training and not _defines(trainer, base, "train_step", "train_epoch", "train"):
+        raise ConfigError(f"{name} defines no train_step(batch), which JobMode.{mode.name} calls "
+                          f"for every batch: define it to return {TRAIN_STEP_RETURNS}.")
+    if _defines(trainer, base, "evaluate_step", "evaluate"):
+        return
+    if not training:
+        raise ConfigError(f"{name} defines no evaluate_step(batch), with which JobMode.EVALUATE "
+                          f"evaluates ArtefactsConfig.test_set: define it to return a dict of "
+                          f"per-sample metrics.")
+    if a_config.validation_set is not None and not _defines(trainer, base, "train"):
+        raise ConfigError(f"{name} defines no evaluate_step(batch), with which "
+                          f"ArtefactsConfig.validation_set is evaluated after the epochs: define "
+                          f"it to return a dict of per-sample metrics, or leave "
+                          f"validation_set=None.")
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (bool, int, float)):
+        return f"the {type(value).__name__} {value!r}"
+    return f"a {type(value).__name__}"
+
+
+def step_values(output: Any, owner: str) -> dict[str, torch.Tensor]:
+    """What ``owner.train_step`` returned, as a dict of one-value tensors with the loss under
+    ``"loss"``.
+
+    :raises TypeError: when it returned something else (a float such as ``loss.item()``, a
+        loss without a graph, a dict without ``"loss"``), saying what it returned and what it
+        must return.
+    """
+    values = output if isinstance(output, dict) else {"loss": output}
+    where = f"{owner}.train_step returned"
+    if "loss" not in values:
+        raise TypeError(f"{where} a dict without 'loss' (keys: {', '.join(map(str, values))}): "
+                        f"it must return {TRAIN_STEP_RETURNS}.")
+    loss = values["loss"]
+    shown = _described(loss) if loss is output else f"'loss' as {_described(loss)}"
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"{where} {shown}: it must return {TRAIN_STEP_RETURNS}.")
+    if not loss.requires_grad:
+        raise TypeError(f"{where} a loss without a graph (requires_grad=False: computed under "
+                        f"torch.no_grad() or detached): it must return {TRAIN_STEP_RETURNS}.")
+    for key, value in values.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise TypeError(f"{where} {key!r} as {_described(value)}: each value must be a "
+                            f"tensor of one value (torch.tensor(x) for a number x), averaged "
+                            f"over the epoch.")
+    return values
