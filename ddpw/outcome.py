@@ -128,7 +128,8 @@ def is_consequence(report: dict[str, Any]) -> bool:
 def others(first: int, reports: dict[int, dict[str, Any]],
            failures: dict[int, tuple[int, float]]) -> str:
     """What became of the ranks that failed besides ``first``, as clauses to follow the line
-    about ``first``: ``; rank 1 raised too (ValueError: ...); rank 2 lost its peer (...)``.
+    about ``first``, the ranks of one fate together: ``; rank 1 raised too (ValueError: ...);
+    ranks 2, 3 lost a peer (...)``.
 
     :param reports: the ranks' error reports (:func:`ddpw.jobfolder.reports`); a script's ranks
         write none, and ``ddpw-launch`` gives the ``traceback`` alone, from the stderr log of
@@ -138,31 +139,34 @@ def others(first: int, reports: dict[int, dict[str, Any]],
     rank: they did what they were told.
     """
     said = _last_line(reports[first]) if first in reports else None
-    clauses = []
+    fates: dict[str, list[int]] = {}
     for rank in sorted((set(reports) | set(failures)) - {first}):
         report = reports.get(rank)
         if report is not None and report.get("paused"):
             continue
         if report is not None and is_consequence(report):
-            clauses.append(f"rank {rank} {consequence(report['traceback'])}")
+            fate = consequence(report["traceback"])
         elif report is not None:
             line = _last_line(report)
-            clauses.append(f"rank {rank} raised the same" if line == said else
-                           f"rank {rank} raised too ({line})")
+            fate = "raised the same" if line == said else f"raised too ({line})"
         elif failures[rank][0] != -signal.SIGTERM:
-            clauses.append(f"rank {rank} failed ({describe_status(failures[rank][0])})")
-    return "".join(f"; {clause}" for clause in clauses)
+            fate = f"failed ({describe_status(failures[rank][0])})"
+        else:
+            continue
+        fates.setdefault(fate, []).append(rank)
+    return "".join(f"; rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} {fate}"
+                   for fate, ranks in fates.items())
 
 
 def consequence(said: str) -> str:
     """What a rank that failed only because another had did, in a few words, from its error's
-    message or traceback: ``lost its peer (Connection closed by peer [10.0.0.2]:40113)``, or
+    message or traceback: ``lost a peer (Connection closed by peer [10.0.0.2])``, or
     ``stopped because another rank failed``."""
     lost = LOST_PEER.search(said)
     if lost is None:
         return "stopped because another rank failed"
-    where = re.compile(re.escape(lost.group(0)) + r" (\[[^\]]+\](?::\d+)?)").search(said)
-    return f"lost its peer ({lost.group(0)}{' ' + where.group(1) if where else ''})"
+    where = re.compile(re.escape(lost.group(0)) + r" (\[[^\]]+\])").search(said)
+    return f"lost a peer ({lost.group(0)}{' ' + where.group(1) if where else ''})"
 
 
 def _last_line(report: dict[str, Any]) -> str:
