@@ -102,12 +102,10 @@ def test_a_job_that_cannot_be_shipped_names_the_object(tmp_path, no_launch):
         Wrapper(CPU2).start(print, (x for x in range(3)))
 
 
-def fail_on_rank_one(how: str, finished: str) -> int:
+def die_on_rank_one(finished: str) -> int:
     w = world()
     if w.global_rank == 1:
         time.sleep(0.5)
-        if how == "raise":
-            raise ValueError("rank one is unhappy")
         os._exit(3)
     # Rank 0 waits for a peer that never arrives, in a collective and then (once gloo gives up
     # on the peer) for a minute: the launcher must end it rather than wait.
@@ -121,7 +119,7 @@ def fail_on_rank_one(how: str, finished: str) -> int:
 def test_a_rank_that_dies_ends_the_job_with_its_status(tmp_path, no_leftover_processes):
     finished = tmp_path / "rank-0-finished"
     with pytest.raises(WorkerError, match=r"rank 1 of 2 died \(exit status 3\)") as caught:
-        Wrapper(CPU2).start(fail_on_rank_one, "exit", str(finished))
+        Wrapper(CPU2).start(die_on_rank_one, str(finished))
     assert caught.value.rank == 1 and caught.value.status == 3
     # With no traceback of its own, the error tells what the agent saw: rank 1's end, and its
     # own ending of rank 0.
