@@ -145,12 +145,14 @@ def execute(folder: Path) -> int:
 
 
 def _tell(error: BaseException, rank: int, caller_shows: bool = False) -> int:
-    """Say on this rank's stderr (its log, or the console) why the exception ``error`` ends
-    it, and return its exit status, as Python would: its traceback. But nothing when
-    ``caller_shows``, the caller that started this process shows the traceback of the rank that
-    failed first itself, once; and one line when this rank failed only because another had
-    (it lost its peer, or stopped with :class:`~ddpw.errors.PeerFailed`): that other rank
-    says why."""
+    """Say on this rank's stderr (its log, or the console) why ``error`` ends it, and return
+    the exit status that Python would give.
+
+    Python's traceback, as a rule; nothing when ``caller_shows``: the caller that started this
+    process shows the traceback of the rank that failed first itself, once; one line when this
+    rank failed only because another had (it lost a peer, or stopped with
+    :class:`~ddpw.errors.PeerFailed`): that other rank says why.
+    """
     peer_failed = isinstance(error, PeerFailed)
     if isinstance(error, SystemExit) or not (caller_shows or peer_failed
                                              or LOST_PEER.search(str(error))):
