@@ -25,8 +25,15 @@ from click.formatting import term_len
 from . import environment, jobfolder
 from .cli_options import Nodes, Timeout, in_cli_words, platform_settings, slurm_parameters
 from .errors import HUNG_EXIT_STATUS, PAUSED_EXIT_STATUS, ConfigError, WorkerError
-from .outcome import LOST_PEER, Outcome, describe_status, root_cause
-from .plan import RENDEZVOUS_PORTS, LaunchMode, LaunchPlan, MachineFacts, resolve_plan, shortfall
+from .outcome import LOST_PEER, Outcome, describe_status, others, root_cause
+from .plan import (
+    RENDEZVOUS_PORTS,
+    LaunchMode,
+    LaunchPlan,
+    MachineFacts,
+    resolve_plan,
+    shortfall,
+)
 from .platform import COMPILE_MODES, MIXED_PRECISION, REQUEUE_SIGNALS, PlatformConfig
 from .process import exit_now
 from .slurm import ON_INTERRUPT
@@ -428,18 +435,18 @@ def _exit_status(outcome: Outcome, folder: Path, all_ranks: bool) -> int:
         click.echo(f"[ddpw] {hung['message']}\n{hung['details']}\n[ddpw] logs in {folder}",
                    err=True)
         return HUNG_EXIT_STATUS
-    secondary = {rank for rank in failures if _lost_a_peer(folder / f"rank-{rank}.stderr.log")}
-    rank = root_cause(failures, secondary, {})
+    said = {rank: _said(folder / f"rank-{rank}.stderr.log") for rank in failures}
+    lost = {rank: {"traceback": text} for rank, text in said.items() if LOST_PEER.search(text)}
+    rank = root_cause(failures, set(lost), {})
     status = failures[rank][0]
     if rank != 0 and not all_ranks:
         # The console showed rank 0 alone: show what the failing rank said last.
-        err = folder / f"rank-{rank}.stderr.log"
-        tail = err.read_text(errors="replace").splitlines()[-30:] if err.is_file() else []
-        click.echo("\n".join(f"[rank{rank}]: {line}" for line in tail), err=True)
-    click.echo(f"[ddpw] rank {rank} failed ({describe_status(status)}); logs in {folder}",
-               err=True)
+        click.echo("\n".join(f"[rank{rank}]: {line}" for line in said[rank].splitlines()[-30:]),
+                   err=True)
+    click.echo(f"[ddpw] rank {rank} failed ({describe_status(status)})"
+               f"{others(rank, lost, failures)}; logs in {folder}", err=True)
     return status if status > 0 else 128 - status
 
 
-def _lost_a_peer(stderr_log: Path) -> bool:
-    return stderr_log.is_file() and bool(LOST_PEER.search(stderr_log.read_text(errors="replace")))
+def _said(stderr_log: Path) -> str:
+    return stderr_log.read_text(errors="replace") if stderr_log.is_file() else ""

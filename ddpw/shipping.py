@@ -18,13 +18,34 @@ load it), so :func:`ship` sends those tensors' storages without their data: each
 allocates them, uninitialised, and the restore fills them in place. The model's other tensors
 (non-persistent buffers, plain attributes) travel whole. A resumed 7B model then costs its
 structure, not 28 GB of pickle, before the checkpoint is read.
+
+Code travels with its file's name and source. cloudpickle sends the functions and classes of
+the caller's ``__main__`` (and of a Jupyter cell) by value, and names the file of every code
+object it sends ``<dynamic-code>``, so a traceback from the user's ``train_step`` would name no
+file and show no line. ddpw's pickler sends code objects as :mod:`marshal` writes them (as a
+``.pyc`` does: every field kept, the file name too) with the source lines of their file, which
+the worker puts in :mod:`linecache`; a traceback on the worker, or a hang report
+(:mod:`ddpw.hang`, through :mod:`traceback`), then names the script's path and line and shows
+the line's text, as Python would in the caller, even where the file is not there (a Jupyter
+cell, a node without the caller's file system) and whatever became of the file since. Code
+without a file (``python -c``, standard input) travels the same way, with no source.
+
+The alternative, multiprocessing's for its ``spawn`` start method, is to run the caller's
+script again in each worker under another name (``__mp_main__``) so that its functions and
+classes travel by reference. It runs the script's top level once more per rank (its data
+loading, argument parsing, prints), it needs the ``if __name__ == "__main__":`` guard that a
+ddpw script need not have today, and it cannot work for a Jupyter cell; so ddpw keeps by-value
+shipping and only keeps the file name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import linecache
+import marshal
 import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -146,8 +167,15 @@ class _CpuPickler(cloudpickle.Pickler):
         # One copy per block of device memory and dtype, so that views of it share their copy
         # (the same object is pickled once).
         self._copies: dict[tuple[str, int, torch.dtype], torch.TypedStorage] = {}
+        # Each file's lines, one object per file, so that the pickle holds them once.
+        self._sources: dict[str, tuple[str, ...] | None] = {}
 
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.CodeType):
+            try:
+                return _code, (marshal.dumps(obj), obj.co_filename, self._source(obj))
+            except ValueError:  # a constant that marshal cannot write (made at run time)
+                return super().reducer_override(obj)
         if isinstance(obj, torch.TypedStorage):
             untyped = obj._untyped_storage
             hollow = self._hollow.get(untyped.data_ptr())
@@ -158,6 +186,14 @@ class _CpuPickler(cloudpickle.Pickler):
             if device is not None:
                 return _as_is, (self._cpu_copy(obj, device),)
         return super().reducer_override(obj)
+
+    def _source(self, code: types.CodeType) -> tuple[str, ...] | None:
+        """The lines of ``code``'s file as :mod:`linecache` has them here (a Jupyter cell's
+        too), or ``None`` for code without a file (``<string>``, ``<stdin>``)."""
+        filename = code.co_filename
+        if filename not in self._sources:
+            self._sources[filename] = tuple(linecache.getlines(filename)) or None
+        return self._sources[filename]
 
     def _cpu_copy(self, storage: torch.TypedStorage, device: str) -> torch.TypedStorage:
         untyped = storage._untyped_storage
@@ -172,6 +208,16 @@ class _CpuPickler(cloudpickle.Pickler):
         if untyped.nbytes():  # empty storages may share an address, never data
             self._copies[key] = copy
         return copy
+
+
+def _code(data: bytes, filename: str, source: tuple[str, ...] | None) -> types.CodeType:
+    """A code object that :meth:`_CpuPickler.reducer_override` sent; its file's lines go to
+    :mod:`linecache` (where this process has not read that file itself), never to be read
+    again from a file that may have changed since or not be here at all."""
+    if source is not None and filename not in linecache.cache:
+        # No modification time: linecache.checkcache leaves such an entry alone.
+        linecache.cache[filename] = (sum(map(len, source)), None, list(source), filename)
+    return marshal.loads(data)
 
 
 def _as_is(value: Any) -> Any:

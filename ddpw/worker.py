@@ -22,7 +22,7 @@ from accelerate.utils import TorchDynamoPlugin, set_seed
 from . import environment, hang, jobfolder, process, resume
 from .errors import JobPaused, PeerFailed
 from .jobfolder import Payload
-from .outcome import lost_peers
+from .outcome import LOST_PEER, consequence, lost_peers
 from .plan import LaunchMode, rendezvous_port
 from .process import exit_now, exit_status, ignore_signals
 from .shipping import dumps
@@ -112,8 +112,11 @@ def execute(folder: Path) -> int:
     """Run the payload in ``folder`` as this process's rank and report; return the exit
     status."""
     rank = int(os.environ.get("RANK", "0"))
+    caller_shows = False
     try:
         payload = jobfolder.read_payload(folder)
+        # A Wrapper's processes on this machine: its WorkerError shows the traceback.
+        caller_shows = payload.plan.mode is LaunchMode.ACCELERATE
         hang.start(payload.p_config.hang_timeout_s, folder)
         if payload.plan.rendezvous is not None:
             _begin_attempt(folder, payload, rank)
@@ -138,7 +141,27 @@ def execute(folder: Path) -> int:
                                secondary=isinstance(error, PeerFailed))
         if isinstance(error, SystemExit):  # a pause, or sys.exit() in the target
             return error.code if isinstance(error.code, int) else 1
+        return _tell(error, rank, caller_shows)
+
+
+def _tell(error: BaseException, rank: int, caller_shows: bool = False) -> int:
+    """Say on this rank's stderr (its log, or the console) why ``error`` ends it, and return
+    the exit status that Python would give.
+
+    Python's traceback, as a rule; nothing when ``caller_shows``: the caller that started this
+    process shows the traceback of the rank that failed first itself, once; one line when this
+    rank failed only because another had (it lost a peer, or stopped with
+    :class:`~ddpw.errors.PeerFailed`): that other rank says why.
+    """
+    peer_failed = isinstance(error, PeerFailed)
+    if isinstance(error, SystemExit) or not (caller_shows or peer_failed
+                                             or LOST_PEER.search(str(error))):
         return exit_status(error)
+    if not caller_shows:
+        said = f"stopped: {error}" if peer_failed else consequence(str(error))
+        print(f"[ddpw] rank {rank} {said}: a consequence of another rank's failure",
+              file=sys.stderr, flush=True)
+    return 130 if isinstance(error, KeyboardInterrupt) else 1
 
 
 def _begin_attempt(folder: Path, payload: Payload, rank: int) -> None:
@@ -212,7 +235,7 @@ def run_script(target: str, args: list[str], module: bool = False,
         status = 0
     except BaseException as error:
         hang.settle(error)
-        status = exit_status(error)
+        status = _tell(error, int(os.environ.get("RANK", "0")))
     hang.stop()
     if status == 0:
         _leave_process_group()

@@ -89,20 +89,38 @@ def test_a_failing_rank_gives_its_status_and_traceback(tmp_path):
     assert not [line for line in AGENT_LINES if line in out.stderr], out.stderr
 
 
-def test_on_failure_the_agents_lines_go_to_its_log_not_the_console(tmp_path):
+def test_on_failure_the_console_shows_each_rank_once_and_the_agents_lines_go_to_its_log(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(textwrap.dedent("""
-        import os, time
+        import os, signal, time
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
         if os.environ["RANK"] == "1":
             raise RuntimeError("rank 1 fails on purpose")
-        time.sleep(60)  # still running when rank 1 fails: the agent ends it
+        ended = []
+        signal.signal(signal.SIGTERM, lambda *_: ended.append(True))
+        while not ended:  # until the agent ends this rank, as rank 1 has failed
+            time.sleep(0.1)
+        dist.barrier()  # rank 1 is gone: gloo says that the peer closed the connection
     """))
     out = ddpw_launch("--platform", "cpu", "--n-procs", "2", str(script), cwd=tmp_path)
     assert out.returncode == 1, out.stderr
-    assert "[rank1]: RuntimeError: rank 1 fails on purpose" in out.stderr
-    assert "[ddpw] rank 1 failed (exit status 1)" in out.stderr
-    assert not [line for line in AGENT_LINES if line in out.stderr], out.stderr
-    (folder,) = (tmp_path / "logs" / "console_logs").iterdir()
+    (folder,) = Path("logs", "console_logs").iterdir()
+    # The whole console, but for the frames of rank 1's traceback: rank 0 (which the console
+    # shows) only lost its peer, and says so in one line; rank 1's own end; one line that
+    # names both.
+    lost = r"lost a peer \(Connection (closed|reset) by peer \[127\.0\.0\.1\]\)"
+    expected = [re.escape(f"[ddpw] 2 processes; every rank's output in {folder}"),
+                rf"\[rank0\]: \[ddpw\] rank 0 {lost}: a consequence of another rank's failure",
+                re.escape("[rank1]: Traceback (most recent call last):"),
+                re.escape("[rank1]: RuntimeError: rank 1 fails on purpose"),
+                rf"\[ddpw\] rank 1 failed \(exit status 1\); rank 0 {lost}; logs in "
+                rf"{re.escape(str(folder))}"]
+    said = [line for line in out.stderr.splitlines() if not line.startswith("[rank1]:   ")]
+    assert len(said) == len(expected) and out.stdout == "", out.stderr
+    for line, pattern in zip(said, expected, strict=True):
+        assert re.fullmatch(pattern, line), out.stderr
     agent = (folder / "agent.log").read_text()
     assert re.search(r"Sending process \d+ closing signal SIGTERM", agent), agent
     assert "failed (exitcode: 1) local_rank: 1" in agent

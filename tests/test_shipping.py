@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import linecache
 import pickle
+import traceback
 from collections.abc import Callable
 
 import cloudpickle
@@ -223,3 +225,22 @@ def test_a_cuda_model_does_not_land_on_gpu_0_in_every_rank():
     assert [r["device"] for r in results] == ["cuda:0", "cuda:1"]
     assert results[1]["memory_on_0"] == 0
     assert all(r["devices"] == {"cpu"} for r in results)
+
+
+
+def test_code_sent_by_value_keeps_its_file_name_and_lines_where_the_file_is_gone(tmp_path):
+    cell = tmp_path / "cell.py"
+    cell.write_text('\ndef unhappy():\n    raise ValueError("unhappy")\n')
+    space: dict = {}  # no module: cloudpickle sends these functions by value
+    exec(compile(cell.read_text(), str(cell), "exec"), space)
+    exec(compile("def nameless():\n    raise KeyError(3)\n", "<string>", "exec"), space)
+    sent = dumps((space["unhappy"], space["nameless"]))[0]
+    cell.unlink()  # as a Jupyter cell's file is, or on a machine that does not share it
+    linecache.checkcache(str(cell))  # and this process forgets it
+    said = []
+    for function in pickle.loads(sent):
+        with pytest.raises(Exception) as caught:
+            function()
+        said.append("".join(traceback.format_tb(caught.value.__traceback__)))
+    assert f'  File "{cell}", line 3, in unhappy\n    raise ValueError("unhappy")\n' in said[0]
+    assert said[1].endswith('  File "<string>", line 2, in nameless\n')  # no file: no text
