@@ -78,6 +78,7 @@ def test_one_gpu_trains_in_process_on_cuda_with_the_precision_asked(tmp_path, pr
     assert math.isfinite(result["loss"])
     # The asynchronous saves copied the state from the GPU into pinned host buffers.
     assert result["staging"] == ["cpu:pinned"]
+    assert result["staging_left"] == 0  # freed once the last checkpoint is published
 
 
 class CompiledProbeTrainer(BlobTrainer):

@@ -3,7 +3,8 @@ a checkpoint together, in the background, and how each rank reads one back, veri
 
 **Saving.** :meth:`Checkpointer.save` deals the tensors of the model, optimiser, scheduler and
 scaler out to the ranks (:func:`~ddpw.checkpoint.layout.assign`), and each rank copies its share
-into host buffers kept from one save to the next (pinned memory on CUDA). Then the save returns
+into host buffers kept from one save to the next (pinned memory on CUDA; freed by
+:meth:`Checkpointer.close`). Then the save returns
 and training goes on, while a thread of the checkpointer's own writes the checkpoint in three
 steps, each ending with every rank learning whether any rank failed:
 
@@ -139,7 +140,8 @@ class Checkpointer:
             self._thread.submit(lambda: None).result()
 
     def close(self, raising: bool = True) -> None:
-        """Wait for the save in flight and end the thread.
+        """Wait for the save in flight, end the thread and free the host buffers (in place,
+        inside the caller's own launch, the process goes on after the job).
 
         :param raising: raise the save's error; otherwise (when the job is already failing)
             only print it, so that it does not hide the job's own error.
@@ -155,6 +157,7 @@ class Checkpointer:
             if self._thread is not None:
                 self._thread.shutdown()
                 self._thread = None
+            self._buffers = {}
 
     def wait(self) -> None:
         """Wait until the save in flight, if any, is published; raise its error if it failed."""
