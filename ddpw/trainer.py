@@ -47,7 +47,7 @@ from .checkpoint.names import sequence
 from .checkpoint.rng import rng_state, set_rng_state
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
-from .metrics import RunningSums, check_per_sample
+from .metrics import RunningSums, check_per_sample, clip_gradients
 from .monitor import Monitor, best, scores
 from .platform import Platform, PlatformConfig
 from .tracking import Tracking, missing
@@ -391,7 +391,8 @@ class Trainer:
                 hang.progress(f"in the backward pass {at}")
                 self.accelerator.backward(values["loss"])
                 if self.j_config.max_grad_norm is not None and self.accelerator.sync_gradients:
-                    values = {**values, **self._clip_gradients()}
+                    values = {**values, **clip_gradients(self.accelerator, self.model,
+                                                         self.j_config.max_grad_norm)}
                 hang.progress(f"in the optimiser step {at}")
                 self.optimiser.step()
                 if self.scheduler is not None and self.a_config.scheduler_interval == "step":
@@ -399,7 +400,9 @@ class Trainer:
                 self.optimiser.zero_grad()
             hang.progress(f"at the step boundary {at}", unit_done=True)
             self.batch += 1
-            sums.add(values)
+            if self.accelerator.sync_gradients and self.accelerator.optimizer_step_was_skipped:
+                values = sums.skip(values)
+            sums.add(values, self.a_config.batch_size)
             tracking.batch_done()
             if self.verbose and self.batch % 10 == 0:
                 rate = (self.batch - first) * samples_per_batch / (time.perf_counter() - started)
@@ -419,15 +422,6 @@ class Trainer:
             hang.progress(f"loading the batch after {self.batch} {at}")
         hang.progress(f"averaging epoch {self.epoch}'s metrics")
         return sums.means(self.accelerator)
-
-    def _clip_gradients(self) -> dict[str, torch.Tensor]:
-        """Clip the gradients to ``JobConfig.max_grad_norm``; return their norm after and
-        before."""
-        limit = self.j_config.max_grad_norm
-        before = self.accelerator.clip_grad_norm_(self.model.parameters(), limit)
-        # torch scales by limit / (norm + 1e-6) when that is below 1: the norm it leaves.
-        after = before * torch.clamp(limit / (before + 1e-6), max=1.0)
-        return {"grad_norm": after, "grad_norm_unclipped": before}
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
@@ -547,8 +541,9 @@ class Trainer:
         (:meth:`check`, which :class:`~ddpw.wrapper.Wrapper` calls before the job starts, has
         checked the manifest and sizes). With the world size, batch size and gradient
         accumulation it was written with, this rank's RNG states and running sums come back as
-        they were; with others, the RNGs are seeded from the seed and the position, and the
-        batch position is converted to this run's batches.
+        they were; with others, the RNGs are seeded from the seed and the position, the batch
+        position is converted to this run's batches, and the epoch's running sums, which are
+        over samples, go on from every rank's.
 
         :returns: the ids of the tracker runs that wrote it (:meth:`ddpw.tracking.Tracking.runs`),
             ``None`` when it was written before ddpw kept them.
@@ -570,7 +565,7 @@ class Trainer:
         self._ddpw.monitor.load(state.get("monitor"))
         if restored.own is not None:
             set_rng_state(restored.own["rng"], self.device)
-            self._ddpw.sums.load(restored.own, self.device)
+            self._ddpw.sums.load(restored.own, state["batch_size"], self.device)
             self.batch = state["batches"]
         else:
             # Another world size or batch size: the saved RNG streams do not fit, so derive one
@@ -579,7 +574,8 @@ class Trainer:
                                                        * self.world_size)
             set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
                      device_specific=True)
-            self._ddpw.sums.clear()
+            self._ddpw.sums.carry(restored.every_own, state["batch_size"], self.device,
+                                  acc.is_main_process)
         return state.get("trackers")
 
     def _earlier_scores(self, name: str) -> dict[str, float]:

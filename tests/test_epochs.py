@@ -5,10 +5,11 @@ same schedule; the validation set is evaluated every n epochs (JobConfig.validat
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from jobs import Blobs, BlobTrainer, artefacts, final_files, job
+from jobs import Blobs, BlobTrainer, PausingTrainer, artefacts, final_files, job
 
 from ddpw import ConfigError, JobConfig, JobPaused, Platform, PlatformConfig, Wrapper
 from ddpw.artefacts import ArtefactsConfig
@@ -84,3 +85,39 @@ def test_a_validate_every_of_0_is_refused():
     with pytest.raises(ConfigError, match=r"JobConfig\.validate_every=0 is not valid: an "
                                           r"integer >= 1"):
         JobConfig(validate_every=0)
+
+
+class LossNotingTrainer(PausingTrainer):
+    """Notes each training batch's loss and accuracy, by epoch, in
+    ``{training_logs_path}/batches-{rank}-of-{world_size}.txt``."""
+
+    def train_step(self, batch):
+        values = super().train_step(batch)
+        folder = Path(self.j_config.training_logs_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"batches-{self.global_rank}-of-{self.world_size}.txt", "a") as f:
+            f.write(f"{self.epoch} {values['loss'].item()!r} {values['accuracy'].item()!r}\n")
+        return values
+
+
+def test_an_epoch_resumed_mid_way_at_another_world_size_averages_all_its_batches(tmp_path):
+    """Paused on 2 ranks in the middle of epoch 2, resumed on another number: epoch 2's
+    metrics (what monitor='loss', keep_best and early stopping judge) average the batches
+    before the pause too, not only those after."""
+    j_config = job(tmp_path, epochs=2, save_every=0, monitor="loss")
+    with pytest.raises(JobPaused):
+        Wrapper(CPU2, artefacts()).start(LossNotingTrainer(j_config, at=(2, 5)))
+    cpu1 = PlatformConfig(platform=Platform.CPU, n_procs=1, verbose=False)
+    Wrapper(cpu1, artefacts()).start(LossNotingTrainer(
+        job(tmp_path, start_at="latest", epochs=2, save_every=0, monitor="loss"), at=(0, 0)))
+    batches = [line.split() for path in (tmp_path / "logs").glob("batches-*.txt")
+               for line in path.read_text().splitlines()]
+    epoch_2 = [(float(loss), float(accuracy)) for epoch, loss, accuracy in batches
+               if epoch == "2"]
+    # 150 samples in batches of 8: 10 batches a rank on 2 ranks, 19 on 1; paused after 6.
+    assert len(epoch_2) == 2 * 6 + 7
+    logged = [json.loads(line) for line in
+              (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in logged] == [1, 2]
+    assert logged[1]["loss"] == pytest.approx(sum(v for v, _ in epoch_2) / len(epoch_2))
+    assert logged[1]["accuracy"] == pytest.approx(sum(a for _, a in epoch_2) / len(epoch_2))

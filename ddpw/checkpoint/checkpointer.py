@@ -4,9 +4,9 @@ a checkpoint together, in the background, and how each rank reads one back, veri
 **Saving.** :meth:`Checkpointer.save` deals the tensors of the model, optimiser, scheduler and
 scaler out to the ranks (:func:`~ddpw.checkpoint.layout.assign`), and each rank copies its share
 into host buffers kept from one save to the next (pinned memory on CUDA; freed by
-:meth:`Checkpointer.close`). Then the save returns
-and training goes on, while a thread of the checkpointer's own writes the checkpoint in three
-steps, each ending with every rank learning whether any rank failed:
+:meth:`Checkpointer.close`). Then the save returns and training goes on, while a thread of the
+checkpointer's own writes the checkpoint in three steps, each ending with every rank learning
+whether any rank failed:
 
 1. the main rank cleans up after interrupted writes and makes the staging folder;
 2. every rank writes, hashes and flushes its share and its own part (its RNG states and running
@@ -36,7 +36,7 @@ import socket
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class Restored:
     state: dict[str, Any]
     #: This rank's own part, or ``None`` when the checkpoint was written by another world size.
     own: dict[str, Any] | None
+    #: Then every rank's own part, for what adds up across ranks (the running sums).
+    every_own: list[dict[str, Any]] = field(default_factory=list)
 
 
 def samples_into_epoch(state: dict[str, Any]) -> int:
@@ -354,7 +356,6 @@ class Checkpointer:
         """
         self.wait()
         folder = self.root / name
-        own = f"rank-{self.rank}"
         mapped: dict[str, MappedFile] = {}
         state, mine, problem = None, False, None
         try:
@@ -365,7 +366,7 @@ class Checkpointer:
                 if checker == self.rank:
                     problem = problem or self._check_file(folder, file, manifest, mapped)
             state = self._map(folder, "state.json", mapped).json()
-            mine = same_run(state) and (folder / f"{own}.json").is_file()
+            mine = same_run(state) and (folder / f"rank-{self.rank}.json").is_file()
         except ConfigError as error:
             problem = problem or str(error)
         # Every rank reaches this point, damage or not, and all raise the same error.
@@ -379,12 +380,17 @@ class Checkpointer:
             if (folder / f"{part}.json").is_file():
                 structure = self._map(folder, f"{part}.json", mapped).json()
                 target.load_state_dict(join(structure, self._tensors(folder, part, mapped)[0]))
-        if not mine:
-            return Restored(state, None)
-        # RNG states live on the CPU: this part is not moved to the device.
-        tensors = (self._map(folder, f"{own}.safetensors", mapped).tensors()[0]
-                   if (folder / f"{own}.safetensors").is_file() else {})
-        return Restored(state, join(self._map(folder, f"{own}.json", mapped).json(), tensors))
+        if mine:
+            return Restored(state, self._own(folder, self.rank, mapped))
+        return Restored(state, None, [self._own(folder, rank, mapped)
+                                      for rank in range(state["world_size"])
+                                      if (folder / f"rank-{rank}.json").is_file()])
+
+    def _own(self, folder: Path, rank: int, mapped: dict[str, MappedFile]) -> dict[str, Any]:
+        """Rank ``rank``'s own part (its RNG states live on the CPU: not moved to the device)."""
+        tensors = (self._map(folder, f"rank-{rank}.safetensors", mapped).tensors()[0]
+                   if (folder / f"rank-{rank}.safetensors").is_file() else {})
+        return join(self._map(folder, f"rank-{rank}.json", mapped).json(), tensors)
 
     def _check_file(self, folder: Path, name: str, manifest: dict[str, Any],
                     mapped: dict[str, MappedFile]) -> str | None:
