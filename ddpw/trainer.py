@@ -38,7 +38,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import environment, hang, resume
+from . import environment, hang, resume, schedules
 from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
@@ -234,6 +234,8 @@ class Trainer:
         else:
             optimiser = a_config.optimiser_loader(model)
             scheduler = a_config.scheduler_loader(optimiser) if a_config.scheduler_loader else None
+            if scheduler is not None:
+                schedules.check(scheduler, a_config.scheduler_interval, accelerator.is_main_process)
             if scheduler is None:
                 self.model, self.optimiser = accelerator.prepare(model, optimiser)
             else:
@@ -342,8 +344,8 @@ class Trainer:
                 self.metrics.update({f"val_{k}": v for k, v in validation.items()})
             monitor.judge(self.epoch, self.metrics, validates)
             if self.scheduler is not None and self.a_config.scheduler_interval == "epoch":
-                # Accelerate's wrapper would step it once per process: once an epoch, here.
-                self.scheduler.scheduler.step()
+                metric = schedules.plateau_metric(j.monitor, self.validation_loader is not None)
+                schedules.step_epoch(self.scheduler.scheduler, self.metrics, metric)
             self.log_metrics(self.metrics)
             saves = j.saves_after(self.epoch) or (monitor.stops and j.save_every > 0)
             if saves:

@@ -121,3 +121,47 @@ def test_an_epoch_resumed_mid_way_at_another_world_size_averages_all_its_batches
     assert [entry["epoch"] for entry in logged] == [1, 2]
     assert logged[1]["loss"] == pytest.approx(sum(v for v, _ in epoch_2) / len(epoch_2))
     assert logged[1]["accuracy"] == pytest.approx(sum(a for _, a in epoch_2) / len(epoch_2))
+
+
+def rising_plateau(optimiser: torch.optim.Optimizer):
+    """Halves the rate after each epoch whose metric did not rise (every one but the first,
+    as the loss falls)."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=GAMMA,
+                                                      patience=0)
+
+
+def test_reduce_lr_on_plateau_steps_on_the_validation_loss_of_each_validated_epoch(tmp_path):
+    a_config = artefacts(scheduler_loader=rising_plateau, validation_set=Blobs(30, seed=2))
+    Wrapper(CPU2, a_config).start(BlobTrainer(job(tmp_path, epochs=5, save_every=0,
+                                                  validate_every=2)))
+    logged = [json.loads(line) for line in
+              (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    # The same scheduler, stepped on val_loss after the epochs validated (2, 4 and 5) only.
+    replay = rising_plateau(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR))
+    expected = []
+    for entry in logged:
+        expected.append(replay.optimizer.param_groups[0]["lr"])
+        if "val_loss" in entry:
+            replay.step(entry["val_loss"])
+    assert [entry["lr"] for entry in logged] == expected
+    assert expected[-1] < expected[0]  # it did reduce the rate
+
+
+def one_cycle(optimiser: torch.optim.Optimizer):
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=LR, total_steps=100)
+
+
+def test_a_per_step_schedule_stepped_once_an_epoch_is_warned_about_once(tmp_path, capfd):
+    Wrapper(CPU2, artefacts(scheduler_loader=one_cycle)).start(BlobTrainer(
+        job(tmp_path, epochs=2, save_every=0)))
+    said = [line for line in capfd.readouterr().err.splitlines()
+            if "scheduler_interval='epoch' steps this OneCycleLR once an epoch" in line]
+    assert len(said) == 1, said
+
+
+def test_reduce_lr_on_plateau_at_every_step_is_refused(tmp_path):
+    a_config = artefacts(scheduler_loader=rising_plateau, scheduler_interval="step")
+    with pytest.raises(ConfigError, match=r"ArtefactsConfig\.scheduler_interval='step' is not "
+                                          r"valid for a ReduceLROnPlateau: it steps on an "
+                                          r"epoch's metric; use 'epoch'\.$"):
+        Wrapper(CPU2, a_config).start(BlobTrainer(job(tmp_path, epochs=1, save_every=0)))
