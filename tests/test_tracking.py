@@ -46,8 +46,10 @@ def test_tensorboard_has_every_step_and_epoch_of_a_paused_and_resumed_run(tmp_pa
         Wrapper(CPU2, a_config()).start(PausingTrainer(job(
             parts, epochs=3, save_every=1, log_with="tensorboard", log_every_n_steps=4),
             at=(2, 5)))
+    # Resumed from epoch 1 (step 10), before the pause (step 16): what the first attempt
+    # logged past it (steps 12 and 16) is purged, so that no step appears twice.
     Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        parts, start_at="latest", epochs=3, save_every=1, log_with="tensorboard",
+        parts, start_at=1, epochs=3, save_every=1, log_with="tensorboard",
         log_every_n_steps=4)))
 
     expected = tensorboard_scalars(whole / "logs" / "ddpw")
@@ -70,6 +72,8 @@ def test_tensorboard_has_every_step_and_epoch_of_a_paused_and_resumed_run(tmp_pa
             assert all(v > 0 for _, v in resumed[tag])
         else:
             assert resumed[tag] == points, tag
+    # Two attempts wrote to the folder: the first logged steps 12 and 16 too.
+    assert len(list((parts / "logs" / "ddpw").glob("events.out.tfevents.*"))) == 2
 
 
 def test_the_configs_are_hyperparameters_logged_once(tmp_path):
@@ -136,15 +140,26 @@ def wandb_history(path) -> list[dict]:
             for record in records if record.WhichOneof("record_type") == "history"]
 
 
-def test_wandb_offline_writes_its_run_under_the_training_logs(tmp_path, monkeypatch):
+def test_wandb_offline_goes_on_in_the_same_run_after_a_pause(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(JobPaused):
+        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
+            tmp_path, epochs=2, save_every=1, log_with="wandb", log_every_n_steps=5),
+            at=(2, 3)))
     Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        tmp_path, epochs=2, save_every=1, log_with="wandb", log_every_n_steps=5)))
-    (run,) = (tmp_path / "logs" / "wandb").glob("offline-run-*")
-    (records,) = run.glob("run-*.wandb")
-    history = wandb_history(records)
+        tmp_path, start_at="latest", epochs=2, save_every=1, log_with="wandb",
+        log_every_n_steps=5)))
+    # Offline, each attempt writes a folder of its own under the training logs, named by
+    # the run's id: the resumed attempt's is the first's id.
+    first, second = sorted((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    (records,) = first.glob("run-*.wandb")
+    (more,) = second.glob("run-*.wandb")
+    assert records.name == more.name == f"run-{first.name.rsplit('-', 1)[1]}.wandb"
+    assert second.name.endswith(first.name.rsplit("-", 1)[1])
+    # Paused at step 14: the first attempt logged steps 5 and 10, the resumed one goes on.
+    history = wandb_history(records) + wandb_history(more)
     assert [h["_step"] for h in history if "step/loss" in h] == [5, 10, 15, 20]
     assert [h["_step"] for h in history if "val_loss" in h] == [10, 20]
 
