@@ -329,8 +329,8 @@ class Trainer:
         ends after the epoch that used up the patience (:mod:`ddpw.monitor`).
 
         :returns: the last epoch's metrics: ``epoch``, the mean of each :meth:`train_step` value
-            across batches and ranks, ``lr`` (the learning rate when the epoch's training
-            ended), and ``val_*`` metrics when there is a validation set.
+            over the samples of every rank (:mod:`ddpw.metrics`; ``skipped_steps`` under fp16),
+            ``lr`` (when the epoch's training ended), and ``val_*`` with a validation set.
         """
         j, monitor = self.j_config, self._ddpw.monitor
         while self.epochs_done < j.epochs and not monitor.stops:
