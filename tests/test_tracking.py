@@ -74,42 +74,12 @@ def test_tensorboard_has_every_step_and_epoch_of_a_paused_and_resumed_run(tmp_pa
             assert resumed[tag] == points, tag
     # Two attempts wrote to the folder: the first logged steps 12 and 16 too.
     assert len(list((parts / "logs" / "ddpw").glob("events.out.tfevents.*"))) == 2
-
-
-def test_the_configs_are_hyperparameters_logged_once(tmp_path):
-    with pytest.raises(JobPaused):
-        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
-            tmp_path, epochs=2, save_every=1, log_with="tensorboard"), at=(1, 5)))
-    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        tmp_path, start_at="latest", epochs=2, save_every=1, log_with="tensorboard")))
-    stored = list((tmp_path / "logs" / "ddpw").glob("*/hparams.yml"))
-    assert len(stored) == 1
-    text = stored[0].read_text()
-    for line in ("job.epochs: 2", "platform.n_procs: 2", "artefacts.batch_size: 8",
+    # The configs are hyper-parameters, logged once: by the run that started from scratch.
+    (stored,) = (parts / "logs" / "ddpw").glob("*/hparams.yml")
+    text = stored.read_text()
+    for line in ("job.epochs: 3", "platform.n_procs: 2", "artefacts.batch_size: 8",
                  "artefacts.model: Net", "artefacts.train_set: Blobs(len=150)"):
         assert line in text
-
-
-def test_mlflow_goes_on_in_the_same_run_after_a_pause(tmp_path):
-    mlflow = pytest.importorskip("mlflow")
-    with pytest.raises(JobPaused):
-        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
-            tmp_path, epochs=2, save_every=1, log_with="mlflow", log_every_n_steps=5),
-            at=(2, 3)))
-    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        tmp_path, start_at="latest", epochs=2, save_every=1, log_with="mlflow",
-        log_every_n_steps=5)))
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("ddpw")
-    (run,) = client.search_runs([experiment.experiment_id])
-    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
-                                                                     "step/loss")]
-    assert [step for step, _ in history] == [5, 10, 15, 20]
-    epochs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")]
-    assert [step for step, _ in epochs] == [10, 20]
-    assert [v for _, v in epochs] == pytest.approx([e["val_loss"] for e in epoch_lines(tmp_path)])
-    assert run.data.params["job.epochs"] == "2"
 
 
 def wandb_history(path) -> list[dict]:
@@ -140,25 +110,40 @@ def wandb_history(path) -> list[dict]:
             for record in records if record.WhichOneof("record_type") == "history"]
 
 
-def test_wandb_offline_goes_on_in_the_same_run_after_a_pause(tmp_path, monkeypatch):
+def test_mlflow_and_wandb_go_on_in_the_same_run_after_a_pause(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    trackers = ("mlflow", "wandb")
     with pytest.raises(JobPaused):
         Wrapper(CPU2, a_config()).start(PausingTrainer(job(
-            tmp_path, epochs=2, save_every=1, log_with="wandb", log_every_n_steps=5),
+            tmp_path, epochs=2, save_every=1, log_with=trackers, log_every_n_steps=5),
             at=(2, 3)))
     Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        tmp_path, start_at="latest", epochs=2, save_every=1, log_with="wandb",
+        tmp_path, start_at="latest", epochs=2, save_every=1, log_with=trackers,
         log_every_n_steps=5)))
-    # Offline, each attempt writes a folder of its own under the training logs, named by
-    # the run's id: the resumed attempt's is the first's id.
+
+    # Paused at step 14: the first attempt logged steps 5 and 10, the resumed one goes on.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpw")
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                     "step/loss")]
+    assert [step for step, _ in history] == [5, 10, 15, 20]
+    epochs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert [step for step, _ in epochs] == [10, 20]
+    assert [v for _, v in epochs] == pytest.approx([e["val_loss"] for e in epoch_lines(tmp_path)])
+    assert run.data.params["job.epochs"] == "2"
+
+    # Offline, W&B writes each attempt's folder under the training logs, named by the run's
+    # id: the resumed attempt's is the first's id.
     first, second = sorted((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    run_id = first.name.rsplit("-", 1)[1]
+    assert second.name.endswith(f"-{run_id}")
     (records,) = first.glob("run-*.wandb")
     (more,) = second.glob("run-*.wandb")
-    assert records.name == more.name == f"run-{first.name.rsplit('-', 1)[1]}.wandb"
-    assert second.name.endswith(first.name.rsplit("-", 1)[1])
-    # Paused at step 14: the first attempt logged steps 5 and 10, the resumed one goes on.
+    assert records.name == more.name == f"run-{run_id}.wandb"
     history = wandb_history(records) + wandb_history(more)
     assert [h["_step"] for h in history if "step/loss" in h] == [5, 10, 15, 20]
     assert [h["_step"] for h in history if "val_loss" in h] == [10, 20]
