@@ -116,8 +116,9 @@ def _sample_sums(part: dict[str, Any], batch_size: int
     counts were kept, over all of ``sum_batches``.)"""
     if "sample_sums" in part:
         return part["sample_sums"], part["sample_counts"]
-    counts = part.get("sum_counts") or dict.fromkeys(part["sums"], part.get("sum_batches", 0))
-    return ({k: v * batch_size for k, v in part["sums"].items()},
+    sums = part.get("sums", {})
+    counts = part.get("sum_counts") or dict.fromkeys(sums, part.get("sum_batches", 0))
+    return ({k: v * batch_size for k, v in sums.items()},
             {k: n * batch_size for k, n in counts.items()})
 
 

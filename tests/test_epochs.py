@@ -132,8 +132,12 @@ def rising_plateau(optimiser: torch.optim.Optimizer):
 
 def test_reduce_lr_on_plateau_steps_on_the_validation_loss_of_each_validated_epoch(tmp_path):
     a_config = artefacts(scheduler_loader=rising_plateau, validation_set=Blobs(30, seed=2))
-    Wrapper(CPU2, a_config).start(BlobTrainer(job(tmp_path, epochs=5, save_every=0,
-                                                  validate_every=2)))
+    # Paused in epoch 3 and resumed: its state (the best value so far) is in the checkpoint.
+    with pytest.raises(JobPaused):
+        Wrapper(CPU2, a_config).start(PausingTrainer(
+            job(tmp_path, epochs=5, save_every=0, validate_every=2), at=(3, 2)))
+    Wrapper(CPU2, a_config).start(BlobTrainer(job(tmp_path, start_at="latest", epochs=5,
+                                                  save_every=0, validate_every=2)))
     logged = [json.loads(line) for line in
               (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     # The same scheduler, stepped on val_loss after the epochs validated (2, 4 and 5) only.
@@ -143,6 +147,7 @@ def test_reduce_lr_on_plateau_steps_on_the_validation_loss_of_each_validated_epo
         expected.append(replay.optimizer.param_groups[0]["lr"])
         if "val_loss" in entry:
             replay.step(entry["val_loss"])
+    assert [entry["epoch"] for entry in logged] == [1, 2, 3, 4, 5]
     assert [entry["lr"] for entry in logged] == expected
     assert expected[-1] < expected[0]  # it did reduce the rate
 
