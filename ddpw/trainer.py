@@ -234,11 +234,10 @@ class Trainer:
         else:
             optimiser = a_config.optimiser_loader(model)
             scheduler = a_config.scheduler_loader(optimiser) if a_config.scheduler_loader else None
-            if scheduler is not None:
-                schedules.check(scheduler, a_config.scheduler_interval, accelerator.is_main_process)
             if scheduler is None:
                 self.model, self.optimiser = accelerator.prepare(model, optimiser)
             else:
+                schedules.check(scheduler, a_config.scheduler_interval, accelerator.is_main_process)
                 self.model, self.optimiser, self.scheduler = accelerator.prepare(
                     model, optimiser, scheduler)
         for name in ("train", "validation", "test"):

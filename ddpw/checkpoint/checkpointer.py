@@ -90,7 +90,7 @@ class Restored:
     state: dict[str, Any]
     #: This rank's own part, or ``None`` when the checkpoint was written by another world size.
     own: dict[str, Any] | None
-    #: Then every rank's own part, for what adds up across ranks (the running sums).
+    #: Without ``own``: every rank's own part, for what adds up across ranks (running sums).
     every_own: list[dict[str, Any]] = field(default_factory=list)
 
 
