@@ -100,16 +100,28 @@ class LossNotingTrainer(PausingTrainer):
         return values
 
 
-def test_an_epoch_resumed_mid_way_at_another_world_size_averages_all_its_batches(tmp_path):
+def one_cycle(optimiser: torch.optim.Optimizer):
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=LR, total_steps=100)
+
+
+def test_an_epoch_resumed_mid_way_at_another_world_size_averages_all_its_batches(
+        tmp_path, capfd, recwarn):
     """Paused on 2 ranks in the middle of epoch 2, resumed on another number: epoch 2's
     metrics (what monitor='loss', keep_best and early stopping judge) average the batches
-    before the pause too, not only those after."""
+    before the pause too, not only those after. (And a OneCycleLR stepped once an epoch is
+    warned about, once a job.)"""
+    a_config = artefacts(scheduler_loader=one_cycle)
     j_config = job(tmp_path, epochs=2, save_every=0, monitor="loss")
     with pytest.raises(JobPaused):
-        Wrapper(CPU2, artefacts()).start(LossNotingTrainer(j_config, at=(2, 5)))
+        Wrapper(CPU2, a_config).start(LossNotingTrainer(j_config, at=(2, 5)))
     cpu1 = PlatformConfig(platform=Platform.CPU, n_procs=1, verbose=False)
-    Wrapper(cpu1, artefacts()).start(LossNotingTrainer(
+    Wrapper(cpu1, a_config).start(LossNotingTrainer(
         job(tmp_path, start_at="latest", epochs=2, save_every=0, monitor="loss"), at=(0, 0)))
+    # Warned by the main rank of the 2, and by the world of 1, which runs in this process
+    # (where pytest records its warnings).
+    said = "scheduler_interval='epoch' steps this OneCycleLR once an epoch"
+    assert len([line for line in capfd.readouterr().err.splitlines() if said in line]) == 1
+    assert len([w for w in recwarn if said in str(w.message)]) == 1
     batches = [line.split() for path in (tmp_path / "logs").glob("batches-*.txt")
                for line in path.read_text().splitlines()]
     epoch_2 = [(float(loss), float(accuracy)) for epoch, loss, accuracy in batches
@@ -150,18 +162,6 @@ def test_reduce_lr_on_plateau_steps_on_the_validation_loss_of_each_validated_epo
     assert [entry["epoch"] for entry in logged] == [1, 2, 3, 4, 5]
     assert [entry["lr"] for entry in logged] == expected
     assert expected[-1] < expected[0]  # it did reduce the rate
-
-
-def one_cycle(optimiser: torch.optim.Optimizer):
-    return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=LR, total_steps=100)
-
-
-def test_a_per_step_schedule_stepped_once_an_epoch_is_warned_about_once(tmp_path, capfd):
-    Wrapper(CPU2, artefacts(scheduler_loader=one_cycle)).start(BlobTrainer(
-        job(tmp_path, epochs=2, save_every=0)))
-    said = [line for line in capfd.readouterr().err.splitlines()
-            if "scheduler_interval='epoch' steps this OneCycleLR once an epoch" in line]
-    assert len(said) == 1, said
 
 
 def test_reduce_lr_on_plateau_at_every_step_is_refused(tmp_path):
