@@ -42,7 +42,9 @@ class ArtefactsConfig:
         ``scheduler_interval`` says.
     :param scheduler_interval: ``"epoch"`` (the default): the scheduler steps once after each
         epoch, after its validation and before its checkpoint, as a schedule written in epochs
-        expects (``StepLR(step_size=30)`` for "every 30 epochs", as in PyTorch's own examples).
+        expects (``StepLR(step_size=30)`` for "every 30 epochs", as in PyTorch's own examples);
+        a ``ReduceLROnPlateau`` steps on ``JobConfig.monitor``, else ``val_loss``, else
+        ``loss`` (:mod:`ddpw.schedules`).
         ``"step"``: it steps with every optimiser step, and Accelerate steps it once per
         process, so that a schedule written in steps of one process (a warm-up,
         ``OneCycleLR``) follows the number of samples seen whatever the world size. Each

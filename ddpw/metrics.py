@@ -1,9 +1,10 @@
 """How a :class:`~ddpw.trainer.Trainer` averages what its steps return.
 
-:meth:`~ddpw.trainer.Trainer.train_step` values are summed over an epoch on each rank
-(:class:`RunningSums`, saved with a checkpoint so that a resumed epoch averages as an
-uninterrupted one would); :meth:`~ddpw.trainer.Trainer.evaluate_step` returns per-sample values
-(:func:`check_per_sample`), which the trainer averages exactly over the data set.
+:meth:`~ddpw.trainer.Trainer.train_step` values are summed over the samples of an epoch on each
+rank (:class:`RunningSums`, saved with a checkpoint so that a resumed epoch averages as an
+uninterrupted one would, at any world size), without the gradient norms of the optimiser steps
+that fp16's GradScaler skipped; :meth:`~ddpw.trainer.Trainer.evaluate_step` returns per-sample
+values (:func:`check_per_sample`), which the trainer averages exactly over the data set.
 """
 
 from __future__ import annotations
@@ -13,43 +14,112 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+#: The values that clipping adds to an optimiser step's (:func:`clip_gradients`).
+GRADIENT_NORMS = ("grad_norm", "grad_norm_unclipped")
+
+
+def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, limit: float
+                   ) -> dict[str, torch.Tensor]:
+    """Clip the gradients of ``model`` to the norm ``limit``; return their norm after and before.
+
+    Under fp16, when the GradScaler finds the gradients overflowed, both are inf or NaN: that
+    step is skipped (:meth:`RunningSums.skip`).
+    """
+    before = accelerator.clip_grad_norm_(model.parameters(), limit)
+    # torch scales by limit / (norm + 1e-6) when that is below 1: the norm it leaves.
+    after = before * torch.clamp(limit / (before + 1e-6), max=1.0)
+    return {"grad_norm": after, "grad_norm_unclipped": before}
+
 
 class RunningSums:
-    """The sum of each training step value over this rank's batches of the epoch so far, and
-    how many batches gave it (a value that only some steps give, such as the gradient norm of
-    an optimiser step under gradient accumulation, averages over those)."""
+    """The sum of each training step value over this rank's samples of the epoch so far (each
+    batch's value weighs its ``batch_size`` samples), and how many samples gave it (a value that
+    only some steps give, such as the gradient norm of an optimiser step under gradient
+    accumulation, averages over those); and the optimiser steps that fp16's GradScaler skipped.
+
+    Sums over samples add up across ranks: a checkpoint's sums, whatever world or batch size
+    wrote them, go on in a run of another (:meth:`carry`).
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.skipped = 0
 
     def clear(self) -> None:
         """Start from nothing, as at the start of an epoch."""
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self.skipped = {}, {}, 0
 
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        """Add one batch's values (scalar tensors, detached here)."""
+    def add(self, values: dict[str, torch.Tensor], samples: int) -> None:
+        """Add one batch's values (scalar tensors, detached here), each the mean over its
+        ``samples`` samples."""
         for key, value in values.items():
-            value = value.detach().float()
+            value = value.detach().float() * samples
             self.sums[key] = self.sums[key] + value if key in self.sums else value
-            self.counts[key] = self.counts.get(key, 0) + 1
+            self.counts[key] = self.counts.get(key, 0) + samples
+
+    def skip(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Count an optimiser step that the GradScaler skipped (its gradients overflowed, as
+        fp16's do now and then while the scale settles); return its values without the
+        gradient norms, which are inf or NaN and measure nothing that was applied. Its loss
+        and other values stay: the batch was seen."""
+        self.skipped += 1
+        return {k: v for k, v in values.items() if k not in GRADIENT_NORMS}
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
-        """The mean of each value over the batches and the ranks (every rank must call it)."""
-        means = {k: accelerator.reduce(v / self.counts[k], reduction="mean")
-                 for k, v in self.sums.items()}
-        return {k: float(v) for k, v in means.items()}
+        """The mean of each value over the samples of every rank, and ``skipped_steps`` under
+        a GradScaler (every rank must call it)."""
+        keys = sorted(self.sums)  # one order on every rank
+        device = accelerator.device
+        totals = accelerator.reduce(torch.stack(
+            [self.sums[k].to(device).reshape(()) for k in keys]
+            + [torch.tensor(float(self.counts[k]), device=device) for k in keys]
+            + [torch.tensor(float(self.skipped), device=device)]), reduction="sum").tolist()
+        means = {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys)}
+        result = {k: means[k] for k in self.sums}
+        if accelerator.scaler is not None:
+            # Every rank skips the same steps (the gradients are all-reduced).
+            result["skipped_steps"] = round(totals[-1] / accelerator.num_processes)
+        return result
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of them, in this rank's part."""
-        return {"sums": self.sums, "sum_counts": self.counts}
+        return {"sample_sums": self.sums, "sample_counts": self.counts,
+                "skipped_steps": self.skipped}
 
-    def load(self, state: dict[str, Any], device: torch.device) -> None:
-        """Take back what :meth:`state` returned, onto ``device``. (Checkpoints written before
-        the counts were kept counted every value over all the batches: ``sum_batches``.)"""
-        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
-        self.counts = state.get("sum_counts") or dict.fromkeys(self.sums,
-                                                                state.get("sum_batches", 0))
+    def load(self, part: dict[str, Any], batch_size: int, device: torch.device) -> None:
+        """Take back this rank's sums from its part of a checkpoint of this run's shape, onto
+        ``device``; ``batch_size``: the checkpoint's."""
+        sums, self.counts = _sample_sums(part, batch_size)
+        self.sums = {k: v.to(device) for k, v in sums.items()}
+        self.skipped = part.get("skipped_steps", 0)
+
+    def carry(self, parts: list[dict[str, Any]], batch_size: int, device: torch.device,
+              main: bool) -> None:
+        """Go on from the sums of every rank's part of a checkpoint that another world or
+        batch size (``batch_size``, the checkpoint's) wrote: their totals on the ``main``
+        rank, nothing on the others (each value's key on every rank, for :meth:`means`)."""
+        self.clear()
+        for part in parts:
+            sums, counts = _sample_sums(part, batch_size)
+            for key, value in sums.items():
+                value = value.to(device) if main else torch.zeros_like(value, device=device)
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+                self.counts[key] = self.counts.get(key, 0) + (counts[key] if main else 0)
+            self.skipped = max(self.skipped, part.get("skipped_steps", 0))
+
+
+def _sample_sums(part: dict[str, Any], batch_size: int
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The sums over samples and their counts in a rank's part of a checkpoint. (Older
+    checkpoints summed batch means, ``sums``, over ``sum_counts`` batches, or, before the
+    counts were kept, over all of ``sum_batches``.)"""
+    if "sample_sums" in part:
+        return part["sample_sums"], part["sample_counts"]
+    sums = part.get("sums", {})
+    counts = part.get("sum_counts") or dict.fromkeys(sums, part.get("sum_batches", 0))
+    return ({k: v * batch_size for k, v in sums.items()},
+            {k: n * batch_size for k, n in counts.items()})
 
 
 def check_per_sample(output: Any, owner: str) -> None:

@@ -37,7 +37,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import environment, hang, resume
+from . import environment, hang, resume, schedules
 from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
@@ -47,7 +47,7 @@ from .checkpoint.rng import rng_state, set_rng_state
 from .contract import check_steps, step_values
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
-from .metrics import RunningSums, check_per_sample
+from .metrics import RunningSums, check_per_sample, clip_gradients
 from .monitor import Monitor, best, scores
 from .platform import Platform, PlatformConfig
 from .tracking import Tracking, missing
@@ -239,6 +239,7 @@ class Trainer:
             if scheduler is None:
                 self.model, self.optimiser = accelerator.prepare(model, optimiser)
             else:
+                schedules.check(scheduler, a_config.scheduler_interval, accelerator.is_main_process)
                 self.model, self.optimiser, self.scheduler = accelerator.prepare(
                     model, optimiser, scheduler)
         for name in ("train", "validation", "test"):
@@ -329,8 +330,8 @@ class Trainer:
         ends after the epoch that used up the patience (:mod:`ddpw.monitor`).
 
         :returns: the last epoch's metrics: ``epoch``, the mean of each :meth:`train_step` value
-            across batches and ranks, ``lr`` (the learning rate when the epoch's training
-            ended), and ``val_*`` metrics when there is a validation set.
+            over the samples of every rank (:mod:`ddpw.metrics`; ``skipped_steps`` under fp16),
+            ``lr`` (when the epoch's training ended), and ``val_*`` with a validation set.
         """
         j, monitor = self.j_config, self._ddpw.monitor
         while self.epochs_done < j.epochs and not monitor.stops:
@@ -344,8 +345,8 @@ class Trainer:
                 self.metrics.update({f"val_{k}": v for k, v in validation.items()})
             monitor.judge(self.epoch, self.metrics, validates)
             if self.scheduler is not None and self.a_config.scheduler_interval == "epoch":
-                # Accelerate's wrapper would step it once per process: once an epoch, here.
-                self.scheduler.scheduler.step()
+                metric = schedules.plateau_metric(j.monitor, self.validation_loader is not None)
+                schedules.step_epoch(self.scheduler.scheduler, self.metrics, metric)
             self.log_metrics(self.metrics)
             saves = (j.saves_after(self.epoch) or (monitor.stops and j.save_every > 0)
                      or monitor.unknown is not None)
@@ -393,7 +394,8 @@ class Trainer:
                 hang.progress(f"in the backward pass {at}")
                 self.accelerator.backward(values["loss"])
                 if self.j_config.max_grad_norm is not None and self.accelerator.sync_gradients:
-                    values = {**values, **self._clip_gradients()}
+                    values = {**values, **clip_gradients(self.accelerator, self.model,
+                                                         self.j_config.max_grad_norm)}
                 hang.progress(f"in the optimiser step {at}")
                 self.optimiser.step()
                 if self.scheduler is not None and self.a_config.scheduler_interval == "step":
@@ -401,7 +403,9 @@ class Trainer:
                 self.optimiser.zero_grad()
             hang.progress(f"at the step boundary {at}", unit_done=True)
             self.batch += 1
-            sums.add(values)
+            if self.accelerator.sync_gradients and self.accelerator.optimizer_step_was_skipped:
+                values = sums.skip(values)
+            sums.add(values, self.a_config.batch_size)
             tracking.batch_done()
             if self.verbose and self.batch % 10 == 0:
                 rate = (self.batch - first) * samples_per_batch / (time.perf_counter() - started)
@@ -421,15 +425,6 @@ class Trainer:
             hang.progress(f"loading the batch after {self.batch} {at}")
         hang.progress(f"averaging epoch {self.epoch}'s metrics")
         return sums.means(self.accelerator)
-
-    def _clip_gradients(self) -> dict[str, torch.Tensor]:
-        """Clip the gradients to ``JobConfig.max_grad_norm``; return their norm after and
-        before."""
-        limit = self.j_config.max_grad_norm
-        before = self.accelerator.clip_grad_norm_(self.model.parameters(), limit)
-        # torch scales by limit / (norm + 1e-6) when that is below 1: the norm it leaves.
-        after = before * torch.clamp(limit / (before + 1e-6), max=1.0)
-        return {"grad_norm": after, "grad_norm_unclipped": before}
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
@@ -551,8 +546,9 @@ class Trainer:
         (:meth:`check`, which :class:`~ddpw.wrapper.Wrapper` calls before the job starts, has
         checked the manifest and sizes). With the world size, batch size and gradient
         accumulation it was written with, this rank's RNG states and running sums come back as
-        they were; with others, the RNGs are seeded from the seed and the position, and the
-        batch position is converted to this run's batches.
+        they were; with others, the RNGs are seeded from the seed and the position, the batch
+        position is converted to this run's batches, and the epoch's running sums, which are
+        over samples, go on from every rank's.
 
         :returns: the ids of the tracker runs that wrote it (:meth:`ddpw.tracking.Tracking.runs`),
             ``None`` when it was written before ddpw kept them.
@@ -574,7 +570,7 @@ class Trainer:
         self._ddpw.monitor.load(state.get("monitor"))
         if restored.own is not None:
             set_rng_state(restored.own["rng"], self.device)
-            self._ddpw.sums.load(restored.own, self.device)
+            self._ddpw.sums.load(restored.own, state["batch_size"], self.device)
             self.batch = state["batches"]
         else:
             # Another world size or batch size: the saved RNG streams do not fit, so derive one
@@ -583,7 +579,8 @@ class Trainer:
                                                        * self.world_size)
             set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
                      device_specific=True)
-            self._ddpw.sums.clear()
+            self._ddpw.sums.carry(restored.every_own, state["batch_size"], self.device,
+                                  acc.is_main_process)
         return state.get("trackers")
 
     def _earlier_scores(self, name: str) -> dict[str, float]:

@@ -210,6 +210,14 @@ class ProbeTrainer(InspectingTrainer):
         self.restored = flat_parameters(self.model)
         self.restored_scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
 
+    def save_checkpoint(self):
+        folder = super().save_checkpoint()
+        # Where the asynchronous saves staged their copies: host buffers, pinned on CUDA (freed
+        # when the job ends, so noted here).
+        self.staging = sorted({f"{b.device.type}:{'pinned' if b.is_pinned() else 'pageable'}"
+                               for b in self._ddpw.checkpoints._buffers.values()})
+        return folder
+
     def run(self):
         import torch.distributed as dist
 
@@ -226,9 +234,8 @@ class ProbeTrainer(InspectingTrainer):
                 "forward_dtype": str(getattr(model, "forward_dtype", None)),
                 "backend": dist.get_backend() if dist.is_initialized() else None,
                 "cuda_bytes": torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0,
-                # Where the asynchronous saves staged their copies: host buffers, pinned on CUDA.
-                "staging": sorted({f"{b.device.type}:{'pinned' if b.is_pinned() else 'pageable'}"
-                                   for b in self._ddpw.checkpoints._buffers.values()})}
+                "staging": getattr(self, "staging", []),
+                "staging_left": len(self._ddpw.checkpoints._buffers)}
         scaler = self.accelerator.scaler
         # The main rank's facts at the top (the job's result is its); every rank's in "ranks".
         return {**result, **mine, "ranks": gather_object([mine]),

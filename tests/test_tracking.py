@@ -47,8 +47,10 @@ def test_tensorboard_has_every_step_and_epoch_of_a_paused_and_resumed_run(tmp_pa
         Wrapper(CPU2, a_config()).start(PausingTrainer(job(
             parts, epochs=3, save_every=1, log_with="tensorboard", log_every_n_steps=4),
             at=(2, 5)))
+    # Resumed from epoch 1 (step 10), before the pause (step 16): what the first attempt
+    # logged past it (steps 12 and 16) is purged, so that no step appears twice.
     Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        parts, start_at="latest", epochs=3, save_every=1, log_with="tensorboard",
+        parts, start_at=1, epochs=3, save_every=1, log_with="tensorboard",
         log_every_n_steps=4)))
 
     expected = tensorboard_scalars(whole / "logs" / "ddpw")
@@ -80,42 +82,14 @@ def test_tensorboard_has_every_step_and_epoch_of_a_paused_and_resumed_run(tmp_pa
             assert all(v > 0 for _, v in resumed[tag])
         else:
             assert resumed[tag] == points, tag
-
-
-def test_the_configs_are_hyperparameters_logged_once(tmp_path):
-    with pytest.raises(JobPaused):
-        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
-            tmp_path, epochs=2, save_every=1, log_with="tensorboard"), at=(1, 5)))
-    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        tmp_path, start_at="latest", epochs=2, save_every=1, log_with="tensorboard")))
-    stored = list((tmp_path / "logs" / "ddpw").glob("*/hparams.yml"))
-    assert len(stored) == 1
-    text = stored[0].read_text()
-    for line in ("job.epochs: 2", "platform.n_procs: 2", "artefacts.batch_size: 8",
+    # Two attempts wrote to the folder: the first logged steps 12 and 16 too.
+    assert len(list((parts / "logs" / "ddpw").glob("events.out.tfevents.*"))) == 2
+    # The configs are hyper-parameters, logged once: by the run that started from scratch.
+    (stored,) = (parts / "logs" / "ddpw").glob("*/hparams.yml")
+    text = stored.read_text()
+    for line in ("job.epochs: 3", "platform.n_procs: 2", "artefacts.batch_size: 8",
                  "artefacts.model: Net", "artefacts.train_set: Blobs(len=150)"):
         assert line in text
-
-
-def test_mlflow_goes_on_in_the_same_run_after_a_pause(tmp_path):
-    mlflow = pytest.importorskip("mlflow")
-    with pytest.raises(JobPaused):
-        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
-            tmp_path, epochs=2, save_every=1, log_with="mlflow", log_every_n_steps=5),
-            at=(2, 3)))
-    Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        tmp_path, start_at="latest", epochs=2, save_every=1, log_with="mlflow",
-        log_every_n_steps=5)))
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("ddpw")
-    (run,) = client.search_runs([experiment.experiment_id])
-    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
-                                                                     "step/loss")]
-    assert [step for step, _ in history] == [5, 10, 15, 20]
-    epochs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")]
-    assert [step for step, _ in epochs] == [10, 20]
-    assert [v for _, v in epochs] == pytest.approx([e["val_loss"] for e in epoch_lines(tmp_path)])
-    assert run.data.params["job.epochs"] == "2"
 
 
 def wandb_history(path) -> list[dict]:
@@ -146,22 +120,49 @@ def wandb_history(path) -> list[dict]:
             for record in records if record.WhichOneof("record_type") == "history"]
 
 
-def test_wandb_offline_writes_its_run_under_the_training_logs(tmp_path, monkeypatch):
+def test_mlflow_and_wandb_go_on_in_the_same_run_after_a_pause(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    trackers = ("mlflow", "wandb")
+    with pytest.raises(JobPaused):
+        Wrapper(CPU2, a_config()).start(PausingTrainer(job(
+            tmp_path, epochs=2, save_every=1, log_with=trackers, log_every_n_steps=5),
+            at=(2, 3)))
     Wrapper(CPU2, a_config()).start(BlobTrainer(job(
-        tmp_path, epochs=2, save_every=1, log_with="wandb", log_every_n_steps=5)))
-    (run,) = (tmp_path / "logs" / "wandb").glob("offline-run-*")
-    (records,) = run.glob("run-*.wandb")
-    history = wandb_history(records)
+        tmp_path, start_at="latest", epochs=2, save_every=1, log_with=trackers,
+        log_every_n_steps=5)))
+
+    # Paused at step 14: the first attempt logged steps 5 and 10, the resumed one goes on.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpw")
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                     "step/loss")]
+    assert [step for step, _ in history] == [5, 10, 15, 20]
+    epochs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert [step for step, _ in epochs] == [10, 20]
+    assert [v for _, v in epochs] == pytest.approx([e["val_loss"] for e in epoch_lines(tmp_path)])
+    assert run.data.params["job.epochs"] == "2"
+
+    # Offline, W&B writes each attempt's folder under the training logs, named by the run's
+    # id: the resumed attempt's is the first's id.
+    first, second = sorted((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    run_id = first.name.rsplit("-", 1)[1]
+    assert second.name.endswith(f"-{run_id}")
+    (records,) = first.glob("run-*.wandb")
+    (more,) = second.glob("run-*.wandb")
+    assert records.name == more.name == f"run-{run_id}.wandb"
+    history = wandb_history(records) + wandb_history(more)
     assert [h["_step"] for h in history if "step/loss" in h] == [5, 10, 15, 20]
     assert [h["_step"] for h in history if "val_loss" in h] == [10, 20]
 
 
 def test_inside_torchrun_the_trackers_end_and_the_process_group_stays(tmp_path):
     """In place, the caller's launch owns the process group: closing the trackers must leave it
-    up for the results' gather, and for the caller's own collectives after the job."""
+    up for the results' gather, and for the caller's own collectives after the job; and the
+    process, which goes on, keeps no copy of the checkpoints' state."""
     script = tmp_path / "inplace.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -174,17 +175,22 @@ def test_inside_torchrun_the_trackers_end_and_the_process_group_stays(tmp_path):
 
         p = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
         a = artefacts(validation_set=Blobs(30, seed=2))
-        metrics = Wrapper(p, a).start(BlobTrainer(job(Path("."), epochs=2, save_every=1,
-                                                      log_with="tensorboard")))
+        trainer = BlobTrainer(job(Path("."), epochs=2, save_every=1, log_with="tensorboard"))
+        metrics = Wrapper(p, a).start(trainer)
         total = torch.ones(1)
         dist.all_reduce(total)  # the caller's group is still there
-        print("after", int(total.item()), metrics["epoch"])
+        # The host buffers that staged this rank's share of each checkpoint, still held?
+        held = len(trainer._ddpw.checkpoints._buffers)
+        Path(f"after-{{dist.get_rank()}}.txt").write_text(
+            f"{{int(total.item())}} {{metrics['epoch']}} {{held}}")
     """))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node", "2", str(script)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("after 2 2") == 2
+    # One file a rank (their prints would interleave): the sum over 2 ranks, the last epoch,
+    # and no staging buffers kept once start() returned.
+    assert [(tmp_path / f"after-{r}.txt").read_text() for r in (0, 1)] == ["2 2 0"] * 2
     assert [s for s, _ in tensorboard_scalars(tmp_path / "logs" / "ddpw")["val_loss"]] == [
         STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 

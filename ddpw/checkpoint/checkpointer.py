@@ -3,9 +3,10 @@ a checkpoint together, in the background, and how each rank reads one back, veri
 
 **Saving.** :meth:`Checkpointer.save` deals the tensors of the model, optimiser, scheduler and
 scaler out to the ranks (:func:`~ddpw.checkpoint.layout.assign`), and each rank copies its share
-into host buffers kept from one save to the next (pinned memory on CUDA). Then the save returns
-and training goes on, while a thread of the checkpointer's own writes the checkpoint in three
-steps, each ending with every rank learning whether any rank failed:
+into host buffers kept from one save to the next (pinned memory on CUDA; freed by
+:meth:`Checkpointer.close`). Then the save returns and training goes on, while a thread of the
+checkpointer's own writes the checkpoint in three steps, each ending with every rank learning
+whether any rank failed:
 
 1. the main rank cleans up after interrupted writes and makes the staging folder;
 2. every rank writes, hashes and flushes its share and its own part (its RNG states and running
@@ -35,7 +36,7 @@ import socket
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ class Restored:
     state: dict[str, Any]
     #: This rank's own part, or ``None`` when the checkpoint was written by another world size.
     own: dict[str, Any] | None
+    #: Without ``own``: every rank's own part, for what adds up across ranks (running sums).
+    every_own: list[dict[str, Any]] = field(default_factory=list)
 
 
 def samples_into_epoch(state: dict[str, Any]) -> int:
@@ -139,7 +142,8 @@ class Checkpointer:
             self._thread.submit(lambda: None).result()
 
     def close(self, raising: bool = True) -> None:
-        """Wait for the save in flight and end the thread.
+        """Wait for the save in flight, end the thread and free the host buffers (in place,
+        inside the caller's own launch, the process goes on after the job).
 
         :param raising: raise the save's error; otherwise (when the job is already failing)
             only print it, so that it does not hide the job's own error.
@@ -155,6 +159,7 @@ class Checkpointer:
             if self._thread is not None:
                 self._thread.shutdown()
                 self._thread = None
+            self._buffers = {}
 
     def wait(self) -> None:
         """Wait until the save in flight, if any, is published; raise its error if it failed."""
@@ -351,7 +356,6 @@ class Checkpointer:
         """
         self.wait()
         folder = self.root / name
-        own = f"rank-{self.rank}"
         mapped: dict[str, MappedFile] = {}
         state, mine, problem = None, False, None
         try:
@@ -362,7 +366,7 @@ class Checkpointer:
                 if checker == self.rank:
                     problem = problem or self._check_file(folder, file, manifest, mapped)
             state = self._map(folder, "state.json", mapped).json()
-            mine = same_run(state) and (folder / f"{own}.json").is_file()
+            mine = same_run(state) and (folder / f"rank-{self.rank}.json").is_file()
         except ConfigError as error:
             problem = problem or str(error)
         # Every rank reaches this point, damage or not, and all raise the same error.
@@ -376,12 +380,17 @@ class Checkpointer:
             if (folder / f"{part}.json").is_file():
                 structure = self._map(folder, f"{part}.json", mapped).json()
                 target.load_state_dict(join(structure, self._tensors(folder, part, mapped)[0]))
-        if not mine:
-            return Restored(state, None)
-        # RNG states live on the CPU: this part is not moved to the device.
-        tensors = (self._map(folder, f"{own}.safetensors", mapped).tensors()[0]
-                   if (folder / f"{own}.safetensors").is_file() else {})
-        return Restored(state, join(self._map(folder, f"{own}.json", mapped).json(), tensors))
+        if mine:
+            return Restored(state, self._own(folder, self.rank, mapped))
+        return Restored(state, None, [self._own(folder, rank, mapped)
+                                      for rank in range(state["world_size"])
+                                      if (folder / f"rank-{rank}.json").is_file()])
+
+    def _own(self, folder: Path, rank: int, mapped: dict[str, MappedFile]) -> dict[str, Any]:
+        """Rank ``rank``'s own part (its RNG states live on the CPU: not moved to the device)."""
+        tensors = (self._map(folder, f"rank-{rank}.safetensors", mapped).tensors()[0]
+                   if (folder / f"rank-{rank}.safetensors").is_file() else {})
+        return join(self._map(folder, f"rank-{rank}.json", mapped).json(), tensors)
 
     def _check_file(self, folder: Path, name: str, manifest: dict[str, Any],
                     mapped: dict[str, MappedFile]) -> str | None:
