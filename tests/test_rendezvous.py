@@ -181,6 +181,8 @@ def test_the_environment_gives_an_elastic_range_and_restarts():
                                      "1 to n_nodes=2"),
     ({"n_nodes": 2, "min_nodes": 0}, "PlatformConfig.min_nodes=0 is not valid"),
     ({"n_nodes": 2, "max_restarts": -1}, "PlatformConfig.max_restarts=-1 is not valid"),
+    ({"n_nodes": 2, "rendezvous_last_call_s": -1},
+     "PlatformConfig.rendezvous_last_call_s=-1 is not valid"),
     ({"platform": "slurm", "n_nodes": 2, "min_nodes": 1},
      "PlatformConfig.min_nodes=1 is not valid: None on Platform.SLURM"),
 ])
@@ -200,14 +202,31 @@ def test_dry_run_takes_min_max_nodes(tmp_path):
 
 def test_an_elastic_jobs_agent_on_node_0_of_its_machine_hosts_the_store():
     here = resolve_plan(cpu(1, n_nodes=2, min_nodes=1, master_addr="127.0.0.1", name="j",
-                            rendezvous_timeout_s=42), machine()).rendezvous
+                            rendezvous_timeout_s=42, rendezvous_last_call_s=3),
+                        machine()).rendezvous
     options = rendezvous.torchrun_options(here)
-    assert options["rdzv_conf"] == "join_timeout=42,is_host=1"
+    assert options["rdzv_conf"] == "join_timeout=42,last_call_timeout=3,is_host=1"
     assert options["nnodes"] == "1:2" and options["rdzv_id"] == "j"
     elsewhere = dataclasses.replace(here, node_rank=1)
-    assert rendezvous.torchrun_options(elsewhere)["rdzv_conf"] == "join_timeout=42,is_host=0"
+    assert rendezvous.torchrun_options(elsewhere)["rdzv_conf"].endswith(",is_host=0")
+    # Each world of an elastic job has a store of its own (torch's shared one strands a
+    # machine that joins later); a fixed set of machines keeps torch's.
+    assert rendezvous.agent_env(here)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     static = resolve_plan(cpu(1, n_nodes=2, node_rank=0, master_addr="127.0.0.1"), machine())
     assert rendezvous.torchrun_options(static.rendezvous) == {}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in rendezvous.agent_env(static.rendezvous)
+    assert resolve_plan(cpu(1, n_nodes=2, min_nodes=1, master_addr="h"),
+                        machine()).rendezvous.last_call_s == 10
+
+
+def test_a_worlds_keys_in_the_launchs_store_are_named_alike_on_every_machine():
+    """torchrun counts a lost machine as a restart, and a machine that joins counts from 0."""
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert rendezvous.store_attempt(shared) == "2"
+    own = {"TORCHELASTIC_USE_AGENT_STORE": "False"}
+    assert rendezvous.store_attempt({**own, "TORCHELASTIC_RESTART_COUNT": "1"}) == "0"
+    assert rendezvous.store_attempt({**own, "TORCHELASTIC_RESTART_COUNT": "0"}) == "0"
+    assert rendezvous.store_attempt({}) == "0"
 
 
 def test_the_launch_line_says_which_ranks_a_machine_runs_only_when_it_knows():
