@@ -4,6 +4,7 @@ or elastic rendezvous; and, for a peer lost or never arriving, two launchers on 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -197,8 +198,8 @@ from ddpw import JobConfig, JobMode, Platform, PlatformConfig, Wrapper
 NOTES = Path({notes!r})
 
 class CountingTrainer(BlobTrainer):
-    '''Slow steps; each step's samples noted with the world and the epoch, and, once a process,
-    the checkpoint it began at, the world's size and torchrun's restart count.'''
+    '''Slow steps; each step's samples noted with the world, the epoch and the batch, and,
+    once a process, the checkpoint it began at, the world's size and torchrun's restart count.'''
 
     def train_step(self, batch):
         time.sleep(0.1)
@@ -209,8 +210,14 @@ class CountingTrainer(BlobTrainer):
                 f"{{self.resume_from}} {{os.environ['WORLD_SIZE']}} "
                 f"{{os.environ['TORCHELASTIC_RESTART_COUNT']}}")
         with open(NOTES / f"seen-{{world}}-{{rank}}.txt", "a") as f:
-            f.write(f"{{self.epoch}} {{' '.join(map(str, batch[2].tolist()))}}\\n")
+            f.write(f"{{self.epoch}} {{self.batch}} {{' '.join(map(str, batch[2].tolist()))}}\\n")
         return super().train_step(batch)
+
+    def save_checkpoint(self):
+        if self.global_rank == 0:  # where in the data each world saved, in samples
+            with open(NOTES / f"saved-{{os.environ['DDPW_WORLD']}}.txt", "a") as f:
+                f.write(f"{{self.epochs_done}} {{self.batch * self.world_size * 4}}\\n")
+        return super().save_checkpoint()
 
 rank, address, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 p = PlatformConfig(platform=Platform.CPU, n_procs=1, n_nodes=2, min_nodes=1, max_restarts=1,
@@ -223,13 +230,34 @@ print("METRICS", metrics["epoch"], flush=True)
 """
 
 
-def seen(notes: Path, world: int) -> dict[int, list[int]]:
-    """The samples noted in ``world``, by epoch, over every rank."""
+def steps(notes: Path, world: int) -> list[tuple[int, int, list[int]]]:
+    """The steps noted in ``world`` over every rank: ``(epoch, batch, samples)``."""
+    return [(int(epoch), int(batch), [int(i) for i in samples]) for path in
+            sorted(notes.glob(f"seen-{world}-*.txt")) for line in path.read_text().splitlines()
+            for epoch, batch, *samples in [line.split()]]
+
+
+def counted(notes: Path, sizes: dict[int, int], batch_size: int) -> dict[int, list[int]]:
+    """The samples of each epoch in the run that counts, by positions in the data ``(epochs
+    done, samples into the next)``: the last world's, from where it began; before that, those of
+    the world that saved where it began, up to there; and so on (a world whose checkpoints were
+    lost, or passed over, counts for nothing)."""
+    def at(epoch: int, batch: int, world: int) -> tuple[int, int]:
+        return epoch - 1, batch * sizes[world] * batch_size
+
+    start = {world: at(*steps(notes, world)[0][:2], world) for world in sizes}
+    saved = {world: {tuple(map(int, line.split())) for line in
+                     (notes / f"saved-{world}.txt").read_text().splitlines()}
+             for world in sizes if (notes / f"saved-{world}.txt").exists()}
+    chain = [max(sizes)]
+    while start[chain[-1]] != (0, 0):
+        chain.append(max(w for w in saved if w < chain[-1] and start[chain[-1]] in saved[w]))
     found: dict[int, list[int]] = {}
-    for path in notes.glob(f"seen-{world}-*.txt"):
-        for line in path.read_text().splitlines():
-            epoch, *indices = map(int, line.split())
-            found.setdefault(epoch, []).extend(indices)
+    for world, upto in zip(chain, [(math.inf, 0), *(start[w] for w in chain[:-1])],
+                           strict=True):
+        for epoch, batch, samples in steps(notes, world):
+            if start[world] <= at(epoch, batch, world) < upto:
+                found.setdefault(epoch, []).extend(samples)
     return found
 
 
@@ -277,7 +305,7 @@ def test_elastic_machines_that_join_late_leave_and_come_back_agree_on_each_world
                 time.sleep(0.05)
 
         def steps_in(world: int) -> int:
-            return sum(len(v) for v in seen(notes, world).values()) // 4
+            return len(steps(notes, world))
 
         running = [start(0)]
         until("machine 0 alone wrote ckpt_1", lambda: ckpt.latest(folder, "ckpt") == "ckpt_1")
@@ -313,18 +341,11 @@ def test_elastic_machines_that_join_late_leave_and_come_back_agree_on_each_world
     # torchrun counts the loss alone, and the machine that came back counts from 0.
     assert sorted(count for *_, count in began(notes, 4)) == [0, 1]
     assert [count for *_, count in began(notes, 2)] == [0, 0]
-    # The run that counts: each epoch from the last world that trained in it, and, where that
-    # world began at a pause inside the epoch, from the world that paused there, and so on.
-    starts = {world: ckpt.Position.parse(worlds[world - 2][5], "ckpt") for world in (2, 3, 4)}
+    # The run that counts: each epoch's samples once each.
+    sizes = {world: size for world in range(1, 5) for _, size, _ in began(notes, world)[:1]}
+    found = counted(notes, sizes, batch_size=4)
     for epoch in range(1, epochs + 1):
-        counted, world = [], 5
-        while True:
-            world = max(w for w in range(1, world) if epoch in seen(notes, w))
-            counted += seen(notes, world)[epoch]
-            start = starts.get(world)
-            if start is None or (start.epochs, bool(start.batches)) != (epoch - 1, True):
-                break
-        assert sorted(counted) == list(range(samples)), (epoch, sorted(counted))
+        assert sorted(found[epoch]) == list(range(samples)), (epoch, sorted(found[epoch]))
     assert ckpt.read_manifest(folder / f"ckpt_{epochs}")["world_size"] == 2
 
 

@@ -237,3 +237,35 @@ def test_the_launch_line_says_which_ranks_a_machine_runs_only_when_it_knows():
     elastic = resolve_plan(cpu(2, n_nodes=3, min_nodes=2, master_addr="h"), machine())
     assert _where(elastic) == "2 processes here, on one of 2:3 machines meeting at h:29500"
     assert _where(resolve_plan(cpu(2), machine())) == "2 processes"
+
+
+def test_each_world_checks_the_data_position_at_the_size_it_really_has(tmp_path):
+    """An elastic job is planned for the most machines; a world of fewer must not resume a
+    checkpoint that paused after no whole number of its own batches (it would re-see or skip
+    samples). Rank 0 of each world checks it at the world's size (:func:`ddpw.resume.decide`),
+    and a checkpoint of the job's own that does not fit is passed over for an older one."""
+    from jobs import PausingTrainer, artefacts, job
+
+    from ddpw import JobPaused, Platform, PlatformConfig, Wrapper, resume
+    from ddpw.checkpoint import available, read_part
+    from ddpw.checkpoint.checkpointer import samples_into_epoch
+
+    j, a = job(tmp_path, epochs=2, save_every=1), artefacts(n_train=64, batch_size=4)
+    with pytest.raises(JobPaused) as paused:
+        Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=1, verbose=False), a).start(
+            PausingTrainer(j, at=(2, 2), rank=0))
+    name = paused.value.checkpoint.rsplit("/", 1)[-1]
+    consumed = samples_into_epoch(read_part(tmp_path / "checkpoint" / name, "state"))
+    assert available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1", name]
+    fits = {size: consumed % (4 * size) == 0 for size in (2, 3)}
+    assert sorted(fits.values()) == [False, True], (consumed, fits)
+    for size, fit in fits.items():
+        # Chosen before the job began (planned), at the most machines' size: checked again.
+        if fit:
+            assert resume.decide(j, a, size, since=10**9, planned=name) == name
+        else:
+            with pytest.raises(ConfigError, match=f"no whole number of this job's batches of "
+                                                  f"4 x {size} processes"):
+                resume.decide(j, a, size, since=10**9, planned=name)
+        # Written by the job itself: the newest that fits.
+        assert resume.decide(j, a, size, since=0, planned=None) == (name if fit else "ckpt_1")
