@@ -119,6 +119,9 @@ def execute(folder: Path) -> int:
     try:
         payload = jobfolder.read_payload(folder)
         hang.start(payload.p_config.hang_timeout_s, folder)
+        if payload.plan.rendezvous is not None and os.environ["LOCAL_RANK"] == "0":
+            # Before anything can fail: the ranks whose reports the caller reads.
+            jobfolder.note_world(folder, int(os.environ["WORLD_SIZE"]))
         result = run(payload, folder)
         # On the CPU, so that a caller without this rank's device (a login node) can read it.
         data = dumps(result)[0]
@@ -147,10 +150,9 @@ def _begin_attempt(folder: Path, payload: Payload, trainer: Any) -> None:
     """On each machine of a job on several, once the world's process group is up: its rank 0
     numbers the world and chooses the checkpoint that a Trainer starts from, for every rank
     (:func:`ddpw.resume.agree`; after a machine was lost or joined, the newest written since
-    the job began), and each machine notes the world's size (an elastic job's changes). In a
-    later world, each machine sets the last world's reports aside, and the main rank says what
-    happened: the new world, who was lost, the checkpoint. :data:`ddpw.environment.WORLD`
-    tells the job which world it is in."""
+    the job began). In a later world, each machine sets the last world's reports aside, and the
+    main rank says what happened: the new world, who was lost, the checkpoint.
+    :data:`ddpw.environment.WORLD` tells the job which world it is in."""
     world_size, rank, local_rank = (int(os.environ[name])
                                     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     j_config = trainer.j_config if trainer is not None else None
@@ -166,10 +168,7 @@ def _begin_attempt(folder: Path, payload: Payload, trainer: Any) -> None:
     if trainer is not None:
         trainer.resume_from = agreed.checkpoint
     os.environ[environment.WORLD] = str(agreed.world)
-    if local_rank != 0:  # one process per machine keeps the payload folder
-        return
-    jobfolder.note_world(folder, world_size)
-    if agreed.world == 1:
+    if local_rank != 0 or agreed.world == 1:  # one process per machine keeps the folder
         return
     lost = lost_peers(jobfolder.set_aside_reports(folder, agreed.world - 2))
     if rank == 0:
