@@ -145,8 +145,8 @@ def agree(rank: int, world_size: int, since: int,
     if error is None and name and folder is not None and sequence(folder / name) != written:
         error = (f"rank {rank} does not see checkpoint {name} in {folder} as rank 0 does "
                  f"(written {sequence(folder / name) or 'never'} here, {written} there): every "
-                 f"machine must see the same checkpoint_path, up to date (a shared file system "
-                 f"without attribute caching, or with close-to-open consistency).")
+                 f"machine must see the same checkpoint_path, up to date (on NFS, without "
+                 f"attribute caching: actimeo=0).")
     errors: list[str | None] = [None] * world_size
     dist.all_gather_object(errors, error)
     found = next((e for e in errors if e), None)

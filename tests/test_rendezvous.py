@@ -269,3 +269,66 @@ def test_each_world_checks_the_data_position_at_the_size_it_really_has(tmp_path)
                 resume.decide(j, a, size, since=10**9, planned=name)
         # Written by the job itself: the newest that fits.
         assert resume.decide(j, a, size, since=0, planned=None) == (name if fit else "ckpt_1")
+
+
+def _agreeing_rank(rank: int, store: str, folder: str, stale: str) -> None:
+    """One rank of :func:`test_every_rank_begins_where_rank_0_decided_or_all_stop_saying_why`:
+    prints what :func:`ddpw.resume.agree` gave it, or its error."""
+    from pathlib import Path
+
+    from ddpw import resume
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        for case, name in (("agrees", "ckpt_1"), ("stale", "ckpt_2"), ("fails", None)):
+            def decide(since: int, name: str | None = name, case: str = case):
+                if case == "fails":
+                    raise ConfigError("rank 0's own reason")
+                assert since == 6, since  # the earliest rank's start
+                return 3, 2, name
+            # Rank 1's view of the folder: ckpt_2 as an older copy (a stale cache).
+            here = Path(folder if rank == 0 or case != "stale" else stale)
+            try:
+                print(case, resume.agree(rank, 2, since=7 - rank, decide_here=decide,
+                                         folder=here), flush=True)
+            except ConfigError as error:
+                print(case, "ConfigError:", error, flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_begins_where_rank_0_decided_or_all_stop_saying_why(tmp_path):
+    """Two real ranks: rank 0 numbers the world and chooses the checkpoint for both; a rank
+    that sees that checkpoint otherwise (an older copy, as an attribute cache may show it),
+    or rank 0 failing to decide, stops every rank with the same one-line error."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for root, written in ((tmp_path / "folder", {"ckpt_1": 4, "ckpt_2": 9}),
+                          (tmp_path / "stale", {"ckpt_2": 5})):
+        for name, sequence in written.items():
+            (root / name).mkdir(parents=True)
+            (root / name / "manifest.json").write_text(json.dumps({"sequence": sequence}))
+    tests = str(Path(__file__).resolve().parent)
+    code = (f"import sys; sys.path.insert(0, {tests!r}); from test_rendezvous import "
+            f"_agreeing_rank as r; r(int(sys.argv[1]), *sys.argv[2:])")
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path / "store"),
+                               str(tmp_path / "folder"), str(tmp_path / "stale")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        said = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    stale = (f"stale ConfigError: rank 1 does not see checkpoint ckpt_2 in {tmp_path / 'stale'} "
+             f"as rank 0 does (written 5 here, 9 there): every machine must see the same "
+             f"checkpoint_path, up to date")
+    for rank, (out, err) in enumerate(said):
+        lines = out.splitlines()
+        assert lines[0] == "agrees Agreed(world=3, before=2, checkpoint='ckpt_1')", (out, err)
+        assert lines[1].startswith(stale), (rank, out)
+        assert lines[2] == "fails ConfigError: rank 0's own reason", (rank, out)
