@@ -28,6 +28,11 @@ CHECKPOINT_RECORD = "DDPW_CHECKPOINT_RECORD"
 #: one the attempt resumes from (:func:`ddpw.resume.choose`).
 RESUME_FROM = "DDPW_RESUME_FROM"
 
+#: Set by ddpw in each process of a job on several machines without SLURM, once its world has
+#: formed: the world's number in the job, the same on every rank (1 for the first; an elastic
+#: job forms another whenever a machine is lost or joins, :func:`ddpw.rendezvous.next_world`).
+WORLD = "DDPW_WORLD"
+
 #: Set by the launcher for every process it starts: ``PlatformConfig.hang_timeout_s`` in seconds,
 #: or ``off``; read by a script's processes under ``ddpw-launch`` (:mod:`ddpw.hang`), whose
 #: payload's PlatformConfig is theirs alone.

@@ -91,7 +91,7 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
         env[environment.HANG_FOLDER] = str(logs.folder)
     if plan.rendezvous is not None:
         rendezvous.check(plan.rendezvous)
-        env.update(rendezvous.gloo_env(plan.rendezvous))
+        env.update(rendezvous.agent_env(plan.rendezvous))
     with tempfile.TemporaryDirectory(prefix="ddpw-launch-") as tmp, _LAUNCH_LOCK:
         config_file = Path(tmp) / "accelerate.json"
         config_file.write_text(json.dumps(plan.accelerate_config))

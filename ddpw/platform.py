@@ -130,6 +130,10 @@ class PlatformConfig:
         (a :class:`~ddpw.trainer.Trainer` resumes from its newest checkpoint at the new world
         size), up to ``max_restarts`` times. ``node_rank`` is then optional: the rendezvous
         numbers the machines. ``None`` (the default): a fixed set of ``n_nodes`` machines.
+    :param rendezvous_last_call_s: in an elastic job, how long the machines wait for more to
+        arrive once ``min_nodes`` are there, at the start and at every restart (torch's own
+        default is 30 s). A machine that arrives later is not lost: the job's processes end and
+        meet again as a larger world, which a Trainer begins at its newest checkpoint.
     :param max_restarts: how many times the processes of a job on several machines start
         again after a failure or a lost machine (torchrun's ``--max-restarts``). A function
         restarts only if it is marked :func:`~ddpw.utils.restartable`.
@@ -186,6 +190,7 @@ class PlatformConfig:
     master_port: int | None = None
     rendezvous_timeout_s: int = 600
     min_nodes: int | None = None
+    rendezvous_last_call_s: int = 10
     max_restarts: int = 0
     hang_timeout_s: float | None = 300.0
     mixed_precision: str = "no"
@@ -238,6 +243,7 @@ class PlatformConfig:
         check_int(owner, "master_port", self.master_port, 1, optional=True, maximum=65535)
         check_int(owner, "rendezvous_timeout_s", self.rendezvous_timeout_s, 1)
         check_int(owner, "max_restarts", self.max_restarts, 0)
+        check_int(owner, "rendezvous_last_call_s", self.rendezvous_last_call_s, 0)
         low = self.min_nodes
         if low is not None and (isinstance(low, bool) or not isinstance(low, int)
                                 or not 1 <= low <= self.n_nodes):

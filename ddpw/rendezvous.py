@@ -11,6 +11,13 @@ torchrun's options (through ``accelerate launch``) from the
 cannot work before any process starts, and :func:`explain` turns torch's errors for a
 rendezvous that did not form into one sentence.
 
+An elastic job forms a new world whenever a machine is lost or one joins. torch counts only the
+first kind as a restart (``TORCHELASTIC_RESTART_COUNT``), and a machine that joins counts from
+0, so ddpw numbers the worlds itself in the rendezvous's store (:func:`next_world`). Every world
+of an elastic job gets a store of its own for its processes (:func:`agent_env`): torch's shared
+store, kept across worlds, leaves a machine that joins waiting for a key that is never written
+(torch 2.13: ``DistStoreError`` after 60 s on every machine).
+
 The environment is read only where the config leaves a field at its default, the ``PET_``
 name first (torchrun's own, which Kubernetes' training operators set), then the plain one:
 
@@ -38,6 +45,9 @@ from .platform import PlatformConfig
 #: torch's own default port for a rendezvous.
 DEFAULT_PORT = 29500
 
+#: Where the rendezvous's store keeps ddpw's note of the job's newest world.
+WORLD_KEY = "ddpw/world"
+
 #: For each field, the variables that may give it, in the order they are read.
 VARIABLES = {"n_nodes": ("PET_NNODES", "NNODES"), "node_rank": ("PET_NODE_RANK", "NODE_RANK"),
              "master_addr": ("PET_MASTER_ADDR", "MASTER_ADDR"),
@@ -59,6 +69,8 @@ class Rendezvous:
         fixed set.
     :param max_restarts: how many times the processes may start again.
     :param run_id: the elastic rendezvous's id, the same on every machine of the job.
+    :param last_call_s: in an elastic job, how long the rendezvous waits for more machines
+        once ``min_nodes`` are there.
     """
 
     nodes: int
@@ -70,6 +82,7 @@ class Rendezvous:
     min_nodes: int | None = None
     max_restarts: int = 0
     run_id: str = "ddpw"
+    last_call_s: int = 10
 
     @property
     def elastic(self) -> bool:
@@ -145,7 +158,8 @@ def of(config: PlatformConfig, env: Mapping[str, str]) -> Rendezvous | None:
         found = _variable(env, "max_restarts", read)
         restarts = _number(found, "max_restarts", read, minimum=0) if found is not None else 0
     return Rendezvous(nodes, rank, address.strip(), port, config.rendezvous_timeout_s, read,
-                      min_nodes=fewest, max_restarts=restarts, run_id=config.name)
+                      min_nodes=fewest, max_restarts=restarts, run_id=config.name,
+                      last_call_s=config.rendezvous_last_call_s)
 
 
 def check(rendezvous: Rendezvous) -> None:
@@ -162,19 +176,25 @@ def check(rendezvous: Rendezvous) -> None:
                           f"({error}): give node 0's host name or IP address.") from None
 
 
-def gloo_env(rendezvous: Rendezvous) -> dict[str, str]:
-    """``GLOO_SOCKET_IFNAME`` for this node's processes: gloo (the CPU backend, and ddpw's own
-    group beside NCCL) binds the interface through which this machine reaches node 0
-    (:mod:`ddpw.network`), not the one its host name happens to resolve to. Nothing when the
-    variable is set already, or no interface is known."""
+def agent_env(rendezvous: Rendezvous) -> dict[str, str]:
+    """The variables of this node's torchrun agent and its processes.
+
+    ``GLOO_SOCKET_IFNAME``: gloo (the CPU backend, and ddpw's own group beside NCCL) binds the
+    interface through which this machine reaches node 0 (:mod:`ddpw.network`), not the one its
+    host name happens to resolve to; unless the variable is set already, or no interface is
+    known. In an elastic job, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: each world's rank 0
+    holds a new store for its processes, rather than the agents sharing one across worlds,
+    which torch 2.13 does not tell a machine that joins later."""
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if rendezvous.elastic else {}
     chosen = network.interface_for_gloo({**os.environ, "MASTER_ADDR": rendezvous.master_addr,
                                          "MASTER_PORT": str(rendezvous.master_port)})
-    return {network.GLOO_IFNAME: chosen} if chosen else {}
+    return {**env, network.GLOO_IFNAME: chosen} if chosen else env
 
 
 def torchrun_options(rendezvous: Rendezvous) -> dict[str, str]:
     """For an elastic job, what ``accelerate launch`` cannot tell torchrun: the range of
-    machines, the rendezvous's id, and whether this machine's agent hosts the rendezvous's
+    machines, the rendezvous's id, its waits (``last_call_s``, torch's 30 s by default, which
+    every restart waits out as well) and whether this machine's agent hosts the rendezvous's
     store (torch guesses from the host name, which misses an address of another interface, as
     in a network namespace). Nothing for a fixed set of machines."""
     if not rendezvous.elastic:
@@ -182,7 +202,8 @@ def torchrun_options(rendezvous: Rendezvous) -> dict[str, str]:
     # Node 0's agent (the one with node_rank 0 on the rendezvous's machine: every machine may
     # run the same command) holds the store; the others, here too, join it.
     hosts = rendezvous.node_rank == 0 and _is_this_machine(rendezvous.master_addr)
-    conf = f"join_timeout={rendezvous.timeout_s},is_host={int(hosts)}"
+    conf = (f"join_timeout={rendezvous.timeout_s},last_call_timeout={rendezvous.last_call_s},"
+            f"is_host={int(hosts)}")
     options = {"nnodes": rendezvous.nnodes, "rdzv_id": rendezvous.run_id, "rdzv_conf": conf}
     # The address the other machines reach this one at, for the store of the world's processes
     # that the first agent opens (else its host name, which may resolve elsewhere).
@@ -190,6 +211,34 @@ def torchrun_options(rendezvous: Rendezvous) -> dict[str, str]:
     if local is not None:
         options["local_addr"] = local
     return options
+
+
+def next_world(rendezvous: Rendezvous, world_size: int) -> tuple[int, int | None]:
+    """Note in the rendezvous's store (which lives as long as the job, on node 0) that a new
+    world of ``world_size`` processes has formed; return its number, 1 for the job's first,
+    and the size of the one before (``None`` for the first). Only the new world's rank 0 calls
+    it, once its world has formed: worlds form one after the other."""
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(rendezvous.master_addr, rendezvous.master_port, is_master=False,
+                          timeout=timedelta(seconds=rendezvous.timeout_s))
+    before = json.loads(store.get(WORLD_KEY)) if store.check([WORLD_KEY]) else None
+    number = before["number"] + 1 if before else 1
+    store.set(WORLD_KEY, json.dumps({"number": number, "size": world_size}))
+    return number, before["size"] if before else None
+
+
+def store_attempt(env: Mapping[str, str] = os.environ) -> str:
+    """A name for this attempt's keys in the launch's store (``MASTER_ADDR:MASTER_PORT``) that
+    every process of the world gives alike and no earlier world's process gave in that store:
+    torchrun's restart count where the agents' store serves every attempt (it counts the
+    restarts alike on every machine), ``"0"`` where each world has a store of its own (an
+    elastic job's: :func:`agent_env`, whose machines count their restarts apart)."""
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "True") == "True"
+    return env.get("TORCHELASTIC_RESTART_COUNT", "0") if shared else "0"
 
 
 def _is_this_machine(address: str) -> bool:

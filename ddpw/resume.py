@@ -2,12 +2,16 @@
 
 :func:`choose` is called before any process starts (by :meth:`ddpw.trainer.Trainer.check`, which
 :class:`~ddpw.wrapper.Wrapper` calls), and again at the start of a requeued SLURM attempt, when
-the job has checkpoints of its own (:data:`ddpw.environment.RESUME_FROM`), or after an
-elastic restart, from the newest checkpoint written since the job began (:func:`written_since`).
+the job has checkpoints of its own (:data:`ddpw.environment.RESUME_FROM`). On several machines
+without SLURM, it is decided again as each world of the job forms, for that world's size, by
+its rank 0 for every rank (:func:`agree`): the newest checkpoint written since the job began
+(:func:`decide`), after a machine was lost or joined, else the one chosen before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
@@ -71,14 +75,84 @@ def last_written(j_config: JobConfig) -> int:
                default=0)
 
 
-def written_since(j_config: JobConfig, after: int) -> str | None:
-    """The absolute path of the newest checkpoint written after the write order ``after``
-    (:func:`last_written` when the job began), or ``None``."""
-    folder = checkpoint.latest(j_config.checkpoint_path, j_config.checkpoint_name_prefix)
-    if folder is None:
-        return None
-    path = Path(j_config.checkpoint_path).resolve() / folder
-    return str(path) if sequence(path) > after else None
+def decide(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int, since: int,
+           planned: str | None) -> str | None:
+    """The checkpoint that a world of ``world_size`` processes of a training job on several
+    machines starts from: the newest written after the write order ``since`` (when the job
+    began) that this world can go on from, else ``planned`` (the payload's choice); checked for
+    this world's size, which an elastic job knows only now. (A checkpoint that paused after a
+    number of samples that is no whole number of this world's batches is passed over for an
+    older one: the samples after it are trained again.)
+
+    :raises ConfigError: as :func:`choose` does.
+    """
+    root = Path(j_config.checkpoint_path).resolve()
+    own = [(sequence(root / name), name) for name in
+           checkpoint.available(root, j_config.checkpoint_name_prefix)]
+    for _, name in sorted((pair for pair in own if pair[0] > since), reverse=True):
+        if _whole_batches(checkpoint.read_part(root / name, "state"), a_config, world_size):
+            return choose(j_config, a_config, world_size, requeued=str(root / name))
+    if planned is not None and j_config.job_type is not JobMode.EVALUATE:
+        _check_position(j_config, Path(j_config.checkpoint_path) / planned, a_config, world_size)
+    return planned
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What every rank of a world of a job on several machines starts with.
+
+    :param world: the world's number in the job, 1 for the first.
+    :param before: the size of the world before it, ``None`` for the first.
+    :param checkpoint: the name of the checkpoint that a Trainer starts from, ``None`` for none.
+    """
+
+    world: int
+    before: int | None
+    checkpoint: str | None
+
+
+def agree(rank: int, world_size: int, since: int,
+          decide_here: Callable[[int], tuple[int, int | None, str | None]],
+          folder: Path | None) -> Agreed:
+    """Decide on rank 0 and tell every rank: a world's number and its checkpoint. Ranks that
+    chose alone could restore different checkpoints from a shared file system that caches what
+    it lists; here each rank checks that it sees rank 0's choice as rank 0 does (its write
+    order). Every rank of the world calls it, once its process group is up.
+
+    :param since: this rank's write order when its machine began the job; rank 0 gets the
+        earliest of all (a machine that joined later began later).
+    :param decide_here: on rank 0, ``since -> (world, size before, checkpoint)``.
+    :param folder: the job's checkpoint folder, or ``None`` for a job that has none.
+    :raises ConfigError: on every rank, when rank 0 could not decide or a rank does not see the
+        checkpoint that rank 0 chose.
+    """
+    import torch.distributed as dist
+
+    starts: list[int | None] = [None] * world_size
+    dist.all_gather_object(starts, since)
+    said: list[object] = [None]
+    if rank == 0:
+        try:
+            world, before, name = decide_here(min(s for s in starts if s is not None))
+            written = sequence(folder / name) if folder is not None and name else 0
+            said = [(world, before, name, written, None)]
+        except Exception as error:  # every rank must hear of it, or the others wait
+            said = [(0, None, None, 0, str(error) if isinstance(error, ConfigError) else
+                     f"rank 0 could not decide where the job starts: "
+                     f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(said, src=0)
+    world, before, name, written, error = said[0]  # type: ignore[misc]
+    if error is None and name and folder is not None and sequence(folder / name) != written:
+        error = (f"rank {rank} does not see checkpoint {name} in {folder} as rank 0 does "
+                 f"(written {sequence(folder / name) or 'never'} here, {written} there): every "
+                 f"machine must see the same checkpoint_path, up to date (on NFS, without "
+                 f"attribute caching: actimeo=0).")
+    errors: list[str | None] = [None] * world_size
+    dist.all_gather_object(errors, error)
+    found = next((e for e in errors if e), None)
+    if found:
+        raise ConfigError(found)
+    return Agreed(world, before, name)
 
 
 def _own(j_config: JobConfig, requeued: str | None) -> str | None:
@@ -100,9 +174,8 @@ def _check_position(j_config: JobConfig, folder: Path, a_config: ArtefactsConfig
         raise ConfigError(f"JobConfig.epochs={j_config.epochs} is before the checkpoint "
                           f"{folder.name}, which has {position.epochs} epochs done: ask for "
                           f"at least {position.epochs}.")
-    consumed = samples_into_epoch(state)
-    per_batch = a_config.batch_size * world_size
-    if consumed % per_batch:
+    if not _whole_batches(state, a_config, world_size):
+        consumed = samples_into_epoch(state)
         raise ConfigError(
             f"checkpoint {folder.name} paused after {consumed} samples of epoch "
             f"{position.epochs + 1}, which is no whole number of this job's batches of "
@@ -110,3 +183,9 @@ def _check_position(j_config: JobConfig, folder: Path, a_config: ArtefactsConfig
             f"batch_size x world size dividing {consumed} (it was written with "
             f"{state['batch_size']} x {state['world_size']}), or from an end-of-epoch "
             f"checkpoint.")
+
+
+def _whole_batches(state: dict, a_config: ArtefactsConfig, world_size: int) -> bool:
+    """Whether the samples of its epoch that a checkpoint's ``state`` consumed are a whole
+    number of the batches of ``a_config`` over ``world_size`` processes."""
+    return samples_into_epoch(state) % (a_config.batch_size * world_size) == 0

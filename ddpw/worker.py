@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import TorchDynamoPlugin, set_seed
 
-from . import environment, hang, jobfolder, process, resume
+from . import environment, hang, jobfolder, process, rendezvous, resume
 from .errors import JobPaused, PeerFailed
 from .jobfolder import Payload
 from .outcome import LOST_PEER, consequence, lost_peers
@@ -29,12 +29,14 @@ from .shipping import dumps
 from .utils import World, current_world, is_trainer
 
 
-def run(payload: Payload) -> Any:
+def run(payload: Payload, folder: Path | None = None) -> Any:
     """Run ``payload`` in this process, as one rank of its world; return what the target
     returned.
 
     A :class:`~ddpw.trainer.Trainer` is set up and run; a function is called with the payload's
     arguments, with :func:`ddpw.utils.world` telling it its rank.
+
+    :param folder: the payload folder, in a process that a launch started (:func:`execute`).
     """
     plan = payload.plan
     if plan.mode is LaunchMode.IN_PLACE:
@@ -51,8 +53,8 @@ def run(payload: Payload) -> Any:
     trainer = payload.target if is_trainer(payload.target) else None
     if trainer is not None:
         requeued = os.environ.get(environment.RESUME_FROM)
-        # A requeued SLURM attempt, or an elastic restart, chooses again, now that the job has
-        # checkpoints of its own, for the launch's world (which a restart may have shrunk).
+        # A requeued SLURM attempt chooses again, now that the job has checkpoints of its own,
+        # for the launch's world.
         world_size = int(os.environ.get("WORLD_SIZE", plan.world_size))
         trainer.resume_from = (resume.choose(trainer.j_config, payload.a_config, world_size,
                                              requeued=requeued)
@@ -62,6 +64,8 @@ def run(payload: Payload) -> Any:
     if "dynamo_plugin" in kwargs:
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(**kwargs["dynamo_plugin"])
     accelerator = Accelerator(**kwargs, **extra)
+    if folder is not None and plan.rendezvous is not None:
+        _begin_attempt(folder, payload, trainer)
     try:
         with current_world(World.of(accelerator)):
             if trainer is not None:
@@ -118,9 +122,10 @@ def execute(folder: Path) -> int:
         # A Wrapper's processes on this machine: its WorkerError shows the traceback.
         caller_shows = payload.plan.mode is LaunchMode.ACCELERATE
         hang.start(payload.p_config.hang_timeout_s, folder)
-        if payload.plan.rendezvous is not None:
-            _begin_attempt(folder, payload, rank)
-        result = run(payload)
+        if payload.plan.rendezvous is not None and os.environ["LOCAL_RANK"] == "0":
+            # Before anything can fail: the ranks whose reports the caller reads.
+            jobfolder.note_world(folder, int(os.environ["WORLD_SIZE"]))
+        result = run(payload, folder)
         # On the CPU, so that a caller without this rank's device (a login node) can read it.
         data = dumps(result)[0]
         jobfolder.write_result(folder, rank, data)
@@ -164,35 +169,38 @@ def _tell(error: BaseException, rank: int, caller_shows: bool = False) -> int:
     return 130 if isinstance(error, KeyboardInterrupt) else 1
 
 
-def _begin_attempt(folder: Path, payload: Payload, rank: int) -> None:
-    """On each machine of a job on several, before the job runs: note the world's size (an
-    elastic job's shrinks when a machine is lost). After a restart, set the last attempt's
-    reports aside, have a Trainer resume from the newest checkpoint written since the job began
-    (as a requeued SLURM attempt does), and say so on the main rank: who was lost, the new
-    world, the checkpoint."""
-    world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    target = payload.target
-    # Every rank finds the same: no save is in flight once every process has ended.
-    newest = (resume.written_since(target.j_config, payload.written_before)
-              if restart and is_trainer(target) else None)
-    if newest is not None:
-        os.environ[environment.RESUME_FROM] = newest
-    if local_rank != 0:  # one process per machine keeps the payload folder
+def _begin_attempt(folder: Path, payload: Payload, trainer: Any) -> None:
+    """On each machine of a job on several, once the world's process group is up: its rank 0
+    numbers the world and chooses the checkpoint that a Trainer starts from, for every rank
+    (:func:`ddpw.resume.agree`; after a machine was lost or joined, the newest written since
+    the job began). In a later world, each machine sets the last world's reports aside, and the
+    main rank says what happened: the new world, who was lost, the checkpoint.
+    :data:`ddpw.environment.WORLD` tells the job which world it is in."""
+    world_size, rank, local_rank = (int(os.environ[name])
+                                    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    j_config = trainer.j_config if trainer is not None else None
+
+    def decide(since: int) -> tuple[int, int | None, str | None]:
+        world, before = rendezvous.next_world(payload.plan.rendezvous, world_size)
+        name = (resume.decide(j_config, payload.a_config, world_size, since,
+                              payload.resume_from) if j_config is not None else None)
+        return world, before, name
+
+    agreed = resume.agree(rank, world_size, payload.written_before, decide,
+                          Path(j_config.checkpoint_path) if j_config is not None else None)
+    if trainer is not None:
+        trainer.resume_from = agreed.checkpoint
+    os.environ[environment.WORLD] = str(agreed.world)
+    if local_rank != 0 or agreed.world == 1:  # one process per machine keeps the folder
         return
-    was = jobfolder.noted_world(folder, payload.plan.world_size)
-    jobfolder.note_world(folder, world_size)
-    if not restart:
-        return
-    lost = lost_peers(jobfolder.set_aside_reports(folder, restart - 1))
+    lost = lost_peers(jobfolder.set_aside_reports(folder, agreed.world - 2))
     if rank == 0:
         machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
-        start = (f"resuming from {Path(newest).name}" if newest else
-                 f"starting again from {payload.resume_from or 'scratch'}")
-        print(f"[ddpw] restart {restart} of at most {payload.plan.rendezvous.max_restarts}: "
-              f"a world of {world_size} on {machines} machine(s), was {was}; lost "
-              f"{', '.join(lost) if lost else 'no peer that gloo named'}; {start}",
-              file=sys.stderr, flush=True)
+        start = (f"resuming from {agreed.checkpoint}" if agreed.checkpoint else
+                 "starting from scratch")
+        print(f"[ddpw] world {agreed.world} of the job: {world_size} process(es) on {machines} "
+              f"machine(s), was {agreed.before}{'; lost ' + ', '.join(lost) if lost else ''}; "
+              f"{start}", file=sys.stderr, flush=True)
 
 
 def _share_results(folder: Path, rank: int, data: bytes) -> None:

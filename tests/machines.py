@@ -1,5 +1,6 @@
 """Two machines on one: network namespaces joined by a veth pair, made and removed by the tests
-themselves, or, where namespaces cannot be made, two launchers on the loopback address."""
+themselves. (Two launchers on the loopback address, which the tests of a lost peer use, choose
+no network interface: only namespaces show that gloo binds the one that reaches node 0.)"""
 
 from __future__ import annotations
 
@@ -65,13 +66,3 @@ def namespaces() -> Iterator[tuple[Machine, Machine]]:
     finally:
         for name in names:  # the veth pair goes with its namespaces
             _ip("netns", "delete", name)
-
-
-@contextlib.contextmanager
-def two_machines(kind: str) -> Iterator[tuple[Machine, Machine]]:
-    """``"netns"``: :func:`namespaces`; ``"loopback"``: two launchers on 127.0.0.1."""
-    if kind == "netns":
-        with namespaces() as machines:
-            yield machines
-    else:
-        yield Machine("127.0.0.1"), Machine("127.0.0.1")

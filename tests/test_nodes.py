@@ -1,9 +1,10 @@
-"""Several machines without SLURM, for real: two network namespaces joined by a veth pair (or,
-where namespaces cannot be made, two launchers on 127.0.0.1), each running its node's
-``ddpw-launch`` or the MNIST example, meeting in torchrun's static rendezvous."""
+"""Several machines without SLURM, for real: two network namespaces joined by a veth pair, each
+running its node's ``ddpw-launch``, the MNIST example or a Trainer, meeting in torchrun's static
+or elastic rendezvous; and, for a peer lost or never arriving, two launchers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from jobs import final_files
-from machines import Machine, two_machines
+from machines import Machine, namespaces
 
 TESTS = Path(__file__).resolve().parent
 EXAMPLE = TESTS.parent / "examples" / "mnist" / "main.py"
@@ -25,9 +26,10 @@ LAUNCH = str(Path(sys.executable).with_name("ddpw-launch"))
 BOUND_S = 400
 
 
-@pytest.fixture(params=["netns", "loopback"])
-def machines(request):
-    with two_machines(request.param) as pair:
+@pytest.fixture
+def machines():
+    """Two machines, network namespaces: each binds gloo to its own end of the veth pair."""
+    with namespaces() as pair:
         yield pair
 
 
@@ -86,9 +88,8 @@ def test_an_unmodified_accelerate_script_runs_as_one_multi_cpu_world_of_2x2(mach
         found = re.findall(r"RESULT (\S+) rank (\d) world (\d) sum ([\d.]+) gloo (\S+)",
                            run.stdout)
         assert sorted(int(r) for _, r, *_ in found) == [2 * rank, 2 * rank + 1], run.stdout
-        interface = machines[rank].interface or "lo"
         assert {(kind, world, total, gloo) for kind, _, world, total, gloo in found} == {
-            ("DistributedType.MULTI_CPU", "4", "10.0", interface)}, run.stdout
+            ("DistributedType.MULTI_CPU", "4", "10.0", machines[rank].interface)}, run.stdout
         assert f"node {rank} of 2, ranks {2 * rank} to {2 * rank + 1} of 4" in run.stderr
 
 
@@ -194,19 +195,35 @@ from pathlib import Path
 from jobs import BlobTrainer, artefacts
 from ddpw import JobConfig, JobMode, Platform, PlatformConfig, Wrapper
 
+NOTES = Path({notes!r})
+
 class CountingTrainer(BlobTrainer):
-    '''Slow steps; each step's samples noted with the attempt and the epoch.'''
+    '''Slow steps; each step's samples noted with the world, the epoch and the batch, and,
+    once a process, the checkpoint it began at, the world's size and torchrun's restart count.'''
 
     def train_step(self, batch):
-        time.sleep(0.15)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        with open(Path({notes!r}) / f"seen-{{attempt}}-{{self.global_rank}}.txt", "a") as f:
-            f.write(f"{{self.epoch}} {{' '.join(map(str, batch[2].tolist()))}}\\n")
+        # Slow motion alone while the other machine starts: the job must not end before.
+        time.sleep(1.5 if self.world_size == 1 and (NOTES / "hold").exists() else 0.1)
+        world, rank = os.environ["DDPW_WORLD"], self.global_rank
+        if not self.__dict__.get("noted"):
+            self.noted = True
+            (NOTES / f"began-{{world}}-{{rank}}.txt").write_text(
+                f"{{self.resume_from}} {{os.environ['WORLD_SIZE']}} "
+                f"{{os.environ['TORCHELASTIC_RESTART_COUNT']}}")
+        with open(NOTES / f"seen-{{world}}-{{rank}}.txt", "a") as f:
+            f.write(f"{{self.epoch}} {{self.batch}} {{' '.join(map(str, batch[2].tolist()))}}\\n")
         return super().train_step(batch)
+
+    def save_checkpoint(self):
+        if self.global_rank == 0:  # where in the data each world saved, in samples
+            with open(NOTES / f"saved-{{os.environ['DDPW_WORLD']}}.txt", "a") as f:
+                f.write(f"{{self.epochs_done}} {{self.batch * self.world_size * 4}}\\n")
+        return super().save_checkpoint()
 
 rank, address, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 p = PlatformConfig(platform=Platform.CPU, n_procs=1, n_nodes=2, min_nodes=1, max_restarts=1,
-                   node_rank=rank, master_addr=address, master_port=port, verbose=False)
+                   rendezvous_last_call_s=1, node_rank=rank, master_addr=address,
+                   master_port=port, verbose=False)
 j = JobConfig(job_type=JobMode.TRAIN, epochs={epochs}, save_every=1,
               checkpoint_path={checkpoint!r}, training_logs_path={logs!r})
 metrics = Wrapper(p, artefacts(n_train={samples}, batch_size=4)).start(CountingTrainer(j))
@@ -214,75 +231,129 @@ print("METRICS", metrics["epoch"], flush=True)
 """
 
 
-def seen(notes: Path, attempt: int) -> dict[int, list[int]]:
-    """The samples noted in ``attempt``, by epoch, over every rank."""
+def steps(notes: Path, world: int) -> list[tuple[int, int, list[int]]]:
+    """The steps noted in ``world`` over every rank: ``(epoch, batch, samples)``."""
+    return [(int(epoch), int(batch), [int(i) for i in samples]) for path in
+            sorted(notes.glob(f"seen-{world}-*.txt")) for line in path.read_text().splitlines()
+            for epoch, batch, *samples in [line.split()]]
+
+
+def counted(notes: Path, sizes: dict[int, int], batch_size: int) -> dict[int, list[int]]:
+    """The samples of each epoch in the run that counts, by positions in the data ``(epochs
+    done, samples into the next)``: the last world's, from where it began; before that, those of
+    the world that saved where it began, up to there; and so on (a world whose checkpoints were
+    lost, or passed over, counts for nothing)."""
+    def at(epoch: int, batch: int, world: int) -> tuple[int, int]:
+        return epoch - 1, batch * sizes[world] * batch_size
+
+    start = {world: at(*steps(notes, world)[0][:2], world) for world in sizes}
+    saved = {world: {tuple(map(int, line.split())) for line in
+                     (notes / f"saved-{world}.txt").read_text().splitlines()}
+             for world in sizes if (notes / f"saved-{world}.txt").exists()}
+    chain = [max(sizes)]
+    while start[chain[-1]] != (0, 0):
+        chain.append(max(w for w in saved if w < chain[-1] and start[chain[-1]] in saved[w]))
     found: dict[int, list[int]] = {}
-    for path in notes.glob(f"seen-{attempt}-*.txt"):
-        for line in path.read_text().splitlines():
-            epoch, *indices = map(int, line.split())
-            found.setdefault(epoch, []).extend(indices)
+    for world, upto in zip(chain, [(math.inf, 0), *(start[w] for w in chain[:-1])],
+                           strict=True):
+        for epoch, batch, samples in steps(notes, world):
+            if start[world] <= at(epoch, batch, world) < upto:
+                found.setdefault(epoch, []).extend(samples)
     return found
 
 
-def test_elastic_a_machine_lost_mid_epoch_and_the_other_finishes_from_the_newest_checkpoint(
-        machines, tmp_path):
-    """2 machines x 1 process, elastic 1:2: every process of machine 1 is killed with SIGKILL
-    in the middle of epoch 3; machine 0 meets again as a world of 1, resumes from the newest
-    checkpoint and trains to the end, each epoch's samples seen once in the run that counts."""
+def began(notes: Path, world: int) -> list[tuple[str, int, int]]:
+    """Each rank's ``(checkpoint it began at, world size, torchrun's restart count)`` in
+    ``world``."""
+    return [(name, int(size), int(count)) for path in sorted(notes.glob(f"began-{world}-*"))
+            for name, size, count in [path.read_text().split()]]
+
+
+def test_elastic_machines_that_join_late_leave_and_come_back_agree_on_each_world(tmp_path):
+    """2 network namespaces x 1 process, elastic 1:2, with torch's 30 s last call cut to 1 s.
+    Machine 0 starts alone (a world of 1, fewer than the most); machine 1 joins later (a world
+    of 2); every process of machine 1 is killed (a world of 1 again, one restart); machine 1
+    comes back, where torchrun counts no restart (a world of 2, whose machines' restart counts
+    differ: 1 and 0). In every world all ranks begin at the checkpoint rank 0 chose, the newest
+    the job wrote (the newcomer too, never the payload's start), and each epoch's samples are
+    seen once in the run that counts."""
     import psutil
 
     from ddpw import checkpoint as ckpt
 
-    samples, epochs = 64, 5
-    notes = tmp_path / "notes"
+    samples, epochs = 64, 10
+    notes, folder = tmp_path / "notes", tmp_path / "checkpoint"
     notes.mkdir()
     script = tmp_path / "elastic.py"
     script.write_text(ELASTIC.format(tests=str(TESTS), notes=str(notes), epochs=epochs,
-                                     checkpoint=str(tmp_path / "checkpoint"),
-                                     logs=str(tmp_path / "logs"), samples=samples))
+                                     checkpoint=str(folder), logs=str(tmp_path / "logs"),
+                                     samples=samples))
     port = free_port()
-    started = {}
-    # Node 0 first: on loopback both launchers are on the endpoint's machine, and the first
-    # agent there hosts the rendezvous, which accelerate expects of node 0.
-    for rank in (0, 1):
-        started[rank] = subprocess.Popen(
-            machines[rank].command(sys.executable, str(script), str(rank),
-                                   machines[0].address, str(port)),
-            cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + BOUND_S
-        # Machine 0's first steps of epoch 3, once epoch 2's checkpoint (written in the
-        # background while epoch 3 begins) is published.
-        while (ckpt.latest(tmp_path / "checkpoint", "ckpt") != "ckpt_2"
-               or len(seen(notes, 0).get(3, [])) < 8):
-            for rank, process in started.items():
-                assert process.poll() is None, (f"machine {rank} ended", process.communicate())
-            assert time.monotonic() < deadline, "epoch 3 never began"
-            time.sleep(0.05)
-        lost = psutil.Process(started[1].pid)
+    with namespaces() as machines:
+        def start(rank: int) -> subprocess.Popen:
+            return subprocess.Popen(
+                machines[rank].command(sys.executable, str(script), str(rank),
+                                       machines[0].address, str(port)),
+                cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def until(what: str, done) -> None:
+            deadline = time.monotonic() + BOUND_S
+            while not done():
+                for process in running:
+                    assert process.poll() is None, (f"a machine ended before {what}",
+                                                    process.communicate())
+                assert time.monotonic() < deadline, f"never: {what}"
+                time.sleep(0.05)
+
+        def steps_in(world: int) -> int:
+            return len(steps(notes, world))  # over every rank
+
+        hold = notes / "hold"
+        running = [start(0)]
+        until("machine 0 alone wrote ckpt_1", lambda: ckpt.latest(folder, "ckpt") == "ckpt_1")
+        hold.touch()
+        running.append(start(1))
+        until("a world of 2 trained 5 steps", lambda: steps_in(2) >= 2 * 5)
+        hold.unlink()
+        lost = psutil.Process(running.pop().pid)
         for process in [*lost.children(recursive=True), lost]:  # the whole machine, at once
             process.kill()
-        out, err = started[0].communicate(timeout=BOUND_S)
-    finally:
-        for process in started.values():
-            if process.poll() is None:
-                process.kill()
-            process.communicate()
-    assert started[0].returncode == 0, err
-    assert f"METRICS {epochs}" in out, (out, err)
-    said = re.search(r"\[ddpw\] restart 1 of at most 1: a world of 1 on 1 machine\(s\), was 2; "
-                     r"lost (\S+); resuming from ckpt_(\d+)", err)
-    assert said, err
-    assert said.group(1) == machines[1].address
-    resumed = int(said.group(2))
-    assert resumed >= 2, said.group(0)
-    # The run that counts: attempt 0 up to the checkpoint resumed, attempt 1 after it.
-    first, second = seen(notes, 0), seen(notes, 1)
-    assert set(second) == set(range(resumed + 1, epochs + 1)), sorted(second)
+        lost.wait()
+        until("the world of 1 again trained 6 steps", lambda: steps_in(3) >= 6)
+        hold.touch()
+        running.append(start(1))
+        until("a world of 2 again", lambda: list(notes.glob("began-4-*")))
+        hold.unlink()
+        try:
+            ends = [process.communicate(timeout=BOUND_S) for process in running]
+        finally:
+            for process in running:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
+    for process, (out, err) in zip(running, ends, strict=True):
+        assert process.returncode == 0, err
+        assert f"METRICS {epochs}" in out, (out, err)
+    said = ends[0][1]  # machine 0 (10.77.0.1) is rank 0 of every world: the lower address
+    worlds = re.findall(r"\[ddpw\] world (\d) of the job: (\d) process\(es\) on (\d) "
+                        r"machine\(s\), was (\d)(; lost \S+)?; resuming from (ckpt_\S+)", said)
+    assert [w[:5] for w in worlds] == [
+        ("2", "2", "2", "1", ""), ("3", "1", "1", "2", f"; lost {machines[1].address}"),
+        ("4", "2", "2", "1", "")], said
+    # Every rank of a world began where rank 0 said, at the world's size.
+    assert began(notes, 1) == [("None", 1, 0)]
+    for world, size in ((2, 2), (3, 1), (4, 2)):
+        chosen = worlds[world - 2][5]
+        assert {(name, n) for name, n, _ in began(notes, world)} == {(chosen, size)}, world
+    # torchrun counts the loss alone, and the machine that came back counts from 0.
+    assert sorted(count for *_, count in began(notes, 4)) == [0, 1]
+    assert [count for *_, count in began(notes, 2)] == [0, 0]
+    # The run that counts: each epoch's samples once each.
+    sizes = {world: size for world in range(1, 5) for _, size, _ in began(notes, world)[:1]}
+    found = counted(notes, sizes, batch_size=4)
     for epoch in range(1, epochs + 1):
-        counted = first[epoch] if epoch <= resumed else second[epoch]
-        assert sorted(counted) == list(range(samples)), (epoch, sorted(counted))
-    assert ckpt.read_manifest(tmp_path / "checkpoint" / f"ckpt_{epochs}")["world_size"] == 1
+        assert sorted(found[epoch]) == list(range(samples)), (epoch, sorted(found[epoch]))
+    assert ckpt.read_manifest(folder / f"ckpt_{epochs}")["world_size"] == 2
 
 
 def test_a_function_not_marked_restartable_is_not_restarted_and_names_the_lost_machine(
@@ -361,7 +432,7 @@ def test_machines_that_do_not_share_the_checkpoint_folder_are_refused_on_both(tm
             print(f"ConfigError: {{error}}")
     """))
     port = free_port()
-    with two_machines("netns") as machines:
+    with namespaces() as machines:
         def command(rank: int, machine: Machine) -> list[str]:
             run = [sys.executable, str(script), str(rank), machines[0].address, str(port)]
             if rank == 0:

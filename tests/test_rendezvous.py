@@ -181,6 +181,8 @@ def test_the_environment_gives_an_elastic_range_and_restarts():
                                      "1 to n_nodes=2"),
     ({"n_nodes": 2, "min_nodes": 0}, "PlatformConfig.min_nodes=0 is not valid"),
     ({"n_nodes": 2, "max_restarts": -1}, "PlatformConfig.max_restarts=-1 is not valid"),
+    ({"n_nodes": 2, "rendezvous_last_call_s": -1},
+     "PlatformConfig.rendezvous_last_call_s=-1 is not valid"),
     ({"platform": "slurm", "n_nodes": 2, "min_nodes": 1},
      "PlatformConfig.min_nodes=1 is not valid: None on Platform.SLURM"),
 ])
@@ -200,14 +202,31 @@ def test_dry_run_takes_min_max_nodes(tmp_path):
 
 def test_an_elastic_jobs_agent_on_node_0_of_its_machine_hosts_the_store():
     here = resolve_plan(cpu(1, n_nodes=2, min_nodes=1, master_addr="127.0.0.1", name="j",
-                            rendezvous_timeout_s=42), machine()).rendezvous
+                            rendezvous_timeout_s=42, rendezvous_last_call_s=3),
+                        machine()).rendezvous
     options = rendezvous.torchrun_options(here)
-    assert options["rdzv_conf"] == "join_timeout=42,is_host=1"
+    assert options["rdzv_conf"] == "join_timeout=42,last_call_timeout=3,is_host=1"
     assert options["nnodes"] == "1:2" and options["rdzv_id"] == "j"
     elsewhere = dataclasses.replace(here, node_rank=1)
-    assert rendezvous.torchrun_options(elsewhere)["rdzv_conf"] == "join_timeout=42,is_host=0"
+    assert rendezvous.torchrun_options(elsewhere)["rdzv_conf"].endswith(",is_host=0")
+    # Each world of an elastic job has a store of its own (torch's shared one strands a
+    # machine that joins later); a fixed set of machines keeps torch's.
+    assert rendezvous.agent_env(here)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     static = resolve_plan(cpu(1, n_nodes=2, node_rank=0, master_addr="127.0.0.1"), machine())
     assert rendezvous.torchrun_options(static.rendezvous) == {}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in rendezvous.agent_env(static.rendezvous)
+    assert resolve_plan(cpu(1, n_nodes=2, min_nodes=1, master_addr="h"),
+                        machine()).rendezvous.last_call_s == 10
+
+
+def test_a_worlds_keys_in_the_launchs_store_are_named_alike_on_every_machine():
+    """torchrun counts a lost machine as a restart, and a machine that joins counts from 0."""
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert rendezvous.store_attempt(shared) == "2"
+    own = {"TORCHELASTIC_USE_AGENT_STORE": "False"}
+    assert rendezvous.store_attempt({**own, "TORCHELASTIC_RESTART_COUNT": "1"}) == "0"
+    assert rendezvous.store_attempt({**own, "TORCHELASTIC_RESTART_COUNT": "0"}) == "0"
+    assert rendezvous.store_attempt({}) == "0"
 
 
 def test_the_launch_line_says_which_ranks_a_machine_runs_only_when_it_knows():
@@ -218,3 +237,98 @@ def test_the_launch_line_says_which_ranks_a_machine_runs_only_when_it_knows():
     elastic = resolve_plan(cpu(2, n_nodes=3, min_nodes=2, master_addr="h"), machine())
     assert _where(elastic) == "2 processes here, on one of 2:3 machines meeting at h:29500"
     assert _where(resolve_plan(cpu(2), machine())) == "2 processes"
+
+
+def test_each_world_checks_the_data_position_at_the_size_it_really_has(tmp_path):
+    """An elastic job is planned for the most machines; a world of fewer must not resume a
+    checkpoint that paused after no whole number of its own batches (it would re-see or skip
+    samples). Rank 0 of each world checks it at the world's size (:func:`ddpw.resume.decide`),
+    and a checkpoint of the job's own that does not fit is passed over for an older one."""
+    from jobs import PausingTrainer, artefacts, job
+
+    from ddpw import JobPaused, Platform, PlatformConfig, Wrapper, resume
+    from ddpw.checkpoint import available, read_part
+    from ddpw.checkpoint.checkpointer import samples_into_epoch
+
+    j, a = job(tmp_path, epochs=2, save_every=1), artefacts(n_train=64, batch_size=4)
+    with pytest.raises(JobPaused) as paused:
+        Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=1, verbose=False), a).start(
+            PausingTrainer(j, at=(2, 2), rank=0))
+    name = paused.value.checkpoint.rsplit("/", 1)[-1]
+    consumed = samples_into_epoch(read_part(tmp_path / "checkpoint" / name, "state"))
+    assert available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1", name]
+    fits = {size: consumed % (4 * size) == 0 for size in (2, 3)}
+    assert sorted(fits.values()) == [False, True], (consumed, fits)
+    for size, fit in fits.items():
+        # Chosen before the job began (planned), at the most machines' size: checked again.
+        if fit:
+            assert resume.decide(j, a, size, since=10**9, planned=name) == name
+        else:
+            with pytest.raises(ConfigError, match=f"no whole number of this job's batches of "
+                                                  f"4 x {size} processes"):
+                resume.decide(j, a, size, since=10**9, planned=name)
+        # Written by the job itself: the newest that fits.
+        assert resume.decide(j, a, size, since=0, planned=None) == (name if fit else "ckpt_1")
+
+
+def _agreeing_rank(rank: int, store: str, folder: str, stale: str) -> None:
+    """One rank of :func:`test_every_rank_begins_where_rank_0_decided_or_all_stop_saying_why`:
+    prints what :func:`ddpw.resume.agree` gave it, or its error."""
+    from pathlib import Path
+
+    from ddpw import resume
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        for case, name in (("agrees", "ckpt_1"), ("stale", "ckpt_2"), ("fails", None)):
+            def decide(since: int, name: str | None = name, case: str = case):
+                if case == "fails":
+                    raise ConfigError("rank 0's own reason")
+                assert since == 6, since  # the earliest rank's start
+                return 3, 2, name
+            # Rank 1's view of the folder: ckpt_2 as an older copy (a stale cache).
+            here = Path(folder if rank == 0 or case != "stale" else stale)
+            try:
+                print(case, resume.agree(rank, 2, since=7 - rank, decide_here=decide,
+                                         folder=here), flush=True)
+            except ConfigError as error:
+                print(case, "ConfigError:", error, flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_begins_where_rank_0_decided_or_all_stop_saying_why(tmp_path):
+    """Two real ranks: rank 0 numbers the world and chooses the checkpoint for both; a rank
+    that sees that checkpoint otherwise (an older copy, as an attribute cache may show it),
+    or rank 0 failing to decide, stops every rank with the same one-line error."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for root, written in ((tmp_path / "folder", {"ckpt_1": 4, "ckpt_2": 9}),
+                          (tmp_path / "stale", {"ckpt_2": 5})):
+        for name, sequence in written.items():
+            (root / name).mkdir(parents=True)
+            (root / name / "manifest.json").write_text(json.dumps({"sequence": sequence}))
+    tests = str(Path(__file__).resolve().parent)
+    code = (f"import sys; sys.path.insert(0, {tests!r}); from test_rendezvous import "
+            f"_agreeing_rank as r; r(int(sys.argv[1]), *sys.argv[2:])")
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path / "store"),
+                               str(tmp_path / "folder"), str(tmp_path / "stale")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        said = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    stale = (f"stale ConfigError: rank 1 does not see checkpoint ckpt_2 in {tmp_path / 'stale'} "
+             f"as rank 0 does (written 5 here, 9 there): every machine must see the same "
+             f"checkpoint_path, up to date")
+    for rank, (out, err) in enumerate(said):
+        lines = out.splitlines()
+        assert lines[0] == "agrees Agreed(world=3, before=2, checkpoint='ckpt_1')", (out, err)
+        assert lines[1].startswith(stale), (rank, out)
+        assert lines[2] == "fails ConfigError: rank 0's own reason", (rank, out)
