@@ -101,8 +101,8 @@ def heartbeat(where: str | None = None) -> None:
     processes. A rank that goes ``PlatformConfig.hang_timeout_s`` seconds without one while the
     others wait is called hung (:mod:`ddpw.hang`), once every rank has made its first (before
     that, the process group's collective timeout judges: torch's 30 minutes, or the caller's
-    own); the report says where it stood. Cheap enough for every step; without a watch (one process, or
-    ``hang_timeout_s=None``), it does nothing.
+    own); the report says where it stood. Cheap enough for every step; without a watch (one
+    process, or ``hang_timeout_s=None``), it does nothing.
 
     ::
 

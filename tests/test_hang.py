@@ -126,8 +126,8 @@ def test_slow_set_up_first_step_and_first_evaluation_and_a_long_checkpoint_are_n
 def test_a_hang_in_evaluation_after_a_long_checkpoint_is_named(tmp_path, monkeypatch,
                                                                 no_leftover_processes):
     """Rank 1's disk takes 2 T over its share of epoch 1's checkpoint, written in the
-    foreground (no hang), then rank 1
-    stops in the first evaluation batch of epoch 2: evaluation has shown its pace in epoch 1."""
+    foreground (no hang); then rank 1 stops in the first evaluation batch of epoch 2, which is
+    judged by T: evaluation has shown its pace in epoch 1."""
     monkeypatch.setenv(ckpt.TEST_FAULT, "model-00002-of-00002.safetensors:sleep=10")
     a_config = artefacts(n_train=48, n_test=16, validation_set=Blobs(32, seed=2))
     with pytest.raises(JobHung) as caught:

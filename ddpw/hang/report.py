@@ -132,7 +132,8 @@ def compose(verdict: dict[str, Any], stacks: dict[int, dict[str, Any]],
     for rank in stuck:
         moved = (f", last progress {verdict['since'][rank]:.0f} s before the verdict"
                  if beats[rank]["moves"] else "")
-        arrived = "" if rank in stacks else " (its stack did not arrive: its watch thread did not run)"
+        arrived = ("" if rank in stacks else
+                   " (its stack did not arrive: its watch thread did not run)")
         lines.append(f"{who(rank)}: stuck, {where(rank)}{moved}{arrived}:")
         lines += [(f"  File \"{file}\", line {line}, in {name}" + (f"\n    {code}" if code else ""))
                   for file, line, name, code in frames(rank)]
