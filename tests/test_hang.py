@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def test_a_rank_asleep_in_train_step_is_named_with_its_stack_and_the_job_ends(
     assert delay < 5 + 10
     # Every thread of every rank, in its file: faulthandler's, then py-spy's.
     assert 'hang_jobs.py", line' in stacks and "(idle): \"MainThread\"" in stacks
-    assert '"ddpw-hang-watch"' in verdict_delay(error.details, tmp_path, 0)[1]
+    assert 'hang/__init__.py", line' in verdict_delay(error.details, tmp_path, 0)[1]
     # The console gets none of it: the report is the caller's to show.
     err = capfd.readouterr().err
     assert "every thread's stack follows" not in err and "py-spy" not in err
@@ -110,15 +111,15 @@ def test_a_judge_that_hangs_holding_the_gil_is_named_by_the_other(tmp_path,
 
 def test_slow_set_up_first_step_and_first_evaluation_and_a_long_checkpoint_are_no_hang(
         tmp_path, monkeypatch):
-    """With ``T`` = 4: rank 0 spends 6 s in set-up after the model is prepared (rank 1 waits
-    in its first all-reduce); every rank's first step takes 6 s, and so does every rank's first
+    """With ``T`` = 4: rank 0 spends 5 s in set-up after the model is prepared (rank 1 waits
+    in its first all-reduce); every rank's first step takes 5 s, and so does every rank's first
     validation batch (after the training steps have shown their pace: a first compilation in
     evaluation, a data source that warms up); rank 1's disk takes 8 s over its share of the
     checkpoint, written in the background. Torch would let all of it run: so does the watch."""
     monkeypatch.setenv(ckpt.TEST_FAULT, "model-00002-of-00002.safetensors:sleep=8")
-    a_config = artefacts(n_train=48, n_test=16, validation_set=SlowFirstBlobs(16, 6))
+    a_config = artefacts(n_train=48, n_test=16, validation_set=SlowFirstBlobs(16, 5))
     metrics = Wrapper(cpu2(4), a_config).start(
-        SlowStartTrainer(job(tmp_path, epochs=2, save_every=2, async_checkpoint=True), 6))
+        SlowStartTrainer(job(tmp_path, epochs=2, save_every=2, async_checkpoint=True), 5))
     assert metrics["epoch"] == 2 and "val_loss" in metrics
     assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2"]
 
@@ -128,10 +129,10 @@ def test_a_hang_in_evaluation_after_a_long_checkpoint_is_named(tmp_path, monkeyp
     """Rank 1's disk takes 2 T over its share of epoch 1's checkpoint, written in the
     foreground (no hang); then rank 1 stops in the first evaluation batch of epoch 2, which is
     judged by T: evaluation has shown its pace in epoch 1."""
-    monkeypatch.setenv(ckpt.TEST_FAULT, "model-00002-of-00002.safetensors:sleep=10")
+    monkeypatch.setenv(ckpt.TEST_FAULT, "model-00002-of-00002.safetensors:sleep=8")
     a_config = artefacts(n_train=48, n_test=16, validation_set=Blobs(32, seed=2))
     with pytest.raises(JobHung) as caught:
-        Wrapper(cpu2(5), a_config).start(
+        Wrapper(cpu2(4), a_config).start(
             EvaluationSleepingTrainer(job(tmp_path, epochs=2, save_every=1,
                                           async_checkpoint=False), at=(2, 1)))
     error = caught.value
@@ -139,7 +140,7 @@ def test_a_hang_in_evaluation_after_a_long_checkpoint_is_named(tmp_path, monkeyp
     [other] = [line for line in error.details.splitlines() if line.startswith("rank 0 (")]
     assert "gathering evaluation batch 1's metrics" in other
     assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1"]
-    assert verdict_delay(error.details, tmp_path, 1)[0] < 5 + 10
+    assert verdict_delay(error.details, tmp_path, 1)[0] < 4 + 10
     shutil.rmtree(Path(stacks_named(error.details)))
 
 
@@ -151,7 +152,7 @@ from accelerate import Accelerator
 accelerator = Accelerator()
 with accelerator.main_process_first():  # rank 1 waits in a barrier meanwhile
     if accelerator.is_main_process:
-        time.sleep(7)  # tokenising a data set
+        time.sleep(5)  # tokenising a data set
 assert accelerator.reduce(torch.ones(1), reduction="sum").item() == 2
 """
 
@@ -175,7 +176,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 # A limit shorter than torch's 30 minutes, which the watch keeps to in a script that never
 # says it progressed.
-accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=5))])
+accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=3))])
 for step in range(1000):
     if step == 3 and accelerator.process_index == 1:
         time.sleep(3600)
@@ -193,7 +194,7 @@ def test_a_plain_accelerate_script_that_hangs_is_ended_and_reported(tmp_path,
     assert "rank(s) 0 waited in a collective until its timeout" in run.stderr
     assert "the stuck rank(s) of 2: rank 1 (" in run.stderr
     assert "at <module> (sleepy.py:13): time.sleep(3600)" in run.stderr
-    assert "Timed out waiting 5000ms" in run.stderr  # rank 0's own wait, in one line
+    assert "Timed out waiting 3000ms" in run.stderr  # rank 0's own wait, in one line
     assert len(run.stderr.splitlines()) < 40, run.stderr
     folder = next((tmp_path / "logs" / "console_logs").iterdir())
     report = json.loads((folder / "hang-0.json").read_text())
@@ -201,6 +202,20 @@ def test_a_plain_accelerate_script_that_hangs_is_ended_and_reported(tmp_path,
     assert str(folder / "hang-0.stacks.log") in report["details"]
     # Rank 1's file holds every thread's stack, as faulthandler wrote it.
     assert 'sleepy.py", line 13 in <module>' in (folder / "hang-1.stacks.log").read_text()
+
+
+def test_the_process_groups_are_never_given_less_than_torchs_timeout(monkeypatch):
+    """T = 5 once made every process group give up after 5 s, the user's own included; now a
+    T longer than torch's 30 minutes lengthens them, and a shorter one leaves them be."""
+    from torch.distributed import distributed_c10d as c10d
+
+    monkeypatch.setattr(c10d, "default_pg_timeout", timedelta(minutes=30))
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", timedelta(minutes=10))
+    hang.lengthen_collectives(5)
+    assert c10d.default_pg_timeout == timedelta(minutes=30)
+    assert c10d.default_pg_nccl_timeout == timedelta(minutes=10)
+    hang.lengthen_collectives(3600)
+    assert c10d.default_pg_timeout == c10d.default_pg_nccl_timeout == timedelta(seconds=5400)
 
 
 def test_the_timeout_is_a_positive_number_or_none():

@@ -79,7 +79,7 @@ TIMED_OUT = re.compile(r"Timed out waiting \d+ ?ms|Watchdog caught collective op
                        r"timed out after \d+ milliseconds")
 #: How long the judge waits for every rank's stack (posted before anything else), and for a
 #: stuck rank's py-spy view; a rank waits for the report a little longer than both.
-STACK_WAIT_S, NATIVE_WAIT_S = 10.0, report.SPY_S + 10.0
+STACK_WAIT_S, NATIVE_WAIT_S = 5.0, report.SPY_S + 10.0
 REPORT_WAIT_S = NATIVE_WAIT_S + report.SPY_S + 10.0
 #: The kind of work a process is in until the Trainer says otherwise (:func:`enter`).
 FIRST_KIND = "work"

@@ -84,21 +84,27 @@ def spy(pid: int) -> str:
     command = shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
     if command is None:
         return ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        run = subprocess.run([command, "dump", "--native", "--pid", str(pid)], text=True,
-                             capture_output=True, timeout=SPY_S)
-        return run.stdout if run.returncode == 0 else ""
+    deadline = time.monotonic() + SPY_S
+    for _ in range(2):  # once more after a failure: a loaded machine, a thread that was busy
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            run = subprocess.run([command, "dump", "--native", "--pid", str(pid)], text=True,
+                                 capture_output=True, timeout=max(1.0, deadline - time.monotonic()))
+            if run.returncode == 0:
+                return run.stdout
     return ""
 
 
 def main_thread(spied: str) -> list[str]:
     """The frames of the main thread in a py-spy dump, innermost first."""
-    lines = spied.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("Thread ")]
-    for start, end in zip(starts, [*starts[1:], len(lines)], strict=True):
-        if '"MainThread"' in lines[start]:
-            return [line.strip() for line in lines[start + 1:end] if line.strip()][:NATIVE_LINES]
-    return []
+    frames: list[str] = []
+    for line in spied.splitlines():
+        if line.startswith("Thread "):
+            if frames:
+                break
+            frames = ['"MainThread"'] if '"MainThread"' in line else []
+        elif frames and line.strip():
+            frames.append(line.strip())
+    return frames[1:NATIVE_LINES + 1]
 
 
 def compose(verdict: dict[str, Any], stacks: dict[int, dict[str, Any]],
