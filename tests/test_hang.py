@@ -57,8 +57,8 @@ def test_a_rank_asleep_in_train_step_is_named_with_its_stack_and_the_job_ends(
     assert lines[0].startswith("rank 1 (") and lines[0].endswith("before the verdict:")
     assert 'hang_jobs.py", line' in error.details and "in train_step" in error.details
     # py-spy's view of the stuck rank (the test extra installs it), down to the native sleep.
-    assert "  as py-spy sees its main thread, innermost first:" in lines
-    assert "time_sleep (libpython" in error.details
+    assert "  native frames (py-spy), innermost first:" in lines
+    assert "    time_sleep (libpython" in error.details
     # One line for the rank that waited, in the backward pass's all-reduce.
     [other] = [line for line in lines if line.startswith("rank 0 (")]
     assert ": not stuck, in the backward pass (epoch 1, batch 5)" in other
@@ -352,7 +352,8 @@ def test_the_report_puts_the_stuck_rank_first_with_its_frames_and_one_line_for_t
     stacks = {0: {"frames": [["/t/graph.py", 8, "backward", "run()"],
                              ["", 0, "RuntimeError", "Timed out"]]},
               1: {"frames": [frame]}}
-    report = hang.report.compose(verdict, stacks, {1: ["clock_nanosleep (libc.so.6)"]}, 10.0)
+    natives = {1: ["clock_nanosleep (libc.so.6)", "train_step (train.py:7)"]}
+    report = hang.report.compose(verdict, stacks, natives, 10.0)
     assert report["stuck"] == [1] and report["at"] == 5.0
     assert report["message"] == (
         "the job hung: rank(s) 0 waited in a collective until its timeout "
@@ -362,7 +363,7 @@ def test_the_report_puts_the_stuck_rank_first_with_its_frames_and_one_line_for_t
         "rank 1 (b, pid 2): stuck, in train_step, last progress 12 s before the verdict:",
         '  File "/x/train.py", line 7, in train_step',
         "    time.sleep(60)",
-        "  as py-spy sees its main thread, innermost first:",
+        "  native frames (py-spy), innermost first:",
         "    clock_nanosleep (libc.so.6)",
         "rank 0 (a, pid 1): waited until its collective timed out, in the backward pass: "
         "RuntimeError: Timed out",

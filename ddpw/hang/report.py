@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import itertools
 import shutil
 import subprocess
 import sys
@@ -143,9 +144,13 @@ def compose(verdict: dict[str, Any], stacks: dict[int, dict[str, Any]],
         lines.append(f"{who(rank)}: stuck, {where(rank)}{moved}{arrived}:")
         lines += [(f"  File \"{file}\", line {line}, in {name}" + (f"\n    {code}" if code else ""))
                   for file, line, name, code in frames(rank)]
-        if natives.get(rank):
-            lines.append("  as py-spy sees its main thread, innermost first:")
-            lines += [f"    {frame}" for frame in natives[rank]]
+        native = natives.get(rank) or []
+        if frames(rank):  # its Python frames are above: the native ones below the innermost
+            native = list(itertools.takewhile(lambda frame: ".py:" not in frame, native))
+        if native:
+            lines.append("  native frames (py-spy), innermost first:" if frames(rank) else
+                         "  as py-spy sees its main thread, innermost first:")
+            lines += [f"    {frame}" for frame in native]
     for rank in range(len(beats)):
         if rank not in stuck:
             state = "waited until its collective timed out" if rank in waiting else "not stuck"
