@@ -29,6 +29,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import psutil
@@ -159,18 +160,22 @@ def gloo_interface_chosen(env: MutableMapping[str, str] = os.environ) -> Iterato
         env.pop(GLOO_IFNAME, None)
 
 
+#: How long the checkpoints' collectives wait (:func:`gloo_group`).
+UNLIMITED = timedelta(days=365)
+
+
 def gloo_group(unlimited: bool = False) -> Any:
     """A new gloo process group of every rank, on the interface of :func:`gloo_interface_chosen`
     when the job's own backend is another; every rank must make it at the same point.
 
-    :param unlimited: its collectives wait as long as torch's default (30 minutes), not the
-        hang timeout (:func:`ddpw.hang.limit_collectives`): for the checkpoints' collectives,
-        which wait for a rank's writes.
+    :param unlimited: its collectives wait as long as a rank's writes take (a year: a checkpoint
+        write is never a hang, however long), not the default of the process groups (torch's
+        30 minutes, or longer: :func:`ddpw.hang.lengthen_collectives`): for the checkpoints'
+        collectives. A peer that dies still ends the wait at once (its connection closes).
     """
     import torch.distributed as dist  # only here: this module is imported without torch
-    from torch.distributed.constants import default_pg_timeout
 
-    timeout = default_pg_timeout if unlimited else None
+    timeout = UNLIMITED if unlimited else None
     if dist.get_backend() == "gloo":
         return dist.new_group(backend="gloo", timeout=timeout)
     with gloo_interface_chosen():

@@ -142,14 +142,14 @@ class PlatformConfig:
         writes every rank's stack to that rank's log, ends every process on every node and
         raises :class:`~ddpw.errors.JobHung`, naming the stuck rank(s), their host and where
         they stood (:mod:`ddpw.hang`; the troubleshooting guide shows a report). Progress is a
-        Trainer's steps and evaluation batches, or a call of :func:`ddpw.utils.heartbeat`; a
-        checkpoint being written, however long, and the time before each rank's first progress
-        (set-up, a slow first step) are no hang. The process groups' collectives time out
-        after as long (NCCL's later by ``max(30, T/2)`` s, so that the report comes first),
-        which ends a script that never reports progress too: ``T`` must exceed the longest
-        that one rank may lag another at a collective, set-up included. The default, 300,
-        leaves room for a slow data source and a first-step compilation. ``None`` turns the
-        watch off (torch's own 30-minute collective timeout then holds). A world of one
+        Trainer's steps and evaluation batches, or a call of :func:`ddpw.utils.heartbeat`.
+        Never a hang: a checkpoint being written, however long, and the time before every rank
+        has ended its first unit of the work it is in (set-up, a first step, a first
+        evaluation batch), which torch's own collective timeouts judge (or one of the
+        caller's: ``InitProcessGroupKwargs``), as they judge a script that never reports
+        progress. The process groups' timeouts are never shortened: ``T`` longer than torch's
+        lengthens them. ``T`` must exceed the longest that one rank may lag another at a
+        collective once the job runs at its pace. ``None`` turns the watch off. A world of one
         process is never watched, nor is a job that runs inside a launch of the caller's own.
     :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
     :param torch_compile: compile the model with :func:`torch.compile` (TorchInductor), through

@@ -385,6 +385,7 @@ class Trainer:
         # and its progress bar counts batches without a total.
         bar = self._progress(loader, f"epoch {self.epoch}/{self.j_config.epochs}",
                              initial=self.batch)
+        hang.enter("training", f"loading batch {self.batch + 1} (epoch {self.epoch})")
         for batch in bar:
             # Where the hang watch (ddpw.hang) says this rank stood, if it stops here.
             at = f"(epoch {self.epoch}, batch {self.batch + 1})"
@@ -439,6 +440,7 @@ class Trainer:
         loader = loader if loader is not None else self.test_loader
         self.model.eval()
         values: dict[str, list[torch.Tensor]] = {}
+        hang.enter("evaluation", "loading evaluation batch 1")  # a first compile, too
         for number, batch in enumerate(self._progress(loader, "evaluate"), 1):
             hang.progress(f"in evaluate_step (evaluation batch {number})")
             output = self.evaluate_step(batch)

@@ -99,9 +99,10 @@ def heartbeat(where: str | None = None) -> None:
     """Say that this rank is alive and has done a unit of work: in a function that
     :class:`~ddpw.wrapper.Wrapper` runs, or a script under ``ddpw-launch``, on several
     processes. A rank that goes ``PlatformConfig.hang_timeout_s`` seconds without one while the
-    others wait is called hung (:mod:`ddpw.hang`), once every rank has made its first; the
-    report says where it stood. Cheap enough for every step; without a watch (one process, or
-    ``hang_timeout_s=None``), it does nothing.
+    others wait is called hung (:mod:`ddpw.hang`), once every rank has made its first (before
+    that, the process group's collective timeout judges: torch's 30 minutes, or the caller's
+    own); the report says where it stood. Cheap enough for every step; without a watch (one
+    process, or ``hang_timeout_s=None``), it does nothing.
 
     ::
 

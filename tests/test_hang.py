@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from hang_jobs import SkippingTrainer, SleepingTrainer, SlowStepTrainer, beating_then_sleeping
-from jobs import artefacts, job
+from hang_jobs import (
+    EvaluationSleepingTrainer,
+    SkippingTrainer,
+    SleepingTrainer,
+    SlowFirstBlobs,
+    SlowStartTrainer,
+    beating_then_holding_the_gil,
+)
+from jobs import Blobs, artefacts, job
 
 from ddpw import ConfigError, JobHung, Platform, PlatformConfig, WorkerError, Wrapper, hang
 from ddpw import checkpoint as ckpt
@@ -24,32 +33,49 @@ def cpu2(timeout_s: float | None) -> PlatformConfig:
                           hang_timeout_s=timeout_s)
 
 
-def since_hang(folder: Path) -> float:
-    return time.time() - float((folder / "hang-began").read_text())
+def verdict_delay(details: str, folder: Path, rank: int) -> tuple[float, str]:
+    """How long after the hang began (``hang-began`` in ``folder``) the verdict came, by the
+    header of rank ``rank``'s stacks file that the report names; and that file's text."""
+    named = re.search(r"Every thread's stack of each rank: (\S+)hang-0\.stacks\.log", details)
+    stacks = Path(named.group(1)) / f"hang-{rank}.stacks.log"
+    text = stacks.read_text()
+    verdict = float(re.search(r"\(verdict at [^,]+, ([\d.]+)\)", text).group(1))
+    return verdict - float((folder / "hang-began").read_text()), text
 
 
-def test_a_rank_asleep_in_train_step_is_named_with_every_stack_and_the_job_ends(
+def test_a_rank_asleep_in_train_step_is_named_with_its_stack_and_the_job_ends(
         tmp_path, capfd, no_leftover_processes):
     with pytest.raises(JobHung) as caught:
-        Wrapper(cpu2(10), artefacts()).start(SleepingTrainer(job(tmp_path, epochs=2)))
-    assert since_hang(tmp_path) < 25
+        Wrapper(cpu2(5), artefacts()).start(SleepingTrainer(job(tmp_path, epochs=2)))
     error = caught.value
     assert error.stuck == [1] and error.rank == 1 and error.status == HUNG_EXIT_STATUS
+    assert error.message.startswith("the job hung: no rank made progress for ")
     assert "the stuck rank(s) of 2: rank 1 (" in error.message
     assert "in train_step (epoch 1, batch 5)" in error.message
     assert "time.sleep(3600)" in error.message
-    stuck, waiting = error.details.split("\nrank 0 (")
-    assert stuck.startswith("rank 1 (") and "hang_jobs.py" in stuck and "in train_step" in stuck
-    # Rank 0 waited in the backward pass's all-reduce, until its collective timed out.
-    assert waiting.split(":")[1].strip().startswith("waiting, in the backward pass")
-    assert "backward" in waiting and "Timed out waiting 10000ms" in waiting
-    # Every thread of every rank, in its stderr (here, the console).
+    lines = error.details.splitlines()
+    assert lines[0].startswith("rank 1 (") and lines[0].endswith("before the verdict:")
+    assert 'hang_jobs.py", line' in error.details and "in train_step" in error.details
+    # py-spy's view of the stuck rank (the test extra installs it), down to the native sleep.
+    assert "  native frames (py-spy), innermost first:" in lines
+    assert "    time_sleep (libpython" in error.details
+    # One line for the rank that waited, in the backward pass's all-reduce.
+    [other] = [line for line in lines if line.startswith("rank 0 (")]
+    assert ": not stuck, in the backward pass (epoch 1, batch 5)" in other
+    assert len(lines) < 35
+    delay, stacks = verdict_delay(error.details, tmp_path, 1)
+    assert delay < 5 + 10
+    # Every thread of every rank, in its file: faulthandler's, then py-spy's.
+    assert 'hang_jobs.py", line' in stacks and "(idle): \"MainThread\"" in stacks
+    assert 'hang/__init__.py", line' in verdict_delay(error.details, tmp_path, 0)[1]
+    # The console gets none of it: the report is the caller's to show.
     err = capfd.readouterr().err
-    assert "[ddpw] rank 0: the job hung; every thread's stack follows" in err
-    assert "[ddpw] rank 1: the job hung; every thread's stack follows" in err
-    assert 'hang_jobs.py", line' in err and "in train_step" in err
-    # py-spy's dump (the test extra installs it), with the native frames of the sleep.
-    assert 'Thread' in err and "(idle): \"MainThread\"" in err and "time_sleep" in err
+    assert "every thread's stack follows" not in err and "py-spy" not in err
+    shutil.rmtree(Path(stacks_named(error.details)))
+
+
+def stacks_named(details: str) -> str:
+    return re.search(r"Every thread's stack of each rank: (\S+)/hang-0", details).group(1)
 
 
 def test_a_skipped_collective_ends_the_job_with_the_stack_that_made_it(
@@ -58,8 +84,7 @@ def test_a_skipped_collective_ends_the_job_with_the_stack_that_made_it(
     another size) and aborts rank 0 at once; NCCL, which checks no sizes, would hang instead,
     and the watch would end it as above."""
     with pytest.raises(WorkerError) as caught:
-        Wrapper(cpu2(10), artefacts()).start(SkippingTrainer(job(tmp_path, epochs=2)))
-    assert since_hang(tmp_path) < 25
+        Wrapper(cpu2(5), artefacts()).start(SkippingTrainer(job(tmp_path, epochs=2)))
     assert caught.value.rank == 0 and "killed by SIGABRT" in caught.value.message
     err = capfd.readouterr().err
     assert "Is there a distributed collective mismatch in your code?" in err
@@ -67,38 +92,91 @@ def test_a_skipped_collective_ends_the_job_with_the_stack_that_made_it(
     assert 'hang_jobs.py", line' in err and "in train_step" in err
 
 
-def test_a_function_that_beats_is_watched_too(tmp_path, no_leftover_processes):
+def test_a_judge_that_hangs_holding_the_gil_is_named_by_the_other(tmp_path,
+                                                                   no_leftover_processes):
+    """Rank 0 of a function that beats stops in native code that never releases the GIL: its
+    watch thread stops with it, and the last rank, the other judge, names it, with py-spy's
+    view of its stack from outside."""
     with pytest.raises(JobHung) as caught:
-        Wrapper(cpu2(5)).start(beating_then_sleeping, str(tmp_path), 20)
-    assert since_hang(tmp_path) < 20
-    assert caught.value.stuck == [1] and "after all-reduce 19" in caught.value.message
-    assert "beating_then_sleeping" in caught.value.details
+        Wrapper(cpu2(5)).start(beating_then_holding_the_gil, str(tmp_path), 20)
+    error = caught.value
+    assert error.stuck == [0] and "rank 0 (" in error.message
+    assert error.message.endswith(", after all-reduce 19")
+    assert "its stack did not arrive" in error.details
+    assert "beating_then_holding_the_gil (hang_jobs.py:" in error.details
+    assert "rank 1 (" in error.details.splitlines()[-2]
+    assert verdict_delay(error.details, tmp_path, 1)[0] < 5 + 10
+    shutil.rmtree(Path(stacks_named(error.details)))
 
 
-def test_steps_longer_than_a_tenth_of_the_timeout_are_no_hang(tmp_path):
-    metrics = Wrapper(cpu2(5), artefacts(n_train=48, n_test=16)).start(
-        SlowStepTrainer(job(tmp_path, epochs=1, save_every=0), seconds=2))
-    assert metrics["epoch"] == 1
+def test_slow_set_up_first_step_and_first_evaluation_and_a_long_checkpoint_are_no_hang(
+        tmp_path, monkeypatch):
+    """With ``T`` = 4: rank 0 spends 5 s in set-up after the model is prepared (rank 1 waits
+    in its first all-reduce); every rank's first step takes 5 s, and so does every rank's first
+    validation batch (after the training steps have shown their pace: a first compilation in
+    evaluation, a data source that warms up); rank 1's disk takes 8 s over its share of the
+    checkpoint, written in the background. Torch would let all of it run: so does the watch."""
+    monkeypatch.setenv(ckpt.TEST_FAULT, "model-00002-of-00002.safetensors:sleep=8")
+    a_config = artefacts(n_train=48, n_test=16, validation_set=SlowFirstBlobs(16, 5))
+    metrics = Wrapper(cpu2(4), a_config).start(
+        SlowStartTrainer(job(tmp_path, epochs=2, save_every=2, async_checkpoint=True), 5))
+    assert metrics["epoch"] == 2 and "val_loss" in metrics
+    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2"]
 
 
-@pytest.mark.parametrize("asynchronous", [False, True])
-def test_a_checkpoint_write_longer_than_the_timeout_is_no_hang(tmp_path, monkeypatch,
-                                                               asynchronous):
-    # Rank 1 writes the second share of the model: its disk takes 12 s over it.
-    monkeypatch.setenv(ckpt.TEST_FAULT, "model-00002-of-00002.safetensors:sleep=12")
-    metrics = Wrapper(cpu2(4), artefacts(n_train=48, n_test=16)).start(
-        SlowStepTrainer(job(tmp_path, epochs=2, save_every=1,
-                            async_checkpoint=asynchronous), seconds=0.2))
-    assert metrics["epoch"] == 2
-    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1", "ckpt_2"]
+def test_a_hang_in_evaluation_after_a_long_checkpoint_is_named(tmp_path, monkeypatch,
+                                                                no_leftover_processes):
+    """Rank 1's disk takes 2 T over its share of epoch 1's checkpoint, written in the
+    foreground (no hang); then rank 1 stops in the first evaluation batch of epoch 2, which is
+    judged by T: evaluation has shown its pace in epoch 1."""
+    monkeypatch.setenv(ckpt.TEST_FAULT, "model-00002-of-00002.safetensors:sleep=8")
+    a_config = artefacts(n_train=48, n_test=16, validation_set=Blobs(32, seed=2))
+    with pytest.raises(JobHung) as caught:
+        Wrapper(cpu2(4), a_config).start(
+            EvaluationSleepingTrainer(job(tmp_path, epochs=2, save_every=1,
+                                          async_checkpoint=False), at=(2, 1)))
+    error = caught.value
+    assert error.stuck == [1] and "in evaluate_step (evaluation batch 1)" in error.message
+    [other] = [line for line in error.details.splitlines() if line.startswith("rank 0 (")]
+    assert "gathering evaluation batch 1's metrics" in other
+    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1"]
+    assert verdict_delay(error.details, tmp_path, 1)[0] < 4 + 10
+    shutil.rmtree(Path(stacks_named(error.details)))
 
 
-SLEEPY_SCRIPT = """\
+FIRST_SCRIPT = """\
 import time
 import torch
 from accelerate import Accelerator
 
 accelerator = Accelerator()
+with accelerator.main_process_first():  # rank 1 waits in a barrier meanwhile
+    if accelerator.is_main_process:
+        time.sleep(5)  # tokenising a data set
+assert accelerator.reduce(torch.ones(1), reduction="sum").item() == 2
+"""
+
+
+def test_a_plain_script_whose_main_process_goes_first_for_longer_than_the_timeout_ends_well(
+        tmp_path):
+    (tmp_path / "first.py").write_text(FIRST_SCRIPT)
+    run = subprocess.run([CONSOLE_SCRIPT, "--platform", "cpu", "--n-procs", "2",
+                          "--hang-timeout-s", "3", "first.py"], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+SLEEPY_SCRIPT = """\
+import time
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+# A limit shorter than torch's 30 minutes, which the watch keeps to in a script that never
+# says it progressed.
+accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=3))])
 for step in range(1000):
     if step == 3 and accelerator.process_index == 1:
         time.sleep(3600)
@@ -109,20 +187,35 @@ for step in range(1000):
 def test_a_plain_accelerate_script_that_hangs_is_ended_and_reported(tmp_path,
                                                                     no_leftover_processes):
     (tmp_path / "sleepy.py").write_text(SLEEPY_SCRIPT)
-    started = time.monotonic()
     run = subprocess.run([CONSOLE_SCRIPT, "--platform", "cpu", "--n-procs", "2",
-                          "--hang-timeout-s", "5", "sleepy.py"], cwd=tmp_path, text=True,
+                          "--hang-timeout-s", "60", "sleepy.py"], cwd=tmp_path, text=True,
                          capture_output=True, timeout=120)
     assert run.returncode == HUNG_EXIT_STATUS, run.stderr
-    assert time.monotonic() - started < 60
+    assert "rank(s) 0 waited in a collective until its timeout" in run.stderr
     assert "the stuck rank(s) of 2: rank 1 (" in run.stderr
-    assert "at <module> (sleepy.py:8): time.sleep(3600)" in run.stderr
-    assert "Timed out waiting 5000ms" in run.stderr  # rank 0's own wait, in the report
+    assert "at <module> (sleepy.py:13): time.sleep(3600)" in run.stderr
+    assert "Timed out waiting 3000ms" in run.stderr  # rank 0's own wait, in one line
+    assert len(run.stderr.splitlines()) < 40, run.stderr
     folder = next((tmp_path / "logs" / "console_logs").iterdir())
     report = json.loads((folder / "hang-0.json").read_text())
     assert report["stuck"] == [1]
-    # Rank 1's log holds every thread's stack, as faulthandler wrote it.
-    assert 'sleepy.py", line 8 in <module>' in (folder / "rank-1.stderr.log").read_text()
+    assert str(folder / "hang-0.stacks.log") in report["details"]
+    # Rank 1's file holds every thread's stack, as faulthandler wrote it.
+    assert 'sleepy.py", line 13 in <module>' in (folder / "hang-1.stacks.log").read_text()
+
+
+def test_the_process_groups_are_never_given_less_than_torchs_timeout(monkeypatch):
+    """T = 5 once made every process group give up after 5 s, the user's own included; now a
+    T longer than torch's 30 minutes lengthens them, and a shorter one leaves them be."""
+    from torch.distributed import distributed_c10d as c10d
+
+    monkeypatch.setattr(c10d, "default_pg_timeout", timedelta(minutes=30))
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", timedelta(minutes=10))
+    hang.lengthen_collectives(5)
+    assert c10d.default_pg_timeout == timedelta(minutes=30)
+    assert c10d.default_pg_nccl_timeout == timedelta(minutes=10)
+    hang.lengthen_collectives(3600)
+    assert c10d.default_pg_timeout == c10d.default_pg_nccl_timeout == timedelta(seconds=5400)
 
 
 def test_the_timeout_is_a_positive_number_or_none():
@@ -148,7 +241,7 @@ def test_ddpw_launch_passes_the_timeout_or_off_to_a_script(tmp_path):
 
 
 class Store:
-    """The few TCPStore calls that the judgement makes, on a dict."""
+    """The few TCPStore calls that the judgement and the report make, on a dict."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
@@ -156,8 +249,16 @@ class Store:
     def set(self, key: str, value: str) -> None:
         self.data[key] = value.encode()
 
+    def compare_set(self, key: str, expected: str, desired: str) -> bytes:
+        if key not in self.data and not expected:
+            self.set(key, desired)
+        return self.data[key]
+
     def check(self, keys: list[str]) -> bool:
         return all(key in self.data for key in keys)
+
+    def get(self, key: str) -> bytes:
+        return self.data[key]
 
     def multi_get(self, keys: list[str]) -> list[bytes]:
         return [self.data[key] for key in keys]
@@ -171,7 +272,7 @@ def judge_of(world_size: int = 3, timeout_s: float = 10.0):
     def beat(rank: int, moves: int, **state) -> None:
         watch._store.set(watch._key(f"beat/{rank}"), json.dumps(
             {"moves": moves, "phase": "p", "busy": False, "armed": True, "waiting": False,
-             "done": False, **state}))
+             "collective": False, "done": False, "host": "h", "pid": rank, **state}))
 
     def judge(after_s: float = 0.0):
         clock[0] += after_s
@@ -194,6 +295,14 @@ def test_the_judgement_names_the_rank_that_moved_least_once_all_are_quiet_for_t(
     assert judge() is None and judge(9.9) is None and judge(0.2) is not None
 
 
+def test_a_rank_waiting_in_a_collective_is_not_the_stuck_one_whatever_its_moves():
+    beat, judge = judge_of()
+    beat(0, 8, collective=True)
+    beat(1, 8)
+    beat(2, 7, collective=True)
+    assert judge() is None and judge(10.5)["stuck"] == [1]
+
+
 def test_the_judgement_spares_a_busy_rank_an_unarmed_one_and_a_job_that_ended():
     for state in ({"busy": True}, {"armed": False}, {"done": True}):
         beat, judge = judge_of()
@@ -211,22 +320,54 @@ def test_a_timed_out_collective_is_a_verdict_at_once_against_the_ranks_not_waiti
     assert verdict["stuck"] == [1] and verdict["waiting"] == [0, 2]
 
 
-def test_the_report_puts_the_stuck_rank_first_with_its_frames():
-    verdict = {"stuck": [1], "waiting": [0], "quiet_s": 10.0, "since": [0.0, 12.0]}
+def test_a_report_that_fails_still_ends_the_process_once(tmp_path, monkeypatch):
+    """A full disk as the report is written: the process ends with the hang's status, at once
+    (it once dumped its stacks again every second, for good)."""
+    watch = hang.Watch(1.0, 1, 2, tmp_path, stacks=tmp_path)
+    watch._store = Store()
+    verdict = {"stuck": [1], "waiting": [], "quiet_s": 1.5, "judge": 0, "at": 0.0,
+               "since": [1.5, 1.5], "stacks": str(tmp_path),
+               "beats": [{"moves": 3, "phase": "p", "host": "h", "pid": 1}] * 2}
+    watch._store.set(watch._key("verdict"), json.dumps(verdict))
+    watch._store.set(watch._key("report"), json.dumps(hang.report.compose(verdict, {}, {}, 1.0)))
+
+    def full(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    ended = []
+    monkeypatch.setattr(hang.jobfolder, "write_json", full)
+    monkeypatch.setattr(hang.os, "_exit", ended.append)
+    watch._answer()
+    assert ended == [HUNG_EXIT_STATUS]
+    assert (tmp_path / "hang-1.stacks.log").is_file()
+
+
+def test_the_report_puts_the_stuck_rank_first_with_its_frames_and_one_line_for_the_others():
+    beats = [{"moves": 3, "phase": "in the backward pass", "host": "a", "pid": 1},
+             {"moves": 2, "phase": "in train_step", "host": "b", "pid": 2},
+             {"moves": 3, "phase": "in the backward pass", "host": "c", "pid": 3}]
+    verdict = {"stuck": [1], "waiting": [0], "quiet_s": 10.0, "since": [0.0, 12.0, 3.0],
+               "beats": beats, "stacks": "/logs", "at": 5.0}
     frame = ["/x/train.py", 7, "train_step", "time.sleep(60)"]
-    stacks = {0: {"host": "a", "pid": 1, "phase": "in the backward pass", "moves": 3,
-                  "waiting": True, "frames": [["", 0, "RuntimeError", "Timed out"]]},
-              1: {"host": "b", "pid": 2, "phase": "in train_step", "moves": 2,
-                  "waiting": False, "frames": [frame]}}
-    report = hang.compose(verdict, stacks, 2, 10.0)
-    assert report["stuck"] == [1]
+    stacks = {0: {"frames": [["/t/graph.py", 8, "backward", "run()"],
+                             ["", 0, "RuntimeError", "Timed out"]]},
+              1: {"frames": [frame]}}
+    natives = {1: ["clock_nanosleep (libc.so.6)", "train_step (train.py:7)"]}
+    report = hang.report.compose(verdict, stacks, natives, 10.0)
+    assert report["stuck"] == [1] and report["at"] == 5.0
     assert report["message"] == (
-        "the job hung: rank(s) 0 waited 10 s in a collective that never completed "
-        "(hang_timeout_s=10); the stuck rank(s) of 2: rank 1 (b, pid 2), in train_step, at "
+        "the job hung: rank(s) 0 waited in a collective until its timeout "
+        "(hang_timeout_s=10); the stuck rank(s) of 3: rank 1 (b, pid 2), in train_step, at "
         "train_step (train.py:7): time.sleep(60)")
-    first, second = report["details"].split("\n")[:2]
-    assert first == ("rank 1 (b, pid 2): stuck, in train_step, last progress 12 s before the "
-                     "verdict:")
-    assert second == '  File "/x/train.py", line 7, in train_step'
-    assert "rank 0 (a, pid 1): waiting, in the backward pass" in report["details"]
-    assert "  RuntimeError: Timed out" in report["details"]
+    assert report["details"].splitlines() == [
+        "rank 1 (b, pid 2): stuck, in train_step, last progress 12 s before the verdict:",
+        '  File "/x/train.py", line 7, in train_step',
+        "    time.sleep(60)",
+        "  native frames (py-spy), innermost first:",
+        "    clock_nanosleep (libc.so.6)",
+        "rank 0 (a, pid 1): waited until its collective timed out, in the backward pass: "
+        "RuntimeError: Timed out",
+        "rank 2 (c, pid 3): not stuck, in the backward pass (its stack did not arrive)",
+        "Every thread's stack of each rank: /logs/hang-0.stacks.log to hang-2.stacks.log, on "
+        "its machine. A rank that was only slow needs a longer PlatformConfig.hang_timeout_s "
+        "(ddpw-launch --hang-timeout-s); None (off) turns the watch off."]

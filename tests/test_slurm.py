@@ -594,9 +594,8 @@ def test_a_rank_stuck_on_the_second_node_ends_the_job_as_hung(cluster, tmp_path)
     assert "the stuck rank(s) of 2: rank 1 (" in caught.value.message
     assert "hang_jobs.py" in caught.value.details and "backward" in caught.value.details
     assert submission.state() == "FAILED"
-    folder = submission.folder
-    assert "the job hung; every thread's stack follows" in (
-        folder / "rank-1.stderr.log").read_text()
+    stacks = re.search(r"Every thread's stack of each rank: (\S+)/hang-0", caught.value.details)
+    assert "the job hung (verdict at " in (Path(stacks.group(1)) / "hang-1.stacks.log").read_text()
 
 
 def test_ddpw_launch_ends_a_script_that_hangs_on_two_nodes(cluster, tmp_path):
@@ -608,5 +607,5 @@ def test_ddpw_launch_ends_a_script_that_hangs_on_two_nodes(cluster, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == HUNG_EXIT_STATUS, done.stderr
     assert "the stuck rank(s) of 2: rank 1 (" in done.stderr
-    assert "(sleepy.py:8): time.sleep(3600)" in done.stderr
+    assert "(sleepy.py:13): time.sleep(3600)" in done.stderr
     assert ": FAILED" in done.stderr  # sacct's state, as ddpw-launch follows it
