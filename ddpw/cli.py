@@ -155,10 +155,10 @@ class _SectionedCommand(click.Command):
 @click.option("--rendezvous-timeout-s", type=click.IntRange(min=1),
               help="Seconds the machines wait for each other at the start [default: 600].")
 @click.option("--hang-timeout-s", type=Timeout(),
-              help="Seconds a rank may go without progress (a collective that completes, "
-                   "or ddpw.utils.heartbeat()) while the others wait, before the job is "
-                   "ended as hung and every rank's stack logged; 'off' to never "
-                   "[default: 300].")
+              help="Seconds a rank may go without progress (a Trainer's step or batch, or "
+                   "ddpw.utils.heartbeat()) once it has made some, while the others wait, "
+                   "before the job is ended as hung and every rank's stack logged; never "
+                   "shortens a collective's own timeout; 'off' to never [default: 300].")
 @click.option("--max-restarts", type=click.IntRange(min=0),
               help="Times the processes of a job on several machines start again after a "
                    "failure or a lost machine [default: 0, or PET_MAX_RESTARTS].")

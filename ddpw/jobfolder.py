@@ -20,6 +20,7 @@ the submitting machine (as clusters' home and project file systems are)::
     slurm/               submitit's files: JOBID_0_log.out is node 0's console
     rank-R.stdout.log    every rank's output (attempts after a requeue are appended)
     rank-R.stderr.log
+    hang-R.stacks.log    every thread's stack of rank R when the job hung (ddpw.hang)
     agent-nodeN.log      what torchrun's agent on node N logged (made when it logs)
     attempt-K.json       attempt K's start (K = SLURM_RESTART_COUNT): its checkpoint (node 0)
     node-N.json          how node N's processes ended in the last attempt, and whether node 0
@@ -27,7 +28,8 @@ the submitting machine (as clusters' home and project file systems are)::
     checkpoints.txt      the checkpoints the job published, newest last (the main rank)
 
 ``ddpw-launch`` keeps a folder of the same name for a launch on this machine, with the rank and
-agent logs.
+agent logs and the stacks of a hang; a Wrapper job on this machine, whose payload folder goes at
+its end, writes the stacks of a hang to a folder of its own that the report names.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .. import environment, jobfolder
+from .. import environment, jobfolder, rendezvous
 from ..errors import HUNG_EXIT_STATUS, PeerFailed
 from ..outcome import LOST_PEER
 from . import report
@@ -115,7 +115,9 @@ class Watch:
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
         self.folder, self.stacks = folder, stacks
         self.interval = min(1.0, timeout_s / 10)
-        self.prefix = f"ddpw/hang/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        # Elastic worlds each have a store of their own, where torchrun's restart count is no
+        # name that every rank gives alike (a newcomer counts 0).
+        self.prefix = f"ddpw/hang/{rendezvous.store_attempt()}/"
         self.judges = rank in (0, world_size - 1)
         # Written by the main thread, read by the watch's: single assignments, and a set that
         # only grows.
