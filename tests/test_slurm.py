@@ -84,6 +84,9 @@ def test_a_failing_rank_surfaces_its_traceback(cluster):
     with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
         Wrapper(p_config).start(fail_on_node_one)
     assert "ValueError: node one is unhappy" in caught.value.details
+    (folder,) = job_folders()
+    assert re.search(rf"; logs in \S*{re.escape(folder.name)}$", caught.value.message), \
+        caught.value.message
 
 
 def fail_on_node_one_while_node_zero_works() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 
 from .. import jobfolder
-from ..errors import ConfigError, WorkerError
+from ..errors import ConfigError, JobHung, WorkerError
 from ..jobfolder import Payload
 from ..outcome import Outcome
 from ..plan import LaunchPlan
@@ -246,7 +246,13 @@ class Submission:
         if self._has_results and not requeued and (jobfolder.hang_report(payload_dir)
                                                    or jobfolder.reports(payload_dir,
                                                                         self.world_size)):
-            jobfolder.collect(payload_dir, self.world_size, Outcome({}, None))  # raises it
+            try:
+                jobfolder.collect(payload_dir, self.world_size, Outcome({}, None))  # raises it
+            except JobHung:
+                raise  # its report names the files of every rank's stacks
+            except WorkerError as error:
+                raise WorkerError(error.message + where, error.rank, error.status,
+                                  error.details) from None
         after = " after requeueing itself" if requeued else ""
         raise WorkerError(f"SLURM job {self.job_id} ended {state}{after}{where}",
                           details=self._node_errors())
