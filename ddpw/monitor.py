@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint.names import Position, available
+from .checkpoint.state import FILE, TrainingState
 from .errors import ConfigError
 
 #: What ``JobConfig.monitor_mode`` may be: the better value is the smaller, or the larger.
@@ -33,8 +34,8 @@ def scores(checkpoint_path: str | Path, prefix: str, metric: str) -> dict[str, f
         if Position.parse(name, prefix).batches:
             continue
         try:
-            state = json.loads((Path(checkpoint_path) / name / "state.json").read_text())
-            value = float(state["metrics"][metric])
+            text = (Path(checkpoint_path) / name / FILE).read_text()
+            value = float(TrainingState.from_dict(json.loads(text)).metrics[metric])
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if not math.isnan(value):

@@ -41,9 +41,10 @@ from . import environment, hang, resume, schedules
 from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
-from .checkpoint.checkpointer import Checkpointer, Contents, samples_into_epoch
+from .checkpoint.checkpointer import Checkpointer, Contents
 from .checkpoint.names import sequence
 from .checkpoint.rng import rng_state, set_rng_state
+from .checkpoint.state import TrainingState
 from .contract import check_steps, step_values
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
@@ -507,13 +508,10 @@ class Trainer:
         """
         acc = self.accelerator
         parts = {"optimiser": self.optimiser, "scheduler": self.scheduler, "scaler": acc.scaler}
-        state = {
-            "epochs_done": self.epochs_done, "batches": self.batch,
-            "global_step": self.global_step, "batch_size": self.a_config.batch_size,
-            "world_size": self.world_size, "data_seed": self.p_config.seed,
-            "gradient_accumulation_steps": self.j_config.gradient_accumulation_steps,
-            "metrics": self.metrics, "trackers": self._ddpw.tracking.runs(),
-            "monitor": self._ddpw.monitor.state()}
+        state = TrainingState(
+            self.epochs_done, self.batch, self.global_step, self.a_config.batch_size,
+            self.world_size, self.p_config.seed, self.j_config.gradient_accumulation_steps,
+            self.metrics, self._ddpw.tracking.runs(), self._ddpw.monitor.state())
         contents = Contents(
             # The plain model under DDP and torch.compile: no "module." or "_orig_mod." in names.
             model=acc.unwrap_model(self.model, keep_torch_compile=False), state=state,
@@ -554,34 +552,28 @@ class Trainer:
             ``None`` when it was written before ddpw kept them.
         :raises ConfigError: on every rank, naming a file that is damaged.
         """
-        acc, j = self.accelerator, self.j_config
-        shape = (self.world_size, self.a_config.batch_size, j.gradient_accumulation_steps)
+        acc = self.accelerator
         loadables = {name: obj for name, obj in (("optimiser", self.optimiser),
                                                   ("scheduler", self.scheduler),
                                                   ("scaler", acc.scaler)) if obj is not None}
         with hang.busy(f"restoring checkpoint {name}"):
             restored = self._ddpw.checkpoints.restore(
                 name, acc.unwrap_model(self.model, keep_torch_compile=False), loadables,
-                same_run=lambda state: (state["world_size"], state["batch_size"],
-                                        state.get("gradient_accumulation_steps")) == shape)
+                self.a_config.batch_size, self.j_config.gradient_accumulation_steps)
         state = restored.state
-        self.epochs_done = self.epoch = state["epochs_done"]
-        self.global_step, self.metrics = state["global_step"], state["metrics"]
-        self._ddpw.monitor.load(state.get("monitor"))
+        self.epochs_done = self.epoch = state.epochs_done
+        self.global_step, self.metrics = state.global_step, state.metrics
+        self._ddpw.monitor.load(state.monitor)
         if restored.own is not None:
             set_rng_state(restored.own["rng"], self.device)
-            self._ddpw.sums.load(restored.own, state["batch_size"], self.device)
-            self.batch = state["batches"]
-        else:
-            # Another world size or batch size: the saved RNG streams do not fit, so derive one
-            # from the seed and the position; the same samples remain to be seen in the epoch.
-            self.batch = samples_into_epoch(state) // (self.a_config.batch_size
-                                                       * self.world_size)
-            set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
-                     device_specific=True)
-            self._ddpw.sums.carry(restored.every_own, state["batch_size"], self.device,
+            self._ddpw.sums.load(restored.own, state.batch_size, self.device)
+            self.batch = state.batches
+        else:  # another world or batch size
+            self.batch = state.batches_at(self.a_config.batch_size, self.world_size)
+            set_seed(state.seed_at(self.p_config.seed, self.batch), device_specific=True)
+            self._ddpw.sums.carry(restored.every_own, state.batch_size, self.device,
                                   acc.is_main_process)
-        return state.get("trackers")
+        return state.trackers
 
     def _earlier_scores(self, name: str) -> dict[str, float]:
         """The monitored metric of the checkpoints on disk that lead up to checkpoint
