@@ -45,13 +45,13 @@ from .checkpoint.checkpointer import Checkpointer, Contents
 from .checkpoint.names import sequence
 from .checkpoint.rng import rng_state, set_rng_state
 from .checkpoint.state import TrainingState
-from .contract import check_steps, step_values
+from .contract import check_job, step_values
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
 from .metrics import RunningSums, check_per_sample, clip_gradients
 from .monitor import Monitor, best, scores
-from .platform import Platform, PlatformConfig
-from .tracking import Tracking, missing
+from .platform import PlatformConfig
+from .tracking import Tracking
 from .vote import PauseVote
 
 
@@ -173,36 +173,10 @@ class Trainer:
             from scratch.
         :raises ConfigError: naming the field or file and what would be valid.
         """
-        j = self.j_config
-        if a_config is None:
-            raise ConfigError("Wrapper(p_config, a_config): a Trainer needs an ArtefactsConfig.")
-        if a_config.model is None:
-            raise ConfigError("ArtefactsConfig.model=None: a Trainer needs a torch.nn.Module.")
-        check_steps(self, Trainer, a_config)
-        training = j.job_type is not JobMode.EVALUATE
-        if (p_config.platform is Platform.SLURM and training
-                and p_config.requeue_signal not in j.pause_signals):
-            raise ConfigError(f"JobConfig.pause_signals={j.pause_signals} lacks "
-                              f"PlatformConfig.requeue_signal={p_config.requeue_signal!r}: the "
-                              f"job could not pause and requeue before SLURM ends it.")
-        if training and a_config.train_set is None:
-            raise ConfigError(f"ArtefactsConfig.train_set=None: JobMode.{j.job_type.name} needs "
-                              f"a training set.")
-        if training and a_config.optimiser_loader is None:
-            raise ConfigError(f"ArtefactsConfig.optimiser_loader=None: JobMode.{j.job_type.name} "
-                              f"needs a callable model -> torch.optim.Optimizer.")
-        if not training and a_config.test_set is None:
-            raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
-        if (training and j.monitor and j.monitor.startswith("val_")
-                and a_config.validation_set is None):
-            raise ConfigError(f"JobConfig.monitor={j.monitor!r} is a validation metric, and "
-                              f"ArtefactsConfig.validation_set=None: give a validation set, or "
-                              f"monitor a training metric such as 'loss'.")
-        if training and j.log_with and missing(j.log_with):
-            packages = " ".join(missing(j.log_with))
-            raise ConfigError(f"JobConfig.log_with={j.log_with}: {packages} is not installed "
-                              f"here; pip install {packages}, or leave it out of log_with.")
-        self.resume_from = resume.choose(j, a_config, world_size or p_config.world_size,
+        check_job(self, Trainer, p_config, a_config)
+        assert a_config is not None  # checked
+        self.resume_from = resume.choose(self.j_config, a_config,
+                                         world_size or p_config.world_size,
                                          requeued=os.environ.get(environment.RESUME_FROM))
         return self.resume_from
 
