@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint.names import Position, available
+from .checkpoint.names import Position, available, sequence
 from .checkpoint.state import FILE, TrainingState
 from .errors import ConfigError
 
@@ -41,6 +41,17 @@ def scores(checkpoint_path: str | Path, prefix: str, metric: str) -> dict[str, f
         if not math.isnan(value):
             found[name] = value
     return found
+
+
+def earlier_scores(checkpoint_path: str | Path, prefix: str, metric: str,
+                   name: str) -> dict[str, float]:
+    """The :func:`scores` of the checkpoints that lead up to checkpoint ``name``: at or before
+    its position, written no later. (A fresh start, or a line of training abandoned by resuming
+    from an earlier checkpoint, competes for no place.)"""
+    root = Path(checkpoint_path)
+    until, last = Position.parse(name, prefix), sequence(root / name)
+    return {other: value for other, value in scores(root, prefix, metric).items()
+            if Position.parse(other, prefix) <= until and sequence(root / other) <= last}
 
 
 def best(values: dict[str, float], prefix: str, mode: str, k: int) -> list[str]:

@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,32 +34,22 @@ from accelerate import Accelerator
 from accelerate.data_loader import DataLoaderDispatcher
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from . import environment, hang, resume, schedules
+from . import environment, hang, progress, resume, schedules
 from .artefacts import ArtefactsConfig
 from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
 from .checkpoint.checkpointer import Checkpointer, Contents
-from .checkpoint.names import sequence
 from .checkpoint.rng import rng_state, set_rng_state
 from .checkpoint.state import TrainingState
 from .contract import check_job, step_values
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
 from .metrics import RunningSums, check_per_sample, clip_gradients
-from .monitor import Monitor, best, scores
+from .monitor import Monitor, best, earlier_scores
 from .platform import PlatformConfig
 from .tracking import Tracking
 from .vote import PauseVote
-
-
-class _Bar(tqdm):
-    """ddpw's progress bars, without tqdm's monitor thread: a thread that starts or ends while
-    a DataLoader forks its workers can leave a worker hung for good in CPython's fork (seen with
-    Python 3.11: the child waits for the thread-state lock that the other thread held)."""
-
-    monitor_interval = 0
 
 
 @dataclass
@@ -239,7 +228,8 @@ class Trainer:
         if self.resume_from is not None:
             runs = self.restore_checkpoint(self.resume_from)
             if j.monitor is not None:
-                self._ddpw.monitor.values = self._earlier_scores(self.resume_from)
+                self._ddpw.monitor.values = earlier_scores(
+                    j.checkpoint_path, j.checkpoint_name_prefix, j.monitor, self.resume_from)
         if j.job_type is not JobMode.EVALUATE:
             self._ddpw.tracking.start(accelerator, self.global_step, runs, {
                 "job": j, "platform": p_config, "artefacts": a_config}, self.resume_from)
@@ -356,10 +346,8 @@ class Trainer:
             sums.clear()
         samples_per_batch = self.a_config.batch_size * self.world_size
         started, first = time.perf_counter(), self.batch
-        # Nothing asks for len(loader): a stream (an IterableDataset without __len__) has none,
-        # and its progress bar counts batches without a total.
-        bar = self._progress(loader, f"epoch {self.epoch}/{self.j_config.epochs}",
-                             initial=self.batch)
+        bar = progress.bar(loader, f"epoch {self.epoch}/{self.j_config.epochs}", self.verbose,
+                           initial=self.batch)
         for batch in bar:
             # Where the hang watch (ddpw.hang) says this rank stood, if it stops here.
             at = f"(epoch {self.epoch}, batch {self.batch + 1})"
@@ -414,7 +402,7 @@ class Trainer:
         loader = loader if loader is not None else self.test_loader
         self.model.eval()
         values: dict[str, list[torch.Tensor]] = {}
-        for number, batch in enumerate(self._progress(loader, "evaluate"), 1):
+        for number, batch in enumerate(progress.bar(loader, "evaluate", self.verbose), 1):
             hang.progress(f"in evaluate_step (evaluation batch {number})")
             output = self.evaluate_step(batch)
             check_per_sample(output, type(self).__name__)
@@ -549,17 +537,6 @@ class Trainer:
                                   acc.is_main_process)
         return state.trackers
 
-    def _earlier_scores(self, name: str) -> dict[str, float]:
-        """The monitored metric of the checkpoints on disk that lead up to checkpoint
-        ``name``: at or before its position, written no later. (A fresh start, or a line of
-        training abandoned by resuming from an earlier checkpoint, competes for no place.)"""
-        j = self.j_config
-        root, prefix = Path(j.checkpoint_path), j.checkpoint_name_prefix
-        until, last = Position.parse(name, prefix), sequence(root / name)
-        return {other: value
-                for other, value in scores(root, prefix, j.monitor).items()
-                if Position.parse(other, prefix) <= until and sequence(root / other) <= last}
-
     def _position(self) -> Position:
         return Position(self.epochs_done, self.batch)
 
@@ -574,8 +551,3 @@ class Trainer:
             shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in metrics.items())
             self.accelerator.print(f"[ddpw] {shown}")
-
-    def _progress(self, loader: Iterable[Any], description: str, initial: int = 0) -> Any:
-        return _Bar(loader, desc=description, disable=not self.verbose, leave=False,
-                    dynamic_ncols=True, unit="batch", initial=initial)
-

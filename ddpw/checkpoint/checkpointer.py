@@ -123,7 +123,7 @@ class Checkpointer:
         every rank must call it at the same point, before training.
 
         Both are made here, once: a thread started or ended while a DataLoader forks its
-        workers can leave a worker hung (see :class:`ddpw.trainer.Trainer`'s progress bars).
+        workers can leave a worker hung (see :class:`ddpw.progress.Bar`).
 
         :param writes: whether the job will save; then every rank must see the folder.
         :raises ConfigError: when some ranks do not see what the main rank writes in ``root``.
