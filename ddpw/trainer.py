@@ -21,7 +21,6 @@ data sharding, gradient accumulation, mixed precision, checkpoints, pausing and 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import time
@@ -31,13 +30,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.data_loader import DataLoaderDispatcher
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
 from . import environment, hang, progress, resume, schedules
 from .artefacts import ArtefactsConfig
-from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
 from .checkpoint.checkpointer import Checkpointer, Contents
 from .checkpoint.rng import rng_state, set_rng_state
@@ -45,7 +42,7 @@ from .checkpoint.state import TrainingState
 from .contract import check_job, step_values
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
-from .metrics import RunningSums, check_per_sample, clip_gradients
+from .metrics import ExactMeans, RunningSums, check_per_sample, clip_gradients
 from .monitor import Monitor, best, earlier_scores
 from .platform import PlatformConfig
 from .tracking import Tracking
@@ -192,34 +189,10 @@ class Trainer:
         self.accelerator, self.p_config, self.a_config = accelerator, p_config, a_config
         j = self.j_config
         set_seed(p_config.seed, device_specific=True)
-        model = a_config.model
-        if a_config.model_has_batch_norm and accelerator.num_processes > 1:
-            model = synchronise_batch_norm(model, accelerator.device)
-        if j.job_type is JobMode.EVALUATE:
-            self.model = accelerator.prepare(model)
-        else:
-            optimiser = a_config.optimiser_loader(model)
-            scheduler = a_config.scheduler_loader(optimiser) if a_config.scheduler_loader else None
-            if scheduler is None:
-                self.model, self.optimiser = accelerator.prepare(model, optimiser)
-            else:
-                schedules.check(scheduler, a_config.scheduler_interval, accelerator.is_main_process)
-                self.model, self.optimiser, self.scheduler = accelerator.prepare(
-                    model, optimiser, scheduler)
-        for name in ("train", "validation", "test"):
-            data = getattr(a_config, f"{name}_set")
-            if data is not None:
-                # A generator of the loader's own: drawing its workers' seeds must not move the
-                # global RNG, or a run resumed mid-epoch would drift from an uninterrupted one.
-                generator = torch.Generator().manual_seed(p_config.seed)
-                loader = accelerator.prepare(
-                    a_config.make_loader(data, train=name == "train", generator=generator))
-                if isinstance(loader, DataLoaderDispatcher):
-                    # A stream, which the main rank reads and deals out: Accelerate leaves the
-                    # generator out of the loader it reads from, which would then draw on the
-                    # global RNG at every pass (skip_first_batches copies it from there).
-                    loader.base_dataloader.generator = generator
-                setattr(self, f"{name}_loader", loader)
+        self.model, self.optimiser, self.scheduler = a_config.prepare_model(
+            accelerator, training=j.job_type is not JobMode.EVALUATE)
+        self.train_loader, self.validation_loader, self.test_loader = a_config.prepare_loaders(
+            accelerator, p_config.seed)
         self._ddpw.checkpoints = Checkpointer(
             Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
             self.global_rank, self.world_size, self.device, on_failure=self.request_pause)
@@ -401,21 +374,16 @@ class Trainer:
         """
         loader = loader if loader is not None else self.test_loader
         self.model.eval()
-        values: dict[str, list[torch.Tensor]] = {}
+        means = ExactMeans()
         for number, batch in enumerate(progress.bar(loader, "evaluate", self.verbose), 1):
             hang.progress(f"in evaluate_step (evaluation batch {number})")
             output = self.evaluate_step(batch)
             check_per_sample(output, type(self).__name__)
             hang.progress(f"gathering evaluation batch {number}'s metrics")
-            for key, value in self.accelerator.gather_for_metrics(output).items():
-                values.setdefault(key, []).append(value.detach().double().cpu())
+            means.add(self.accelerator.gather_for_metrics(output))
             hang.progress(f"loading evaluation batch {number + 1}", unit_done=True)
         self.model.train()
-        result = {}
-        for key, chunks in values.items():
-            flat = torch.cat(chunks).tolist()
-            result[key] = math.fsum(flat) / len(flat)
-        return result
+        return means.means()
 
     # --- pausing --------------------------------------------------------------------------------
 
