@@ -120,6 +120,13 @@ class Monitor:
         """Whether training stops early: ``patience`` judged epochs without improvement."""
         return bool(self.patience) and self.waited >= self.patience
 
+    def why_stopped(self, epoch: int) -> str:
+        """What a job that stops early after epoch ``epoch`` says."""
+        best = (f"best {self.best:.4g}, epoch {self.best_epoch}" if self.best is not None
+                else "never a number")
+        return (f"early stop after epoch {epoch}: {self.metric} has not improved for "
+                f"{self.waited} epochs ({best})")
+
     def saved(self, name: str, metrics: dict[str, Any]) -> None:
         """Note the metric of a whole-epoch checkpoint ``name`` that is being saved (a NaN
         makes it no candidate, as on disk: :func:`scores`)."""

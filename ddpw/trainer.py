@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,21 +236,14 @@ class Trainer:
         """Train or evaluate as ``j_config.job_type`` says; return the metrics as plain floats."""
         j = self.j_config
         if self.verbose:
-            source = f"checkpoint {self.resume_from}" if self.resume_from else "the model"
-            what = (f"evaluate {source}" if j.job_type is JobMode.EVALUATE else
-                    f"train from {source if self.resume_from else 'scratch'} to epoch "
-                    f"{j.epochs}, save every {j.save_every} to {j.checkpoint_path}")
-            self.accelerator.print(f"[ddpw] {self.p_config.summary()}; {j.job_type.name}: {what}")
+            self.accelerator.print(progress.starting(j, self.p_config, self.resume_from))
         checkpoints = self._ddpw.checkpoints
         try:
             metrics = self.evaluate() if j.job_type is JobMode.EVALUATE else self.train()
         except BaseException as error:
             hang.settle(error)  # before the wait for a save in flight, which may be long
             checkpoints.close(raising=False)  # the job's own error is the one to raise
-            try:
-                self._ddpw.tracking.end()
-            except Exception as closing:
-                print(f"[ddpw] closing the trackers failed too: {closing!r}", file=sys.stderr)
+            self._ddpw.tracking.end(raising=False)
             raise
         with hang.busy("publishing the last checkpoint"):
             checkpoints.close()  # success only once the last checkpoint is published
@@ -292,11 +283,7 @@ class Trainer:
                 monitor.refuse_unknown(self.save_checkpoint())
             if monitor.stops:
                 if self.verbose:
-                    best = (f"best {monitor.best:.4g}, epoch {monitor.best_epoch}"
-                            if monitor.best is not None else "never a number")
-                    self.accelerator.print(
-                        f"[ddpw] early stop after epoch {self.epoch}: {j.monitor} has not "
-                        f"improved for {monitor.waited} epochs ({best})")
+                    self.accelerator.print(f"[ddpw] {monitor.why_stopped(self.epoch)}")
             elif self.epochs_done < j.epochs and self._ddpw.vote.agreed(self.world_size):
                 self._pause(saved=saves)
         self._ddpw.vote.settle()  # the last epoch's last step boundary started a vote
@@ -318,7 +305,6 @@ class Trainer:
         else:
             sums.clear()
         samples_per_batch = self.a_config.batch_size * self.world_size
-        started, first = time.perf_counter(), self.batch
         bar = progress.bar(loader, f"epoch {self.epoch}/{self.j_config.epochs}", self.verbose,
                            initial=self.batch)
         for batch in bar:
@@ -343,9 +329,7 @@ class Trainer:
                 values = sums.skip(values)
             sums.add(values, self.a_config.batch_size)
             tracking.batch_done()
-            if self.verbose and self.batch % 10 == 0:
-                rate = (self.batch - first) * samples_per_batch / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{values['loss'].item():.4f}", samples_s=f"{rate:.0f}")
+            bar.note(self.batch, values["loss"], samples_per_batch)
             if self.accelerator.sync_gradients:
                 self.global_step += 1
                 if tracking.due(self.global_step):
@@ -437,7 +421,6 @@ class Trainer:
             the next step boundary on every rank, or by the next save or wait.
         """
         acc = self.accelerator
-        parts = {"optimiser": self.optimiser, "scheduler": self.scheduler, "scaler": acc.scaler}
         state = TrainingState(
             self.epochs_done, self.batch, self.global_step, self.a_config.batch_size,
             self.world_size, self.p_config.seed, self.j_config.gradient_accumulation_steps,
@@ -445,7 +428,7 @@ class Trainer:
         contents = Contents(
             # The plain model under DDP and torch.compile: no "module." or "_orig_mod." in names.
             model=acc.unwrap_model(self.model, keep_torch_compile=False), state=state,
-            parts={name: obj.state_dict() for name, obj in parts.items() if obj is not None},
+            parts={name: obj.state_dict() for name, obj in self._parts().items()},
             own={"rng": rng_state(self.device), **self._ddpw.sums.state()},
             manifest={"platform": self.p_config.platform.name,
                       "mixed_precision": self.p_config.mixed_precision})
@@ -483,12 +466,9 @@ class Trainer:
         :raises ConfigError: on every rank, naming a file that is damaged.
         """
         acc = self.accelerator
-        loadables = {name: obj for name, obj in (("optimiser", self.optimiser),
-                                                  ("scheduler", self.scheduler),
-                                                  ("scaler", acc.scaler)) if obj is not None}
         with hang.busy(f"restoring checkpoint {name}"):
             restored = self._ddpw.checkpoints.restore(
-                name, acc.unwrap_model(self.model, keep_torch_compile=False), loadables,
+                name, acc.unwrap_model(self.model, keep_torch_compile=False), self._parts(),
                 self.a_config.batch_size, self.j_config.gradient_accumulation_steps)
         state = restored.state
         self.epochs_done = self.epoch = state.epochs_done
@@ -508,6 +488,12 @@ class Trainer:
     def _position(self) -> Position:
         return Position(self.epochs_done, self.batch)
 
+    def _parts(self) -> dict[str, Any]:
+        """The parts of a checkpoint besides the model that every rank holds alike."""
+        parts = {"optimiser": self.optimiser, "scheduler": self.scheduler,
+                 "scaler": self.accelerator.scaler}
+        return {name: obj for name, obj in parts.items() if obj is not None}
+
     # --- output ---------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
@@ -516,6 +502,4 @@ class Trainer:
         a line that begins with the run's identity (:mod:`ddpw.tracking`)."""
         self._ddpw.tracking.log_epoch(self.global_step, metrics)
         if self.verbose:
-            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in metrics.items())
-            self.accelerator.print(f"[ddpw] {shown}")
+            self.accelerator.print(progress.epoch_metrics(metrics))
