@@ -27,12 +27,13 @@ TRAIN_STEP_RETURNS = ("the loss as a scalar tensor with a graph (not loss.item()
 
 
 def check_job(trainer: Trainer, base: type, p_config: PlatformConfig,
-              a_config: ArtefactsConfig | None) -> None:
+              a_config: ArtefactsConfig | None) -> ArtefactsConfig:
     """Check that the three configs of ``trainer``'s job fit together, and that ``trainer``
     defines the steps the job calls (:func:`check_steps`); each config has checked its own
     fields when made.
 
     :param base: :class:`~ddpw.trainer.Trainer` itself, whose steps are placeholders.
+    :returns: ``a_config``, which is there.
     :raises ConfigError: naming the field, what was given and what would be valid.
     """
     j = trainer.j_config
@@ -64,6 +65,7 @@ def check_job(trainer: Trainer, base: type, p_config: PlatformConfig,
         packages = " ".join(missing(j.log_with))
         raise ConfigError(f"JobConfig.log_with={j.log_with}: {packages} is not installed "
                           f"here; pip install {packages}, or leave it out of log_with.")
+    return a_config
 
 
 def _defines(trainer: Trainer, base: type, *names: str) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +33,13 @@ from torch.utils.data import DataLoader
 from . import environment, hang, progress, resume, schedules
 from .artefacts import ArtefactsConfig
 from .checkpoint import Position
-from .checkpoint.checkpointer import Checkpointer, Contents
-from .checkpoint.rng import rng_state, set_rng_state
 from .checkpoint.state import TrainingState
 from .contract import check_job, step_values
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
-from .metrics import ExactMeans, RunningSums, check_per_sample, clip_gradients
-from .monitor import Monitor, best, earlier_scores
+from .machinery import Machinery
+from .metrics import ExactMeans, check_per_sample, clip_gradients
 from .platform import PlatformConfig
-from .tracking import Tracking
-from .vote import PauseVote
-
-
-@dataclass
-class _Machinery:
-    """ddpw's own state on a :class:`Trainer`, all under one attribute (``_ddpw``) that a
-    subclass will not take by chance: the trackers, the monitored metric, the pause vote, the
-    epoch's running sums and, once set up, the checkpoints."""
-
-    tracking: Tracking
-    monitor: Monitor
-    vote: PauseVote = field(default_factory=PauseVote)
-    sums: RunningSums = field(default_factory=RunningSums)
-    checkpoints: Checkpointer | None = None
 
 
 class Trainer:
@@ -104,16 +86,12 @@ class Trainer:
         self.train_loader: DataLoader | None = None
         self.validation_loader: DataLoader | None = None
         self.test_loader: DataLoader | None = None
-        self.epoch = 0
-        self.epochs_done = 0
-        self.batch = 0
-        self.global_step = 0
+        self.epoch = self.epochs_done = self.batch = self.global_step = 0
         self.metrics: dict[str, float] = {}
         #: The checkpoint this job starts from: chosen by :meth:`check` before any process
         #: starts, and set on every rank from the payload before :meth:`setup`.
         self.resume_from: str | None = None
-        self._ddpw = _Machinery(Tracking(j_config), Monitor(
-            j_config.monitor, j_config.monitor_mode, j_config.early_stopping_patience))
+        self._ddpw = Machinery.of(j_config)
 
     # --- what a subclass writes ----------------------------------------------------------------
 
@@ -143,13 +121,11 @@ class Trainer:
 
     def check(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None,
               world_size: int | None = None) -> str | None:
-        """Check that the configs and the checkpoints on disk allow this job to run, and choose
-        the checkpoint to start from (:func:`ddpw.resume.choose`), checking its manifest, the
-        size of every file and that its weights fit the model (the ranks check the hashes as
-        they read it: :meth:`restore_checkpoint`).
-
-        Called by :class:`~ddpw.wrapper.Wrapper` before it starts any process; the choice goes
-        to every rank in the payload (:attr:`ddpw.jobfolder.Payload.resume_from`).
+        """Check that the configs allow this job to run (:func:`ddpw.contract.check_job`), and
+        choose the checkpoint to start from (:func:`ddpw.resume.choose`, which checks it but for
+        the hashes, which the ranks check as they read it: :meth:`restore_checkpoint`). Called
+        by :class:`~ddpw.wrapper.Wrapper` before it starts any process; the choice goes to every
+        rank in the payload (:attr:`ddpw.jobfolder.Payload.resume_from`).
 
         :param world_size: the number of processes the job will have (the launch's, when it runs
             inside one); ``p_config.world_size`` by default.
@@ -157,8 +133,7 @@ class Trainer:
             from scratch.
         :raises ConfigError: naming the field or file and what would be valid.
         """
-        check_job(self, Trainer, p_config, a_config)
-        assert a_config is not None  # checked
+        a_config = check_job(self, Trainer, p_config, a_config)
         self.resume_from = resume.choose(self.j_config, a_config,
                                          world_size or p_config.world_size,
                                          requeued=os.environ.get(environment.RESUME_FROM))
@@ -191,19 +166,11 @@ class Trainer:
             accelerator, training=j.job_type is not JobMode.EVALUATE)
         self.train_loader, self.validation_loader, self.test_loader = a_config.prepare_loaders(
             accelerator, p_config.seed)
-        self._ddpw.checkpoints = Checkpointer(
-            Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
-            self.global_rank, self.world_size, self.device, on_failure=self.request_pause)
-        self._ddpw.checkpoints.open(writes=j.job_type is not JobMode.EVALUATE)
-        runs = None
-        if self.resume_from is not None:
-            runs = self.restore_checkpoint(self.resume_from)
-            if j.monitor is not None:
-                self._ddpw.monitor.values = earlier_scores(
-                    j.checkpoint_path, j.checkpoint_name_prefix, j.monitor, self.resume_from)
-        if j.job_type is not JobMode.EVALUATE:
-            self._ddpw.tracking.start(accelerator, self.global_step, runs, {
-                "job": j, "platform": p_config, "artefacts": a_config}, self.resume_from)
+        self._ddpw.open_checkpoints(j, self.global_rank, self.world_size, self.device,
+                                    on_failure=self.request_pause)
+        runs = self.restore_checkpoint(self.resume_from) if self.resume_from is not None else None
+        self._ddpw.start(accelerator, j, self.global_step, runs,
+                         {"job": j, "platform": p_config, "artefacts": a_config}, self.resume_from)
 
     @property
     def global_rank(self) -> int:
@@ -348,13 +315,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
-        """Average :meth:`evaluate_step` over ``loader`` (the test set by default), exactly.
-
-        Per-sample values are gathered from every rank without the repeats that pad an uneven
-        last batch, and summed with :func:`math.fsum`, whose result does not depend on the order:
-        the same per-sample values give the same numbers, to the last bit, on 1 or N processes.
-        The values themselves are computed in batches that differ with the world size, which
-        can round them differently in their last bits.
+        """Average :meth:`evaluate_step` over ``loader`` (the test set by default), exactly
+        (:class:`ddpw.metrics.ExactMeans`): the same per-sample values give the same numbers, to
+        the last bit, on 1 or N processes. (The values themselves are computed in batches that
+        differ with the world size, which can round them differently in their last bits.)
         """
         loader = loader if loader is not None else self.test_loader
         self.model.eval()
@@ -368,6 +332,14 @@ class Trainer:
             hang.progress(f"loading evaluation batch {number + 1}", unit_done=True)
         self.model.train()
         return means.means()
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Log an epoch's ``metrics`` to the trackers (``JobConfig.log_with``) at this optimiser
+        step and append them to ``{training_logs_path}/metrics.jsonl`` (main process only), on
+        a line that begins with the run's identity (:mod:`ddpw.tracking`)."""
+        self._ddpw.tracking.log_epoch(self.global_step, metrics)
+        if self.verbose:
+            self.accelerator.print(progress.epoch_metrics(metrics))
 
     # --- pausing --------------------------------------------------------------------------------
 
@@ -391,7 +363,7 @@ class Trainer:
         # A save that failed in the background asked for this pause: its error is raised here,
         # on every rank at the same step boundary.
         self.wait_for_checkpoint()
-        folder = (self._ddpw.checkpoints.root / self._position().name(
+        folder = (self._ddpw.checkpoints.root / Position(self.epochs_done, self.batch).name(
             self.j_config.checkpoint_name_prefix) if saved else self.save_checkpoint())
         self.wait_for_checkpoint()
         if self.verbose:
@@ -407,12 +379,10 @@ class Trainer:
         Between epochs it is the checkpoint of ``epochs_done`` (replacing one of that position);
         within an epoch, of ``epochs_done`` and ``batch`` batches (``{prefix}_{k}_batch{b}``).
         Resuming is exact only from a position right after an optimiser step, which is where
-        ddpw itself saves.
-
-        With ``j_config.async_checkpoint`` (the default), it returns once the state is copied
-        (each rank copies its share into host buffers): the files are written, hashed, flushed
-        and published in the background while training goes on. A save waits for the one
-        before it; :meth:`wait_for_checkpoint` waits for the last.
+        ddpw itself saves. With ``j_config.async_checkpoint`` (the default), it returns once
+        each rank has copied its share into host buffers: the files are written, hashed, flushed
+        and published in the background (:mod:`ddpw.checkpoint.checkpointer`) while training
+        goes on. A save waits for the one before it; :meth:`wait_for_checkpoint` for the last.
 
         :returns: the checkpoint's folder (where it is, or will be, published).
         :raises PeerFailed: on the ranks whose own part went well when another rank's failed,
@@ -420,22 +390,15 @@ class Trainer:
             that failed raises its own error. From a background save, the error is raised at
             the next step boundary on every rank, or by the next save or wait.
         """
-        acc = self.accelerator
-        state = TrainingState(
-            self.epochs_done, self.batch, self.global_step, self.a_config.batch_size,
-            self.world_size, self.p_config.seed, self.j_config.gradient_accumulation_steps,
-            self.metrics, self._ddpw.tracking.runs(), self._ddpw.monitor.state())
-        contents = Contents(
+        p, position = self.p_config, Position(self.epochs_done, self.batch)
+        state = TrainingState(self.epochs_done, self.batch, self.global_step,
+                              self.a_config.batch_size, self.world_size, p.seed,
+                              self.j_config.gradient_accumulation_steps, self.metrics)
+        contents = self._ddpw.contents(
             # The plain model under DDP and torch.compile: no "module." or "_orig_mod." in names.
-            model=acc.unwrap_model(self.model, keep_torch_compile=False), state=state,
-            parts={name: obj.state_dict() for name, obj in self._parts().items()},
-            own={"rng": rng_state(self.device), **self._ddpw.sums.state()},
-            manifest={"platform": self.p_config.platform.name,
-                      "mixed_precision": self.p_config.mixed_precision})
-        j, monitor, position = self.j_config, self._ddpw.monitor, self._position()
-        if not position.batches:
-            monitor.saved(position.name(j.checkpoint_name_prefix), self.metrics)
-        kept = best(monitor.values, j.checkpoint_name_prefix, j.monitor_mode, j.keep_best)
+            self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self._parts(),
+            state, self.device, p)
+        kept = self._ddpw.kept(self.j_config, position, self.metrics)
         with hang.busy("saving a checkpoint"):
             return self._ddpw.checkpoints.save(position, contents,
                                                protect=(self.resume_from, *kept))
@@ -454,12 +417,9 @@ class Trainer:
         position; every rank must call it at the same point.
 
         Each rank checks the hashes of a share of its files as it maps them into memory
-        (:meth:`check`, which :class:`~ddpw.wrapper.Wrapper` calls before the job starts, has
-        checked the manifest and sizes). With the world size, batch size and gradient
-        accumulation it was written with, this rank's RNG states and running sums come back as
-        they were; with others, the RNGs are seeded from the seed and the position, the batch
-        position is converted to this run's batches, and the epoch's running sums, which are
-        over samples, go on from every rank's.
+        (:meth:`check` has checked the manifest and sizes). Written by a run of another world
+        size, batch size or accumulation, it goes on from the same sample of the epoch
+        (:mod:`ddpw.machinery`).
 
         :returns: the ids of the tracker runs that wrote it (:meth:`ddpw.tracking.Tracking.runs`),
             ``None`` when it was written before ddpw kept them.
@@ -473,33 +433,12 @@ class Trainer:
         state = restored.state
         self.epochs_done = self.epoch = state.epochs_done
         self.global_step, self.metrics = state.global_step, state.metrics
-        self._ddpw.monitor.load(state.monitor)
-        if restored.own is not None:
-            set_rng_state(restored.own["rng"], self.device)
-            self._ddpw.sums.load(restored.own, state.batch_size, self.device)
-            self.batch = state.batches
-        else:  # another world or batch size
-            self.batch = state.batches_at(self.a_config.batch_size, self.world_size)
-            set_seed(state.seed_at(self.p_config.seed, self.batch), device_specific=True)
-            self._ddpw.sums.carry(restored.every_own, state.batch_size, self.device,
-                                  acc.is_main_process)
+        self.batch = self._ddpw.take_back(restored, self.p_config.seed, self.a_config.batch_size,
+                                          self.world_size, self.device, acc.is_main_process)
         return state.trackers
-
-    def _position(self) -> Position:
-        return Position(self.epochs_done, self.batch)
 
     def _parts(self) -> dict[str, Any]:
         """The parts of a checkpoint besides the model that every rank holds alike."""
         parts = {"optimiser": self.optimiser, "scheduler": self.scheduler,
                  "scaler": self.accelerator.scaler}
         return {name: obj for name, obj in parts.items() if obj is not None}
-
-    # --- output ---------------------------------------------------------------------------------
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        """Log an epoch's ``metrics`` to the trackers (``JobConfig.log_with``) at this optimiser
-        step and append them to ``{training_logs_path}/metrics.jsonl`` (main process only), on
-        a line that begins with the run's identity (:mod:`ddpw.tracking`)."""
-        self._ddpw.tracking.log_epoch(self.global_step, metrics)
-        if self.verbose:
-            self.accelerator.print(progress.epoch_metrics(metrics))
