@@ -69,7 +69,8 @@ SHARED_PARTS = ("model", "optimiser", "scheduler", "scaler")
 
 @dataclass
 class Contents:
-    """What a checkpoint holds, as :meth:`ddpw.trainer.Trainer.save_checkpoint` hands it over."""
+    """What a checkpoint holds, as :meth:`ddpw.machinery.Machinery.contents` makes it for
+    :meth:`ddpw.trainer.Trainer.save_checkpoint`."""
 
     #: The unwrapped model (no ``module.`` prefix).
     model: torch.nn.Module
