@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from . import schedules
 from ._checks import check_choice, check_int, check_type, fail
+from .batchnorm import synchronise_batch_norm
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 #: ``model -> optimiser``, called once on every rank; Accelerate then moves the model (and so the
 #: optimiser's parameters) to the rank's device.
@@ -132,6 +137,55 @@ class ArtefactsConfig:
                           collate_fn=self.collate_fn, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, drop_last=train and self.drop_last,
                           generator=generator, **self.dataloader_kwargs)
+
+    def prepare_model(self, accelerator: Accelerator, training: bool
+                      ) -> tuple[torch.nn.Module, torch.optim.Optimizer | None, Any]:
+        """The model, the optimiser and the scheduler, built on this rank and prepared by
+        ``accelerator`` (no optimiser or scheduler when not ``training``; no scheduler without
+        ``scheduler_loader``). With ``model_has_batch_norm`` on several processes, BatchNorm
+        is synchronised across them (:mod:`ddpw.batchnorm`).
+
+        :raises ConfigError: for a scheduler that cannot step at ``scheduler_interval``
+            (:func:`ddpw.schedules.check`).
+        """
+        model = self.model
+        if self.model_has_batch_norm and accelerator.num_processes > 1:
+            model = synchronise_batch_norm(model, accelerator.device)
+        if not training:
+            return accelerator.prepare(model), None, None
+        optimiser = self.optimiser_loader(model)
+        scheduler = self.scheduler_loader(optimiser) if self.scheduler_loader else None
+        if scheduler is None:
+            return (*accelerator.prepare(model, optimiser), None)
+        schedules.check(scheduler, self.scheduler_interval, accelerator.is_main_process)
+        return accelerator.prepare(model, optimiser, scheduler)
+
+    def prepare_loaders(self, accelerator: Accelerator, seed: int
+                        ) -> tuple[DataLoader | None, DataLoader | None, DataLoader | None]:
+        """The training, validation and test loaders, sharded across ranks by ``accelerator``
+        (``None`` for a data set that is ``None``).
+
+        Each has a generator of its own, seeded with ``seed``: drawing its workers' seeds must
+        not move the global RNG, or a run resumed mid-epoch would drift from an uninterrupted
+        one.
+        """
+        # Here, not above: a config is made, checked and shipped where Accelerate is not needed.
+        from accelerate.data_loader import DataLoaderDispatcher
+
+        loaders = []
+        for name in ("train", "validation", "test"):
+            data, loader = getattr(self, f"{name}_set"), None
+            if data is not None:
+                generator = torch.Generator().manual_seed(seed)
+                loader = accelerator.prepare(
+                    self.make_loader(data, train=name == "train", generator=generator))
+                if isinstance(loader, DataLoaderDispatcher):
+                    # A stream, which the main rank reads and deals out: Accelerate leaves the
+                    # generator out of the loader it reads from, which would then draw on the
+                    # global RNG at every pass (skip_first_batches copies it from there).
+                    loader.base_dataloader.generator = generator
+            loaders.append(loader)
+        return loaders[0], loaders[1], loaders[2]
 
 
 def _check_loader(field: str, value: Any, made: type, takes: str, example: str,

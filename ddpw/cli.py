@@ -24,8 +24,8 @@ from click.formatting import term_len
 
 from . import environment, jobfolder
 from .cli_options import Nodes, Timeout, in_cli_words, platform_settings, slurm_parameters
-from .errors import HUNG_EXIT_STATUS, PAUSED_EXIT_STATUS, ConfigError, WorkerError
-from .outcome import LOST_PEER, Outcome, describe_status, others, root_cause
+from .errors import ConfigError, WorkerError
+from .outcome import Outcome
 from .plan import (
     RENDEZVOUS_PORTS,
     LaunchMode,
@@ -423,30 +423,7 @@ def _where(plan: LaunchPlan) -> str:
 
 
 def _exit_status(outcome: Outcome, folder: Path, all_ranks: bool) -> int:
-    failures = outcome.failures
-    if not failures:
-        return 0  # every rank finished, even if a signal came along
-    if outcome.paused:
-        return PAUSED_EXIT_STATUS
-    if outcome.stopped_by is not None:
-        return 128 + outcome.stopped_by.value
-    hung = jobfolder.hang_report(folder)
-    if hung is not None:
-        click.echo(f"[ddpw] {hung['message']}\n{hung['details']}\n[ddpw] logs in {folder}",
-                   err=True)
-        return HUNG_EXIT_STATUS
-    said = {rank: _said(folder / f"rank-{rank}.stderr.log") for rank in failures}
-    lost = {rank: {"traceback": text} for rank, text in said.items() if LOST_PEER.search(text)}
-    rank = root_cause(failures, set(lost), {})
-    status = failures[rank][0]
-    if rank != 0 and not all_ranks:
-        # The console showed rank 0 alone: show what the failing rank said last.
-        click.echo("\n".join(f"[rank{rank}]: {line}" for line in said[rank].splitlines()[-30:]),
-                   err=True)
-    click.echo(f"[ddpw] rank {rank} failed ({describe_status(status)})"
-               f"{others(rank, lost, failures)}; logs in {folder}", err=True)
-    return status if status > 0 else 128 - status
-
-
-def _said(stderr_log: Path) -> str:
-    return stderr_log.read_text(errors="replace") if stderr_log.is_file() else ""
+    status, said = jobfolder.exit_status(folder, outcome, all_ranks)
+    for text in said:
+        click.echo(text, err=True)
+    return status

@@ -1,5 +1,6 @@
-"""The Trainer's contract: the steps that a job needs its :class:`~ddpw.trainer.Trainer` to
-define, checked before any process starts (:func:`check_steps`), and what
+"""The Trainer's contract: what a job needs of the configs together (:func:`check_job`) and the
+steps it needs its :class:`~ddpw.trainer.Trainer` to define (:func:`check_steps`), checked
+before any process starts, and what
 :meth:`~ddpw.trainer.Trainer.train_step` must return, checked at every step
 (:func:`step_values`). What :meth:`~ddpw.trainer.Trainer.evaluate_step` must return is checked by
 :func:`ddpw.metrics.check_per_sample`.
@@ -13,6 +14,8 @@ import torch
 
 from .errors import ConfigError
 from .job import JobMode
+from .platform import Platform, PlatformConfig
+from .tracking import missing
 
 if TYPE_CHECKING:
     from .artefacts import ArtefactsConfig
@@ -21,6 +24,48 @@ if TYPE_CHECKING:
 #: What ``train_step`` must return, as every error about it says.
 TRAIN_STEP_RETURNS = ("the loss as a scalar tensor with a graph (not loss.item()), or a dict "
                       "holding one under 'loss'")
+
+
+def check_job(trainer: Trainer, base: type, p_config: PlatformConfig,
+              a_config: ArtefactsConfig | None) -> ArtefactsConfig:
+    """Check that the three configs of ``trainer``'s job fit together, and that ``trainer``
+    defines the steps the job calls (:func:`check_steps`); each config has checked its own
+    fields when made.
+
+    :param base: :class:`~ddpw.trainer.Trainer` itself, whose steps are placeholders.
+    :returns: ``a_config``, which is there.
+    :raises ConfigError: naming the field, what was given and what would be valid.
+    """
+    j = trainer.j_config
+    if a_config is None:
+        raise ConfigError("Wrapper(p_config, a_config): a Trainer needs an ArtefactsConfig.")
+    if a_config.model is None:
+        raise ConfigError("ArtefactsConfig.model=None: a Trainer needs a torch.nn.Module.")
+    check_steps(trainer, base, a_config)
+    training = j.job_type is not JobMode.EVALUATE
+    if (p_config.platform is Platform.SLURM and training
+            and p_config.requeue_signal not in j.pause_signals):
+        raise ConfigError(f"JobConfig.pause_signals={j.pause_signals} lacks "
+                          f"PlatformConfig.requeue_signal={p_config.requeue_signal!r}: the "
+                          f"job could not pause and requeue before SLURM ends it.")
+    if training and a_config.train_set is None:
+        raise ConfigError(f"ArtefactsConfig.train_set=None: JobMode.{j.job_type.name} needs "
+                          f"a training set.")
+    if training and a_config.optimiser_loader is None:
+        raise ConfigError(f"ArtefactsConfig.optimiser_loader=None: JobMode.{j.job_type.name} "
+                          f"needs a callable model -> torch.optim.Optimizer.")
+    if not training and a_config.test_set is None:
+        raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
+    if (training and j.monitor and j.monitor.startswith("val_")
+            and a_config.validation_set is None):
+        raise ConfigError(f"JobConfig.monitor={j.monitor!r} is a validation metric, and "
+                          f"ArtefactsConfig.validation_set=None: give a validation set, or "
+                          f"monitor a training metric such as 'loss'.")
+    if training and j.log_with and missing(j.log_with):
+        packages = " ".join(missing(j.log_with))
+        raise ConfigError(f"JobConfig.log_with={j.log_with}: {packages} is not installed "
+                          f"here; pip install {packages}, or leave it out of log_with.")
+    return a_config
 
 
 def _defines(trainer: Trainer, base: type, *names: str) -> bool:

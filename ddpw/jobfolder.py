@@ -46,9 +46,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, JobHung, JobPaused, WorkerError
+from .errors import (
+    HUNG_EXIT_STATUS,
+    PAUSED_EXIT_STATUS,
+    ConfigError,
+    JobHung,
+    JobPaused,
+    WorkerError,
+)
 from .files import write_atomically
-from .outcome import Outcome, explain
+from .outcome import LOST_PEER, Outcome, describe_status, explain, others, root_cause
 
 if TYPE_CHECKING:
     from .artefacts import ArtefactsConfig
@@ -246,6 +253,41 @@ def collect(folder: Path, world_size: int, outcome: Outcome,
     log = agent_log(folder)
     agent = log.read_text(errors="replace").rstrip() if log.is_file() else ""
     raise explain(found, outcome.failures, world_size, agent, other_machines)
+
+
+def exit_status(folder: Path, outcome: Outcome, all_ranks: bool) -> tuple[int, list[str]]:
+    """The exit status of a launch (``ddpw-launch``'s) that ended as ``outcome`` with its job
+    folder ``folder``, and what to say about it on stderr: 0 when every rank finished,
+    :data:`~ddpw.errors.PAUSED_EXIT_STATUS` for a pause, ``128 + N`` when signal ``N`` stopped
+    it, :data:`~ddpw.errors.HUNG_EXIT_STATUS` with the hang's report, else the status of the
+    rank that failed first for a reason of its own (:func:`~ddpw.outcome.root_cause`), with
+    what it said last when the console showed rank 0 alone (not ``all_ranks``).
+    """
+    failures = outcome.failures
+    if not failures:
+        return 0, []  # every rank finished, even if a signal came along
+    if outcome.paused:
+        return PAUSED_EXIT_STATUS, []
+    if outcome.stopped_by is not None:
+        return 128 + outcome.stopped_by.value, []
+    hung = hang_report(folder)
+    if hung is not None:
+        return HUNG_EXIT_STATUS, [f"[ddpw] {hung['message']}\n{hung['details']}\n[ddpw] logs in "
+                                  f"{folder}"]
+    said = {rank: _text(rank_log(folder, rank, "stderr")) for rank in failures}
+    lost = {rank: {"traceback": text} for rank, text in said.items() if LOST_PEER.search(text)}
+    rank = root_cause(failures, set(lost), {})
+    status, lines = failures[rank][0], []
+    if rank != 0 and not all_ranks:
+        lines.append("\n".join(f"[rank{rank}]: {line}"
+                               for line in said[rank].splitlines()[-30:]))
+    lines.append(f"[ddpw] rank {rank} failed ({describe_status(status)})"
+                 f"{others(rank, lost, failures)}; logs in {folder}")
+    return (status if status > 0 else 128 - status), lines
+
+
+def _text(log: Path) -> str:
+    return log.read_text(errors="replace") if log.is_file() else ""
 
 
 # --- the logs ------------------------------------------------------------------------------------

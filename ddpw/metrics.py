@@ -4,11 +4,13 @@
 rank (:class:`RunningSums`, saved with a checkpoint so that a resumed epoch averages as an
 uninterrupted one would, at any world size), without the gradient norms of the optimiser steps
 that fp16's GradScaler skipped; :meth:`~ddpw.trainer.Trainer.evaluate_step` returns per-sample
-values (:func:`check_per_sample`), which the trainer averages exactly over the data set.
+values (:func:`check_per_sample`), which the trainer averages exactly over the data set
+(:class:`ExactMeans`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -120,6 +122,29 @@ def _sample_sums(part: dict[str, Any], batch_size: int
     counts = part.get("sum_counts") or dict.fromkeys(sums, part.get("sum_batches", 0))
     return ({k: v * batch_size for k, v in sums.items()},
             {k: n * batch_size for k, n in counts.items()})
+
+
+class ExactMeans:
+    """The means of per-sample values over a whole data set, exactly: the values of every
+    batch, gathered from every rank without the repeats that pad an uneven last batch, are
+    kept (as float64, on the CPU) and summed with :func:`math.fsum`, whose result does not
+    depend on their order."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, gathered: dict[str, torch.Tensor]) -> None:
+        """Keep one batch's values, gathered from every rank (``gather_for_metrics``)."""
+        for key, value in gathered.items():
+            self.values.setdefault(key, []).append(value.detach().double().cpu())
+
+    def means(self) -> dict[str, float]:
+        """The mean of each value over every sample added."""
+        result = {}
+        for key, chunks in self.values.items():
+            flat = torch.cat(chunks).tolist()
+            result[key] = math.fsum(flat) / len(flat)
+        return result
 
 
 def check_per_sample(output: Any, owner: str) -> None:

@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint.names import Position, available
+from .checkpoint.names import Position, available, sequence
+from .checkpoint.state import FILE, TrainingState
 from .errors import ConfigError
 
 #: What ``JobConfig.monitor_mode`` may be: the better value is the smaller, or the larger.
@@ -33,13 +34,24 @@ def scores(checkpoint_path: str | Path, prefix: str, metric: str) -> dict[str, f
         if Position.parse(name, prefix).batches:
             continue
         try:
-            state = json.loads((Path(checkpoint_path) / name / "state.json").read_text())
-            value = float(state["metrics"][metric])
+            text = (Path(checkpoint_path) / name / FILE).read_text()
+            value = float(TrainingState.from_dict(json.loads(text)).metrics[metric])
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if not math.isnan(value):
             found[name] = value
     return found
+
+
+def earlier_scores(checkpoint_path: str | Path, prefix: str, metric: str,
+                   name: str) -> dict[str, float]:
+    """The :func:`scores` of the checkpoints that lead up to checkpoint ``name``: at or before
+    its position, written no later. (A fresh start, or a line of training abandoned by resuming
+    from an earlier checkpoint, competes for no place.)"""
+    root = Path(checkpoint_path)
+    until, last = Position.parse(name, prefix), sequence(root / name)
+    return {other: value for other, value in scores(root, prefix, metric).items()
+            if Position.parse(other, prefix) <= until and sequence(root / other) <= last}
 
 
 def best(values: dict[str, float], prefix: str, mode: str, k: int) -> list[str]:
@@ -107,6 +119,13 @@ class Monitor:
     def stops(self) -> bool:
         """Whether training stops early: ``patience`` judged epochs without improvement."""
         return bool(self.patience) and self.waited >= self.patience
+
+    def why_stopped(self, epoch: int) -> str:
+        """What a job that stops early after epoch ``epoch`` says."""
+        best = (f"best {self.best:.4g}, epoch {self.best_epoch}" if self.best is not None
+                else "never a number")
+        return (f"early stop after epoch {epoch}: {self.metric} has not improved for "
+                f"{self.waited} epochs ({best})")
 
     def saved(self, name: str, metrics: dict[str, Any]) -> None:
         """Note the metric of a whole-epoch checkpoint ``name`` that is being saved (a NaN

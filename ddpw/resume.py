@@ -17,8 +17,8 @@ from pathlib import Path
 from . import checkpoint
 from .artefacts import ArtefactsConfig
 from .checkpoint import Position
-from .checkpoint.checkpointer import samples_into_epoch
 from .checkpoint.names import sequence
+from .checkpoint.state import TrainingState
 from .errors import ConfigError
 from .job import JobConfig, JobMode
 from .monitor import best, scores
@@ -90,7 +90,7 @@ def decide(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int, sinc
     own = [(sequence(root / name), name) for name in
            checkpoint.available(root, j_config.checkpoint_name_prefix)]
     for _, name in sorted((pair for pair in own if pair[0] > since), reverse=True):
-        if _whole_batches(checkpoint.read_part(root / name, "state"), a_config, world_size):
+        if TrainingState.read(root / name).whole_batches(a_config.batch_size, world_size):
             return choose(j_config, a_config, world_size, requeued=str(root / name))
     if planned is not None and j_config.job_type is not JobMode.EVALUATE:
         _check_position(j_config, Path(j_config.checkpoint_path) / planned, a_config, world_size)
@@ -168,24 +168,17 @@ def _own(j_config: JobConfig, requeued: str | None) -> str | None:
 def _check_position(j_config: JobConfig, folder: Path, a_config: ArtefactsConfig,
                     world_size: int) -> None:
     """Check that this job can go on from where checkpoint ``folder`` stands in the data."""
-    state = checkpoint.read_part(folder, "state")
-    position = Position(state["epochs_done"], state["batches"])
-    if position.epochs > j_config.epochs:
+    state = TrainingState.read(folder)
+    if state.epochs_done > j_config.epochs:
         raise ConfigError(f"JobConfig.epochs={j_config.epochs} is before the checkpoint "
-                          f"{folder.name}, which has {position.epochs} epochs done: ask for "
-                          f"at least {position.epochs}.")
-    if not _whole_batches(state, a_config, world_size):
-        consumed = samples_into_epoch(state)
+                          f"{folder.name}, which has {state.epochs_done} epochs done: ask for "
+                          f"at least {state.epochs_done}.")
+    if not state.whole_batches(a_config.batch_size, world_size):
+        consumed = state.samples_into_epoch
         raise ConfigError(
             f"checkpoint {folder.name} paused after {consumed} samples of epoch "
-            f"{position.epochs + 1}, which is no whole number of this job's batches of "
+            f"{state.epochs_done + 1}, which is no whole number of this job's batches of "
             f"{a_config.batch_size} x {world_size} processes: resume it with "
             f"batch_size x world size dividing {consumed} (it was written with "
-            f"{state['batch_size']} x {state['world_size']}), or from an end-of-epoch "
+            f"{state.batch_size} x {state.world_size}), or from an end-of-epoch "
             f"checkpoint.")
-
-
-def _whole_batches(state: dict, a_config: ArtefactsConfig, world_size: int) -> bool:
-    """Whether the samples of its epoch that a checkpoint's ``state`` consumed are a whole
-    number of the batches of ``a_config`` over ``world_size`` processes."""
-    return samples_into_epoch(state) % (a_config.batch_size * world_size) == 0

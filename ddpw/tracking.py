@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,12 +212,21 @@ class Tracking:
             with open(self.folder / JSONL, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**self.identity, **metrics}) + "\n")
 
-    def end(self) -> None:
+    def end(self, raising: bool = True) -> None:
         """Flush and close the trackers (the job's end, pause or error). Not through
         :meth:`accelerate.Accelerator.end_training`, which would also destroy the process
         group: the results are gathered through it afterwards, and a job that runs in the
-        caller's own launch leaves the caller's group up."""
-        if self.names and self.accelerator is not None:
-            for tracker in self.accelerator.trackers:
-                tracker.finish()
-            self.accelerator.trackers = []
+        caller's own launch leaves the caller's group up.
+
+        :param raising: raise what closing them raised; otherwise (when the job is already
+            failing) only print it, so that it does not hide the job's own error.
+        """
+        try:
+            if self.names and self.accelerator is not None:
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
+                self.accelerator.trackers = []
+        except Exception as closing:
+            if raising:
+                raise
+            print(f"[ddpw] closing the trackers failed too: {closing!r}", file=sys.stderr)

@@ -21,58 +21,25 @@ data sharding, gradient accumulation, mixed precision, checkpoints, pausing and 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import sys
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.data_loader import DataLoaderDispatcher
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from . import environment, hang, resume, schedules
+from . import environment, hang, progress, resume, schedules
 from .artefacts import ArtefactsConfig
-from .batchnorm import synchronise_batch_norm
 from .checkpoint import Position
-from .checkpoint.checkpointer import Checkpointer, Contents, samples_into_epoch
-from .checkpoint.names import sequence
-from .checkpoint.rng import rng_state, set_rng_state
-from .contract import check_steps, step_values
+from .checkpoint.state import TrainingState
+from .contract import check_job, step_values
 from .errors import ConfigError, JobPaused
 from .job import JobConfig, JobMode
-from .metrics import RunningSums, check_per_sample, clip_gradients
-from .monitor import Monitor, best, scores
-from .platform import Platform, PlatformConfig
-from .tracking import Tracking, missing
-from .vote import PauseVote
-
-
-class _Bar(tqdm):
-    """ddpw's progress bars, without tqdm's monitor thread: a thread that starts or ends while
-    a DataLoader forks its workers can leave a worker hung for good in CPython's fork (seen with
-    Python 3.11: the child waits for the thread-state lock that the other thread held)."""
-
-    monitor_interval = 0
-
-
-@dataclass
-class _Machinery:
-    """ddpw's own state on a :class:`Trainer`, all under one attribute (``_ddpw``) that a
-    subclass will not take by chance: the trackers, the monitored metric, the pause vote, the
-    epoch's running sums and, once set up, the checkpoints."""
-
-    tracking: Tracking
-    monitor: Monitor
-    vote: PauseVote = field(default_factory=PauseVote)
-    sums: RunningSums = field(default_factory=RunningSums)
-    checkpoints: Checkpointer | None = None
+from .machinery import Machinery
+from .metrics import ExactMeans, check_per_sample, clip_gradients
+from .platform import PlatformConfig
 
 
 class Trainer:
@@ -119,16 +86,12 @@ class Trainer:
         self.train_loader: DataLoader | None = None
         self.validation_loader: DataLoader | None = None
         self.test_loader: DataLoader | None = None
-        self.epoch = 0
-        self.epochs_done = 0
-        self.batch = 0
-        self.global_step = 0
+        self.epoch = self.epochs_done = self.batch = self.global_step = 0
         self.metrics: dict[str, float] = {}
         #: The checkpoint this job starts from: chosen by :meth:`check` before any process
         #: starts, and set on every rank from the payload before :meth:`setup`.
         self.resume_from: str | None = None
-        self._ddpw = _Machinery(Tracking(j_config), Monitor(
-            j_config.monitor, j_config.monitor_mode, j_config.early_stopping_patience))
+        self._ddpw = Machinery.of(j_config)
 
     # --- what a subclass writes ----------------------------------------------------------------
 
@@ -158,13 +121,11 @@ class Trainer:
 
     def check(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None,
               world_size: int | None = None) -> str | None:
-        """Check that the configs and the checkpoints on disk allow this job to run, and choose
-        the checkpoint to start from (:func:`ddpw.resume.choose`), checking its manifest, the
-        size of every file and that its weights fit the model (the ranks check the hashes as
-        they read it: :meth:`restore_checkpoint`).
-
-        Called by :class:`~ddpw.wrapper.Wrapper` before it starts any process; the choice goes
-        to every rank in the payload (:attr:`ddpw.jobfolder.Payload.resume_from`).
+        """Check that the configs allow this job to run (:func:`ddpw.contract.check_job`), and
+        choose the checkpoint to start from (:func:`ddpw.resume.choose`, which checks it but for
+        the hashes, which the ranks check as they read it: :meth:`restore_checkpoint`). Called
+        by :class:`~ddpw.wrapper.Wrapper` before it starts any process; the choice goes to every
+        rank in the payload (:attr:`ddpw.jobfolder.Payload.resume_from`).
 
         :param world_size: the number of processes the job will have (the launch's, when it runs
             inside one); ``p_config.world_size`` by default.
@@ -172,36 +133,9 @@ class Trainer:
             from scratch.
         :raises ConfigError: naming the field or file and what would be valid.
         """
-        j = self.j_config
-        if a_config is None:
-            raise ConfigError("Wrapper(p_config, a_config): a Trainer needs an ArtefactsConfig.")
-        if a_config.model is None:
-            raise ConfigError("ArtefactsConfig.model=None: a Trainer needs a torch.nn.Module.")
-        check_steps(self, Trainer, a_config)
-        training = j.job_type is not JobMode.EVALUATE
-        if (p_config.platform is Platform.SLURM and training
-                and p_config.requeue_signal not in j.pause_signals):
-            raise ConfigError(f"JobConfig.pause_signals={j.pause_signals} lacks "
-                              f"PlatformConfig.requeue_signal={p_config.requeue_signal!r}: the "
-                              f"job could not pause and requeue before SLURM ends it.")
-        if training and a_config.train_set is None:
-            raise ConfigError(f"ArtefactsConfig.train_set=None: JobMode.{j.job_type.name} needs "
-                              f"a training set.")
-        if training and a_config.optimiser_loader is None:
-            raise ConfigError(f"ArtefactsConfig.optimiser_loader=None: JobMode.{j.job_type.name} "
-                              f"needs a callable model -> torch.optim.Optimizer.")
-        if not training and a_config.test_set is None:
-            raise ConfigError("ArtefactsConfig.test_set=None: JobMode.EVALUATE needs a test set.")
-        if (training and j.monitor and j.monitor.startswith("val_")
-                and a_config.validation_set is None):
-            raise ConfigError(f"JobConfig.monitor={j.monitor!r} is a validation metric, and "
-                              f"ArtefactsConfig.validation_set=None: give a validation set, or "
-                              f"monitor a training metric such as 'loss'.")
-        if training and j.log_with and missing(j.log_with):
-            packages = " ".join(missing(j.log_with))
-            raise ConfigError(f"JobConfig.log_with={j.log_with}: {packages} is not installed "
-                              f"here; pip install {packages}, or leave it out of log_with.")
-        self.resume_from = resume.choose(j, a_config, world_size or p_config.world_size,
+        a_config = check_job(self, Trainer, p_config, a_config)
+        self.resume_from = resume.choose(self.j_config, a_config,
+                                         world_size or p_config.world_size,
                                          requeued=os.environ.get(environment.RESUME_FROM))
         return self.resume_from
 
@@ -228,46 +162,15 @@ class Trainer:
         self.accelerator, self.p_config, self.a_config = accelerator, p_config, a_config
         j = self.j_config
         set_seed(p_config.seed, device_specific=True)
-        model = a_config.model
-        if a_config.model_has_batch_norm and accelerator.num_processes > 1:
-            model = synchronise_batch_norm(model, accelerator.device)
-        if j.job_type is JobMode.EVALUATE:
-            self.model = accelerator.prepare(model)
-        else:
-            optimiser = a_config.optimiser_loader(model)
-            scheduler = a_config.scheduler_loader(optimiser) if a_config.scheduler_loader else None
-            if scheduler is None:
-                self.model, self.optimiser = accelerator.prepare(model, optimiser)
-            else:
-                schedules.check(scheduler, a_config.scheduler_interval, accelerator.is_main_process)
-                self.model, self.optimiser, self.scheduler = accelerator.prepare(
-                    model, optimiser, scheduler)
-        for name in ("train", "validation", "test"):
-            data = getattr(a_config, f"{name}_set")
-            if data is not None:
-                # A generator of the loader's own: drawing its workers' seeds must not move the
-                # global RNG, or a run resumed mid-epoch would drift from an uninterrupted one.
-                generator = torch.Generator().manual_seed(p_config.seed)
-                loader = accelerator.prepare(
-                    a_config.make_loader(data, train=name == "train", generator=generator))
-                if isinstance(loader, DataLoaderDispatcher):
-                    # A stream, which the main rank reads and deals out: Accelerate leaves the
-                    # generator out of the loader it reads from, which would then draw on the
-                    # global RNG at every pass (skip_first_batches copies it from there).
-                    loader.base_dataloader.generator = generator
-                setattr(self, f"{name}_loader", loader)
-        self._ddpw.checkpoints = Checkpointer(
-            Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
-            self.global_rank, self.world_size, self.device, on_failure=self.request_pause)
-        self._ddpw.checkpoints.open(writes=j.job_type is not JobMode.EVALUATE)
-        runs = None
-        if self.resume_from is not None:
-            runs = self.restore_checkpoint(self.resume_from)
-            if j.monitor is not None:
-                self._ddpw.monitor.values = self._earlier_scores(self.resume_from)
-        if j.job_type is not JobMode.EVALUATE:
-            self._ddpw.tracking.start(accelerator, self.global_step, runs, {
-                "job": j, "platform": p_config, "artefacts": a_config}, self.resume_from)
+        self.model, self.optimiser, self.scheduler = a_config.prepare_model(
+            accelerator, training=j.job_type is not JobMode.EVALUATE)
+        self.train_loader, self.validation_loader, self.test_loader = a_config.prepare_loaders(
+            accelerator, p_config.seed)
+        self._ddpw.open_checkpoints(j, self.global_rank, self.world_size, self.device,
+                                    on_failure=self.request_pause)
+        runs = self.restore_checkpoint(self.resume_from) if self.resume_from is not None else None
+        self._ddpw.start(accelerator, j, self.global_step, runs,
+                         {"job": j, "platform": p_config, "artefacts": a_config}, self.resume_from)
 
     @property
     def global_rank(self) -> int:
@@ -300,21 +203,14 @@ class Trainer:
         """Train or evaluate as ``j_config.job_type`` says; return the metrics as plain floats."""
         j = self.j_config
         if self.verbose:
-            source = f"checkpoint {self.resume_from}" if self.resume_from else "the model"
-            what = (f"evaluate {source}" if j.job_type is JobMode.EVALUATE else
-                    f"train from {source if self.resume_from else 'scratch'} to epoch "
-                    f"{j.epochs}, save every {j.save_every} to {j.checkpoint_path}")
-            self.accelerator.print(f"[ddpw] {self.p_config.summary()}; {j.job_type.name}: {what}")
+            self.accelerator.print(progress.starting(j, self.p_config, self.resume_from))
         checkpoints = self._ddpw.checkpoints
         try:
             metrics = self.evaluate() if j.job_type is JobMode.EVALUATE else self.train()
         except BaseException as error:
             hang.settle(error)  # before the wait for a save in flight, which may be long
             checkpoints.close(raising=False)  # the job's own error is the one to raise
-            try:
-                self._ddpw.tracking.end()
-            except Exception as closing:
-                print(f"[ddpw] closing the trackers failed too: {closing!r}", file=sys.stderr)
+            self._ddpw.tracking.end(raising=False)
             raise
         with hang.busy("publishing the last checkpoint"):
             checkpoints.close()  # success only once the last checkpoint is published
@@ -354,11 +250,7 @@ class Trainer:
                 monitor.refuse_unknown(self.save_checkpoint())
             if monitor.stops:
                 if self.verbose:
-                    best = (f"best {monitor.best:.4g}, epoch {monitor.best_epoch}"
-                            if monitor.best is not None else "never a number")
-                    self.accelerator.print(
-                        f"[ddpw] early stop after epoch {self.epoch}: {j.monitor} has not "
-                        f"improved for {monitor.waited} epochs ({best})")
+                    self.accelerator.print(f"[ddpw] {monitor.why_stopped(self.epoch)}")
             elif self.epochs_done < j.epochs and self._ddpw.vote.agreed(self.world_size):
                 self._pause(saved=saves)
         self._ddpw.vote.settle()  # the last epoch's last step boundary started a vote
@@ -380,11 +272,8 @@ class Trainer:
         else:
             sums.clear()
         samples_per_batch = self.a_config.batch_size * self.world_size
-        started, first = time.perf_counter(), self.batch
-        # Nothing asks for len(loader): a stream (an IterableDataset without __len__) has none,
-        # and its progress bar counts batches without a total.
-        bar = self._progress(loader, f"epoch {self.epoch}/{self.j_config.epochs}",
-                             initial=self.batch)
+        bar = progress.bar(loader, f"epoch {self.epoch}/{self.j_config.epochs}", self.verbose,
+                           initial=self.batch)
         hang.enter("training", f"loading batch {self.batch + 1} (epoch {self.epoch})")
         for batch in bar:
             # Where the hang watch (ddpw.hang) says this rank stood, if it stops here.
@@ -408,9 +297,7 @@ class Trainer:
                 values = sums.skip(values)
             sums.add(values, self.a_config.batch_size)
             tracking.batch_done()
-            if self.verbose and self.batch % 10 == 0:
-                rate = (self.batch - first) * samples_per_batch / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{values['loss'].item():.4f}", samples_s=f"{rate:.0f}")
+            bar.note(self.batch, values["loss"], samples_per_batch)
             if self.accelerator.sync_gradients:
                 self.global_step += 1
                 if tracking.due(self.global_step):
@@ -429,32 +316,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader | None = None) -> dict[str, float]:
-        """Average :meth:`evaluate_step` over ``loader`` (the test set by default), exactly.
-
-        Per-sample values are gathered from every rank without the repeats that pad an uneven
-        last batch, and summed with :func:`math.fsum`, whose result does not depend on the order:
-        the same per-sample values give the same numbers, to the last bit, on 1 or N processes.
-        The values themselves are computed in batches that differ with the world size, which
-        can round them differently in their last bits.
+        """Average :meth:`evaluate_step` over ``loader`` (the test set by default), exactly
+        (:class:`ddpw.metrics.ExactMeans`): the same per-sample values give the same numbers, to
+        the last bit, on 1 or N processes. (The values themselves are computed in batches that
+        differ with the world size, which can round them differently in their last bits.)
         """
         loader = loader if loader is not None else self.test_loader
         self.model.eval()
-        values: dict[str, list[torch.Tensor]] = {}
+        means = ExactMeans()
         hang.enter("evaluation", "loading evaluation batch 1")  # a first compile, too
-        for number, batch in enumerate(self._progress(loader, "evaluate"), 1):
+        for number, batch in enumerate(progress.bar(loader, "evaluate", self.verbose), 1):
             hang.progress(f"in evaluate_step (evaluation batch {number})")
             output = self.evaluate_step(batch)
             check_per_sample(output, type(self).__name__)
             hang.progress(f"gathering evaluation batch {number}'s metrics")
-            for key, value in self.accelerator.gather_for_metrics(output).items():
-                values.setdefault(key, []).append(value.detach().double().cpu())
+            means.add(self.accelerator.gather_for_metrics(output))
             hang.progress(f"loading evaluation batch {number + 1}", unit_done=True)
         self.model.train()
-        result = {}
-        for key, chunks in values.items():
-            flat = torch.cat(chunks).tolist()
-            result[key] = math.fsum(flat) / len(flat)
-        return result
+        return means.means()
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Log an epoch's ``metrics`` to the trackers (``JobConfig.log_with``) at this optimiser
+        step and append them to ``{training_logs_path}/metrics.jsonl`` (main process only), on
+        a line that begins with the run's identity (:mod:`ddpw.tracking`)."""
+        self._ddpw.tracking.log_epoch(self.global_step, metrics)
+        if self.verbose:
+            self.accelerator.print(progress.epoch_metrics(metrics))
 
     # --- pausing --------------------------------------------------------------------------------
 
@@ -478,7 +365,7 @@ class Trainer:
         # A save that failed in the background asked for this pause: its error is raised here,
         # on every rank at the same step boundary.
         self.wait_for_checkpoint()
-        folder = (self._ddpw.checkpoints.root / self._position().name(
+        folder = (self._ddpw.checkpoints.root / Position(self.epochs_done, self.batch).name(
             self.j_config.checkpoint_name_prefix) if saved else self.save_checkpoint())
         self.wait_for_checkpoint()
         if self.verbose:
@@ -494,12 +381,10 @@ class Trainer:
         Between epochs it is the checkpoint of ``epochs_done`` (replacing one of that position);
         within an epoch, of ``epochs_done`` and ``batch`` batches (``{prefix}_{k}_batch{b}``).
         Resuming is exact only from a position right after an optimiser step, which is where
-        ddpw itself saves.
-
-        With ``j_config.async_checkpoint`` (the default), it returns once the state is copied
-        (each rank copies its share into host buffers): the files are written, hashed, flushed
-        and published in the background while training goes on. A save waits for the one
-        before it; :meth:`wait_for_checkpoint` waits for the last.
+        ddpw itself saves. With ``j_config.async_checkpoint`` (the default), it returns once
+        each rank has copied its share into host buffers: the files are written, hashed, flushed
+        and published in the background (:mod:`ddpw.checkpoint.checkpointer`) while training
+        goes on. A save waits for the one before it; :meth:`wait_for_checkpoint` for the last.
 
         :returns: the checkpoint's folder (where it is, or will be, published).
         :raises PeerFailed: on the ranks whose own part went well when another rank's failed,
@@ -507,26 +392,15 @@ class Trainer:
             that failed raises its own error. From a background save, the error is raised at
             the next step boundary on every rank, or by the next save or wait.
         """
-        acc = self.accelerator
-        parts = {"optimiser": self.optimiser, "scheduler": self.scheduler, "scaler": acc.scaler}
-        state = {
-            "epochs_done": self.epochs_done, "batches": self.batch,
-            "global_step": self.global_step, "batch_size": self.a_config.batch_size,
-            "world_size": self.world_size, "data_seed": self.p_config.seed,
-            "gradient_accumulation_steps": self.j_config.gradient_accumulation_steps,
-            "metrics": self.metrics, "trackers": self._ddpw.tracking.runs(),
-            "monitor": self._ddpw.monitor.state()}
-        contents = Contents(
+        p, position = self.p_config, Position(self.epochs_done, self.batch)
+        state = TrainingState(self.epochs_done, self.batch, self.global_step,
+                              self.a_config.batch_size, self.world_size, p.seed,
+                              self.j_config.gradient_accumulation_steps, self.metrics)
+        contents = self._ddpw.contents(
             # The plain model under DDP and torch.compile: no "module." or "_orig_mod." in names.
-            model=acc.unwrap_model(self.model, keep_torch_compile=False), state=state,
-            parts={name: obj.state_dict() for name, obj in parts.items() if obj is not None},
-            own={"rng": rng_state(self.device), **self._ddpw.sums.state()},
-            manifest={"platform": self.p_config.platform.name,
-                      "mixed_precision": self.p_config.mixed_precision})
-        j, monitor, position = self.j_config, self._ddpw.monitor, self._position()
-        if not position.batches:
-            monitor.saved(position.name(j.checkpoint_name_prefix), self.metrics)
-        kept = best(monitor.values, j.checkpoint_name_prefix, j.monitor_mode, j.keep_best)
+            self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self._parts(),
+            state, self.device, p)
+        kept = self._ddpw.kept(self.j_config, position, self.metrics)
         with hang.busy("saving a checkpoint"):
             return self._ddpw.checkpoints.save(position, contents,
                                                protect=(self.resume_from, *kept))
@@ -545,73 +419,28 @@ class Trainer:
         position; every rank must call it at the same point.
 
         Each rank checks the hashes of a share of its files as it maps them into memory
-        (:meth:`check`, which :class:`~ddpw.wrapper.Wrapper` calls before the job starts, has
-        checked the manifest and sizes). With the world size, batch size and gradient
-        accumulation it was written with, this rank's RNG states and running sums come back as
-        they were; with others, the RNGs are seeded from the seed and the position, the batch
-        position is converted to this run's batches, and the epoch's running sums, which are
-        over samples, go on from every rank's.
+        (:meth:`check` has checked the manifest and sizes). Written by a run of another world
+        size, batch size or accumulation, it goes on from the same sample of the epoch
+        (:mod:`ddpw.machinery`).
 
         :returns: the ids of the tracker runs that wrote it (:meth:`ddpw.tracking.Tracking.runs`),
             ``None`` when it was written before ddpw kept them.
         :raises ConfigError: on every rank, naming a file that is damaged.
         """
-        acc, j = self.accelerator, self.j_config
-        shape = (self.world_size, self.a_config.batch_size, j.gradient_accumulation_steps)
-        loadables = {name: obj for name, obj in (("optimiser", self.optimiser),
-                                                  ("scheduler", self.scheduler),
-                                                  ("scaler", acc.scaler)) if obj is not None}
+        acc = self.accelerator
         with hang.busy(f"restoring checkpoint {name}"):
             restored = self._ddpw.checkpoints.restore(
-                name, acc.unwrap_model(self.model, keep_torch_compile=False), loadables,
-                same_run=lambda state: (state["world_size"], state["batch_size"],
-                                        state.get("gradient_accumulation_steps")) == shape)
+                name, acc.unwrap_model(self.model, keep_torch_compile=False), self._parts(),
+                self.a_config.batch_size, self.j_config.gradient_accumulation_steps)
         state = restored.state
-        self.epochs_done = self.epoch = state["epochs_done"]
-        self.global_step, self.metrics = state["global_step"], state["metrics"]
-        self._ddpw.monitor.load(state.get("monitor"))
-        if restored.own is not None:
-            set_rng_state(restored.own["rng"], self.device)
-            self._ddpw.sums.load(restored.own, state["batch_size"], self.device)
-            self.batch = state["batches"]
-        else:
-            # Another world size or batch size: the saved RNG streams do not fit, so derive one
-            # from the seed and the position; the same samples remain to be seen in the epoch.
-            self.batch = samples_into_epoch(state) // (self.a_config.batch_size
-                                                       * self.world_size)
-            set_seed(self.p_config.seed + 7919 * self.epochs_done + self.batch,
-                     device_specific=True)
-            self._ddpw.sums.carry(restored.every_own, state["batch_size"], self.device,
-                                  acc.is_main_process)
-        return state.get("trackers")
+        self.epochs_done = self.epoch = state.epochs_done
+        self.global_step, self.metrics = state.global_step, state.metrics
+        self.batch = self._ddpw.take_back(restored, self.p_config.seed, self.a_config.batch_size,
+                                          self.world_size, self.device, acc.is_main_process)
+        return state.trackers
 
-    def _earlier_scores(self, name: str) -> dict[str, float]:
-        """The monitored metric of the checkpoints on disk that lead up to checkpoint
-        ``name``: at or before its position, written no later. (A fresh start, or a line of
-        training abandoned by resuming from an earlier checkpoint, competes for no place.)"""
-        j = self.j_config
-        root, prefix = Path(j.checkpoint_path), j.checkpoint_name_prefix
-        until, last = Position.parse(name, prefix), sequence(root / name)
-        return {other: value
-                for other, value in scores(root, prefix, j.monitor).items()
-                if Position.parse(other, prefix) <= until and sequence(root / other) <= last}
-
-    def _position(self) -> Position:
-        return Position(self.epochs_done, self.batch)
-
-    # --- output ---------------------------------------------------------------------------------
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        """Log an epoch's ``metrics`` to the trackers (``JobConfig.log_with``) at this optimiser
-        step and append them to ``{training_logs_path}/metrics.jsonl`` (main process only), on
-        a line that begins with the run's identity (:mod:`ddpw.tracking`)."""
-        self._ddpw.tracking.log_epoch(self.global_step, metrics)
-        if self.verbose:
-            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in metrics.items())
-            self.accelerator.print(f"[ddpw] {shown}")
-
-    def _progress(self, loader: Iterable[Any], description: str, initial: int = 0) -> Any:
-        return _Bar(loader, desc=description, disable=not self.verbose, leave=False,
-                    dynamic_ncols=True, unit="batch", initial=initial)
-
+    def _parts(self) -> dict[str, Any]:
+        """The parts of a checkpoint besides the model that every rank holds alike."""
+        parts = {"optimiser": self.optimiser, "scheduler": self.scheduler,
+                 "scaler": self.accelerator.scaler}
+        return {name: obj for name, obj in parts.items() if obj is not None}

@@ -29,6 +29,7 @@ from jobs import (
 
 from ddpw import ConfigError, JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
 from ddpw import checkpoint as ckpt
+from ddpw.checkpoint.state import TrainingState
 from ddpw.errors import PAUSED_EXIT_STATUS
 from ddpw.jobfolder import Payload
 from ddpw.plan import MachineFacts, resolve_plan
@@ -231,6 +232,25 @@ def test_a_checkpoint_of_an_earlier_format_still_loads_and_resumes_as_it_did(
     # Epoch metrics hold the learning rate since; that ddpw's did not (the rate is Adam's own).
     assert resumed.pop("lr") == 1e-2
     assert resumed == pytest.approx(expected["resumed_to_4"], rel=RESUMED_ON_ANOTHER_CPU)
+
+
+def test_the_training_state_reads_every_format_and_keeps_the_keys_on_disk():
+    """``state.json`` has one home, :class:`~ddpw.checkpoint.state.TrainingState`: it reads the
+    fixtures of versions 1 and 2 and writes back the keys they hold (the later ones beside),
+    and knows what a resume at another shape needs."""
+    for version in (1, 2):
+        folder = V1.with_name(f"checkpoint-v{version}") / "ckpt_2"
+        on_disk = json.loads((folder / "state.json").read_text())
+        state = TrainingState.read(folder)
+        assert state.to_dict() == {**on_disk, "trackers": None, "monitor": None}
+        assert state.same_run(version, 8, 1) and not state.same_run(version, 8, 2)
+    older = {k: v for k, v in on_disk.items() if k != "gradient_accumulation_steps"}
+    assert not TrainingState.from_dict(older).same_run(2, 8, 1)
+    paused = TrainingState(epochs_done=1, batches=6, global_step=12, batch_size=8, world_size=2)
+    assert paused.samples_into_epoch == 96
+    assert (paused.whole_batches(4, 3), paused.batches_at(4, 3)) == (True, 8)
+    assert not paused.whole_batches(5, 2)
+    assert paused.seed_at(1889, 8) == 1889 + 7919 + 8
 
 
 def test_a_damaged_checkpoint_of_format_version_1_is_reported_by_its_sha256(tmp_path):

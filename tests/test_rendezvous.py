@@ -247,15 +247,15 @@ def test_each_world_checks_the_data_position_at_the_size_it_really_has(tmp_path)
     from jobs import PausingTrainer, artefacts, job
 
     from ddpw import JobPaused, Platform, PlatformConfig, Wrapper, resume
-    from ddpw.checkpoint import available, read_part
-    from ddpw.checkpoint.checkpointer import samples_into_epoch
+    from ddpw.checkpoint import available
+    from ddpw.checkpoint.state import TrainingState
 
     j, a = job(tmp_path, epochs=2, save_every=1), artefacts(n_train=64, batch_size=4)
     with pytest.raises(JobPaused) as paused:
         Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=1, verbose=False), a).start(
             PausingTrainer(j, at=(2, 2), rank=0))
     name = paused.value.checkpoint.rsplit("/", 1)[-1]
-    consumed = samples_into_epoch(read_part(tmp_path / "checkpoint" / name, "state"))
+    consumed = TrainingState.read(tmp_path / "checkpoint" / name).samples_into_epoch
     assert available(tmp_path / "checkpoint", "ckpt") == ["ckpt_1", name]
     fits = {size: consumed % (4 * size) == 0 for size in (2, 3)}
     assert sorted(fits.values()) == [False, True], (consumed, fits)

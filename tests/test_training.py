@@ -182,8 +182,8 @@ def test_the_progress_bars_start_no_thread():
     DataLoader worker hung in CPython's fork (the child waited for the thread-state lock that
     the ending thread held; test_loaders_with_two_worker_processes... timed out): ddpw's bars go
     without it. (In a fresh interpreter: in this one, another bar may have started it.)"""
-    code = ("import threading; from ddpw.trainer import _Bar; before = threading.active_count()\n"
-            "for _ in _Bar(range(3), disable=False, leave=False):\n"
+    code = ("import threading; from ddpw.progress import Bar; before = threading.active_count()\n"
+            "for _ in Bar(range(3), disable=False, leave=False):\n"
             "    assert threading.active_count() == before, threading.enumerate()\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)

@@ -14,7 +14,8 @@ after ``k`` complete epochs, or ``{prefix}_{k}_batch{b}`` for a pause ``b`` batc
 - ``rank-{r}.json`` + ``rank-{r}.safetensors``: rank ``r``'s Python, NumPy, torch and CUDA RNG
   states and its share of the running epoch's metrics;
 - ``state.json``: the data position (epochs done, batches into the next epoch, optimiser steps,
-  batch size, world size, data seed) and the last epoch's metrics;
+  batch size, world size, data seed, gradient accumulation), the last epoch's metrics, the
+  early-stopping count and the tracker runs' ids (:class:`~ddpw.checkpoint.state.TrainingState`);
 - ``manifest.json``, written last: format and version, world size and shares, platform, mixed
   precision and every file's size and hash (BLAKE3; SHA-256 in version 1).
 
@@ -26,7 +27,8 @@ Loading checks every file against the manifest before anything of it is used.
 
 Submodules: ``names`` (positions, which checkpoints exist, clean-up), ``layout`` (which rank
 writes what, and the files' names), ``tensors`` (the parts' files), ``hashing`` (hashed writes),
-``manifest`` (publish, check, verify), ``rng`` (RNG states), and ``checkpointer`` (the
+``manifest`` (publish, check, verify), ``rng`` (RNG states), ``state`` (the training state
+in ``state.json``), and ``checkpointer`` (the
 :class:`~ddpw.checkpoint.checkpointer.Checkpointer` that a Trainer saves and restores with,
 agreed across ranks, in the background). The names below are importable from
 ``ddpw.checkpoint`` itself, loaded when first used: ``Position``, which :mod:`ddpw.job` checks

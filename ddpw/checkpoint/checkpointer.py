@@ -50,6 +50,7 @@ from .hashing import new_hasher, write_json
 from .layout import assign, index, index_file, tensor_file, tensor_files
 from .manifest import check, damage, hash_of, publish
 from .names import Position, prune, staging_path, tidy
+from .state import FILE, TrainingState
 from .tensors import (
     MappedFile,
     aliases,
@@ -68,14 +69,15 @@ SHARED_PARTS = ("model", "optimiser", "scheduler", "scaler")
 
 @dataclass
 class Contents:
-    """What a checkpoint holds, as :meth:`ddpw.trainer.Trainer.save_checkpoint` hands it over."""
+    """What a checkpoint holds, as :meth:`ddpw.machinery.Machinery.contents` makes it for
+    :meth:`ddpw.trainer.Trainer.save_checkpoint`."""
 
     #: The unwrapped model (no ``module.`` prefix).
     model: torch.nn.Module
     #: The state dicts that every rank holds alike: ``optimiser``, ``scheduler``, ``scaler``.
     parts: dict[str, Any]
     #: The data position and metrics, written by the main rank as ``state.json``.
-    state: dict[str, Any]
+    state: TrainingState
     #: This rank's own part (``rank-{r}``): its RNG states and running sums.
     own: dict[str, Any]
     #: Fields the manifest records (platform, mixed precision).
@@ -87,17 +89,11 @@ class Restored:
     """What :meth:`Checkpointer.restore` read besides the model and the shared parts."""
 
     #: The ``state.json`` part.
-    state: dict[str, Any]
+    state: TrainingState
     #: This rank's own part, or ``None`` when the checkpoint was written by another world size.
     own: dict[str, Any] | None
     #: Without ``own``: every rank's own part, for what adds up across ranks (running sums).
     every_own: list[dict[str, Any]] = field(default_factory=list)
-
-
-def samples_into_epoch(state: dict[str, Any]) -> int:
-    """How many samples of its unfinished epoch a checkpoint's ``state`` part has consumed, over
-    all ranks: what stays the same when it is resumed with another world or batch size."""
-    return state["batches"] * state["batch_size"] * state["world_size"]
 
 
 class Checkpointer:
@@ -128,7 +124,7 @@ class Checkpointer:
         every rank must call it at the same point, before training.
 
         Both are made here, once: a thread started or ended while a DataLoader forks its
-        workers can leave a worker hung (see :class:`ddpw.trainer.Trainer`'s progress bars).
+        workers can leave a worker hung (see :class:`ddpw.progress.Bar`).
 
         :param writes: whether the job will save; then every rank must see the folder.
         :raises ConfigError: when some ranks do not see what the main rank writes in ``root``.
@@ -263,7 +259,7 @@ class Checkpointer:
         index_files: dict[str, Any] = {}
         if self.rank == 0:
             files |= {f"{part}.json": structure for part, structure in structures.items()}
-            files["state.json"] = json.loads(json.dumps(contents.state))  # as it is now
+            files[FILE] = json.loads(json.dumps(contents.state.to_dict()))  # as it is now
             if self.world_size > 1:
                 for part in SHARED_PARTS:
                     weight_map = {key: tensor_file(part, owner, self.world_size)
@@ -341,7 +337,7 @@ class Checkpointer:
     # --- loading ---------------------------------------------------------------------------------
 
     def restore(self, name: str, model: torch.nn.Module, loadables: dict[str, Any],
-                same_run: Callable[[dict[str, Any]], bool]) -> Restored:
+                batch_size: int, accumulation: int) -> Restored:
         """Load checkpoint ``name`` into ``model`` and each of ``loadables`` (``optimiser``,
         ``scheduler``, ``scaler``: objects with ``load_state_dict``) that it holds; every rank
         must call it at the same point.
@@ -350,8 +346,9 @@ class Checkpointer:
         of the files while the others check theirs, and nothing is loaded until every rank has
         found its share intact.
 
-        :param same_run: whether the checkpoint's ``state`` part was written by a run of this
-            shape (world size, batch size, accumulation), so that this rank's own part fits.
+        :param batch_size: this run's batch size; ``accumulation``: its gradient accumulation
+            steps. With the world size, they say whether this rank's own part fits
+            (:meth:`~ddpw.checkpoint.state.TrainingState.same_run`).
         :raises ConfigError: on every rank alike, naming a damaged file.
         """
         self.wait()
@@ -365,8 +362,9 @@ class Checkpointer:
             for file, checker in zip(files, checkers, strict=True):
                 if checker == self.rank:
                     problem = problem or self._check_file(folder, file, manifest, mapped)
-            state = self._map(folder, "state.json", mapped).json()
-            mine = same_run(state) and (folder / f"rank-{self.rank}.json").is_file()
+            state = TrainingState.from_dict(self._map(folder, FILE, mapped).json())
+            mine = (state.same_run(self.world_size, batch_size, accumulation)
+                    and (folder / f"rank-{self.rank}.json").is_file())
         except ConfigError as error:
             problem = problem or str(error)
         # Every rank reaches this point, damage or not, and all raise the same error.
@@ -383,7 +381,7 @@ class Checkpointer:
         if mine:
             return Restored(state, self._own(folder, self.rank, mapped))
         return Restored(state, None, [self._own(folder, rank, mapped)
-                                      for rank in range(state["world_size"])
+                                      for rank in range(state.world_size)
                                       if (folder / f"rank-{rank}.json").is_file()])
 
     def _own(self, folder: Path, rank: int, mapped: dict[str, MappedFile]) -> dict[str, Any]:
