@@ -24,7 +24,7 @@ from .job import JobConfig, JobMode
 from .monitor import best, scores
 
 
-def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
+def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int | None,
            requeued: str | None = None) -> str | None:
     """The name of the checkpoint in ``j_config.checkpoint_path`` that the job starts from, or
     ``None`` to start from scratch, after checking its manifest, the size of every file and
@@ -36,7 +36,9 @@ def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
     ``"best"``: :func:`ddpw.monitor.best`).
 
     :param a_config: the job's artefacts, with a model (checked before).
-    :param world_size: the number of processes the job will have.
+    :param world_size: the number of processes the job will have; ``None`` where that is
+        known only when the world forms (an elastic job's), which then checks the data position
+        itself (:func:`decide`).
     :param requeued: in a requeued SLURM attempt, the absolute path of the newest checkpoint
         that the job published.
     :raises ConfigError: when the checkpoint asked for does not exist, is damaged, does not fit
@@ -62,7 +64,7 @@ def choose(j_config: JobConfig, a_config: ArtefactsConfig, world_size: int,
     folder = Path(j.checkpoint_path) / name
     checkpoint.check(folder)
     checkpoint.check_fits(folder, a_config.model)
-    if training:
+    if training and world_size is not None:
         _check_position(j, folder, a_config, world_size)
     return name
 

@@ -120,7 +120,7 @@ class Trainer:
     # --- checks made before any process starts ------------------------------------------------
 
     def check(self, p_config: PlatformConfig, a_config: ArtefactsConfig | None,
-              world_size: int | None = None) -> str | None:
+              world_size: int | None = None, elastic: bool = False) -> str | None:
         """Check that the configs allow this job to run (:func:`ddpw.contract.check_job`), and
         choose the checkpoint to start from (:func:`ddpw.resume.choose`, which checks it but for
         the hashes, which the ranks check as they read it: :meth:`restore_checkpoint`). Called
@@ -129,13 +129,15 @@ class Trainer:
 
         :param world_size: the number of processes the job will have (the launch's, when it runs
             inside one); ``p_config.world_size`` by default.
+        :param elastic: the job's machines meet in an elastic rendezvous: its size is known only
+            when a world forms, which checks the data position then (:func:`ddpw.resume.decide`).
         :returns: the checkpoint's name, also set as :attr:`resume_from`; ``None`` to start
             from scratch.
         :raises ConfigError: naming the field or file and what would be valid.
         """
         a_config = check_job(self, Trainer, p_config, a_config)
         self.resume_from = resume.choose(self.j_config, a_config,
-                                         world_size or p_config.world_size,
+                                         None if elastic else world_size or p_config.world_size,
                                          requeued=os.environ.get(environment.RESUME_FROM))
         return self.resume_from
 

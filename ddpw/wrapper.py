@@ -105,7 +105,9 @@ class Wrapper:
             if args or kwargs:
                 raise ConfigError("Wrapper.start(trainer, ...): a Trainer takes no arguments; "
                                   "put what it needs in its own attributes.")
-            resume_from = target.check(self.p_config, self.a_config, world_size=plan.world_size)
+            elastic = plan.rendezvous is not None and plan.rendezvous.elastic
+            resume_from = target.check(self.p_config, self.a_config,
+                                       world_size=plan.world_size, elastic=elastic)
         elif not callable(target):
             raise ConfigError(f"Wrapper.start({target!r}): the target must be a ddpw Trainer or "
                               f"a function.")

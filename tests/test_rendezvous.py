@@ -269,6 +269,14 @@ def test_each_world_checks_the_data_position_at_the_size_it_really_has(tmp_path)
                 resume.decide(j, a, size, since=10**9, planned=name)
         # Written by the job itself: the newest that fits.
         assert resume.decide(j, a, size, since=0, planned=None) == (name if fit else "ckpt_1")
+    # Before launch, an elastic job's plan (the most machines' size) is no world it will have:
+    # the position is left to the worlds, where a job of that fixed size is refused.
+    unfit = next(size for size, fit in fits.items() if not fit)
+    resuming = PausingTrainer(job(tmp_path, epochs=2, save_every=1, start_at="latest"), at=(0, 0))
+    one = PlatformConfig(platform=Platform.CPU, n_procs=1, verbose=False)
+    assert resuming.check(one, a, world_size=unfit, elastic=True) == name
+    with pytest.raises(ConfigError, match=f"batches of 4 x {unfit} processes"):
+        resuming.check(one, a, world_size=unfit)
 
 
 def _agreeing_rank(rank: int, store: str, folder: str, stale: str) -> None:
