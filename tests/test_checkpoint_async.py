@@ -84,6 +84,9 @@ def evaluate_latest(root: Path, logs: Path) -> str:
 SEED = int(os.environ.get("DDPW_KILL_SEED", "14"))
 TRIALS = int(os.environ.get("DDPW_KILL_TRIALS", "3"))
 VICTIMS = ("caller", "rank 0", "rank 1")
+#: Every write lasts this long at least: rank 0 sleeps after writing ``state.json``, its last
+#: file but the index, so that a kill at a random moment of the write lands before its end.
+SLOW_S = 0.5
 #: How soon a rank whose peer was killed ends, at most: 0.3 to 0.4 s on a busy 2-core machine.
 LOST_PEER_S = 4
 
@@ -113,12 +116,12 @@ def kill_during_a_write(notes: socket.socket, caller: subprocess.Popen, root: Pa
     background write; return that write's checkpoint, the latest checkpoint and its sequence
     just before the kill, and whether the kill landed during the write."""
     next_save(notes, caller)
-    began = time.monotonic()
     # Its save waited for the write before (one write at a time), which is now published.
     writing = next_save(notes, caller)
-    write_s = time.monotonic() - began
     while True:
-        time.sleep(rng.uniform(0, write_s))
+        # Within the write for certain: it lasts SLOW_S at least, and the test may be held up
+        # for a while between here and the kill on a busy machine.
+        time.sleep(rng.uniform(0, SLOW_S - 0.15))
         writing = newest_save(notes, writing)
         if not (root / writing).exists():
             break
@@ -136,13 +139,15 @@ def test_a_kill_at_a_random_moment_of_a_background_write_loses_no_published_chec
     at a random moment while a write is under way in the background."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
+        import os, sys
         sys.path.insert(0, {str(TESTS)!r})
         from pathlib import Path
         from async_jobs import PidTrainer
         from jobs import Net, artefacts
         from ddpw import JobConfig, JobMode, Platform, PlatformConfig, Wrapper
+        from ddpw.checkpoint import TEST_FAULT
 
+        os.environ[TEST_FAULT] = "state.json:sleep={SLOW_S}"
         here = Path(sys.argv[1])
         j = JobConfig(job_type=JobMode.TRAIN, start_at="latest", epochs=10**6, save_every=1,
                       keep_last=2, checkpoint_path=str(here / "checkpoint"),
