@@ -97,7 +97,7 @@ def _test_fault(path: Path) -> None:
     job) passes the ``SIGTERM`` on to the job's processes, and the write goes on only once this
     process's pause handler has taken it (:func:`ddpw.process.pause_signals_taken`). The main
     thread runs the handler: when another thread took the signal while the main thread waits
-    for this very write, a second later the hook wakes it with a ``SIGTERM`` to it alone.
+    for this very write, 0.2 s later the hook wakes it with a ``SIGTERM`` to it alone.
     """
     fault = os.environ.get(TEST_FAULT)
     name, _, action = (fault or "").rpartition(":")
@@ -114,7 +114,7 @@ def _test_fault(path: Path) -> None:
         pid = int(action.removeprefix("sigterm="))
         taken, deadline = pause_signals_taken(), time.monotonic() + 120
         os.kill(pid, signal.SIGTERM)
-        nudge = time.monotonic() + 1
+        nudge = time.monotonic() + 0.2
         while pause_signals_taken() == taken:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{TEST_FAULT}: process {pid} did not pass SIGTERM on")
