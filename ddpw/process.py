@@ -6,6 +6,7 @@
   can handle it (:func:`note_requeue_signal`, called by ``import ddpw``).
 - A worker ends with its parent (:func:`end_with_parent`) and leaves with the status Python
   would give it (:func:`exit_status`), without finalising the interpreter (:func:`exit_now`).
+- The pause handler counts the pause signals it takes (:func:`pause_signals_taken`).
 """
 
 from __future__ import annotations
@@ -146,3 +147,24 @@ def requeue_signal_came() -> bool:
 def _note_requeue_signal(signum: int, frame: Any) -> None:
     global _requeue_signal_came
     _requeue_signal_came = True
+
+
+# --- the pause signals a process took -------------------------------------------------------------
+# The crash tests' hook (ddpw.checkpoint.hashing) sends a second pause signal during a save and,
+# in the writer's thread, waits until it has reached this process's pause handler: a count that
+# the handler bumps is what another thread can safely read. (The hook once learnt of the signal
+# from faulthandler's dump of every thread, made inside the signal handler: that dump crashes
+# the process now and then, SIGSEGV without a word, while other threads run Python.)
+
+_pause_signals_taken = 0
+
+
+def note_pause_signal() -> None:
+    """Count a pause signal that this process's handler took (safe in a signal handler)."""
+    global _pause_signals_taken
+    _pause_signals_taken += 1
+
+
+def pause_signals_taken() -> int:
+    """How many pause signals this process's pause handlers have taken."""
+    return _pause_signals_taken

@@ -52,6 +52,7 @@ class PauseVote:
         def handler(signum: int, frame: Any) -> None:
             # Only a flag: the work happens at the next step boundary, where all ranks agree.
             self.requested = True
+            process.note_pause_signal()
 
         if process.requeue_signal_came():  # SLURM's warning came while the process started
             self.requested = True

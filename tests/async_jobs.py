@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,16 @@ SIGNAL_BOUND_S = 120
 
 class PidTrainer(BlobTrainer):
     """Writes its pid to ``{folder}/ready-{rank}`` once set up (a checkpoint restored), for
-    :func:`jobs.wait_for_ranks`, so that a test can kill one rank."""
+    :func:`jobs.wait_for_ranks`, so that a test can kill one rank.
 
-    def __init__(self, j_config: JobConfig, folder: str) -> None:
+    With ``notify`` (a UDP port on the loopback), rank 0 sends the name of each checkpoint
+    whose save has returned, its write now under way in the background: a test waits for it
+    without polling the disk.
+    """
+
+    def __init__(self, j_config: JobConfig, folder: str, notify: int | None = None) -> None:
         super().__init__(j_config)
-        self.folder = folder
+        self.folder, self.notify = folder, notify
 
     def setup(self, accelerator, p_config, a_config) -> None:
         super().setup(accelerator, p_config, a_config)
@@ -35,6 +41,13 @@ class PidTrainer(BlobTrainer):
         partial = ready.with_name(f".{ready.name}")
         partial.write_text(str(os.getpid()))
         partial.replace(ready)  # never read half written
+
+    def save_checkpoint(self) -> Path:
+        folder = super().save_checkpoint()
+        if self.notify is not None and self.global_rank == 0:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as note:
+                note.sendto(folder.name.encode(), ("127.0.0.1", self.notify))
+        return folder
 
 
 class SignalNotingTrainer(BlobTrainer):

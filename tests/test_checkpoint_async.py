@@ -9,7 +9,9 @@ import math
 import os
 import random
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -41,22 +43,6 @@ BOUND_S = 120
 
 def big(**overrides):
     return artefacts(model=Net(HIDDEN), **overrides)
-
-
-def wait_until(condition, process: subprocess.Popen, what: str) -> None:
-    """Wait until ``condition()`` holds, while ``process`` runs."""
-    deadline = time.monotonic() + BOUND_S
-    while not condition():
-        assert process.poll() is None, f"the job ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {BOUND_S} s"
-        time.sleep(0.001)
-
-
-def ended(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def check_what_is_visible(root: Path, published: tuple[str, int] | None) -> str:
@@ -93,84 +79,138 @@ def evaluate_latest(root: Path, logs: Path) -> str:
     return evaluator.resume_from
 
 
-#: The kill trials' seed: a failing trial comes back with the same victims and delays.
-SEED = 14
-TRIALS = 6
+#: The kill trials' seed and number: one trial per victim here; ``scripts/async-kill-trials``
+#: runs a long series. A failing trial comes back with the same victims and delays.
+SEED = int(os.environ.get("DDPW_KILL_SEED", "14"))
+TRIALS = int(os.environ.get("DDPW_KILL_TRIALS", "3"))
+VICTIMS = ("caller", "rank 0", "rank 1")
+#: Every write lasts this long at least: rank 0 sleeps after writing ``state.json``, its last
+#: file but the index, so that a kill at a random moment of the write lands before its end.
+SLOW_S = 0.5
+#: How soon a rank whose peer was killed ends, at most: 0.3 to 0.4 s on a busy 2-core machine.
+LOST_PEER_S = 4
+
+
+def next_save(notes: socket.socket, caller: subprocess.Popen) -> str:
+    """The checkpoint whose save returns next in the job of ``caller`` (its write then under way
+    in the background), as rank 0's :class:`~async_jobs.PidTrainer` sends it to ``notes``."""
+    deadline = time.monotonic() + BOUND_S
+    while True:
+        try:
+            return notes.recv(256).decode()
+        except TimeoutError:  # notes wait a second at a time: the job may have ended
+            assert caller.poll() is None, "the job ended before its next save"
+            assert time.monotonic() < deadline, f"no save within {BOUND_S} s"
+
+
+def newest_save(notes: socket.socket, name: str) -> str:
+    """The newest checkpoint whose save has returned: ``name``, or one sent since."""
+    while select.select([notes], [], [], 0)[0]:
+        name = notes.recv(256).decode()
+    return name
+
+
+def kill_during_a_write(notes: socket.socket, caller: subprocess.Popen, root: Path, pid: int,
+                        rng: random.Random) -> tuple[str, tuple[str, int] | None, bool]:
+    """Once a checkpoint is published, kill ``pid`` with SIGKILL at a random moment of a
+    background write; return that write's checkpoint, the latest checkpoint and its sequence
+    just before the kill, and whether the kill landed during the write."""
+    next_save(notes, caller)
+    # Its save waited for the write before (one write at a time), which is now published.
+    writing = next_save(notes, caller)
+    while True:
+        # Within the write for certain: it lasts SLOW_S at least, and the test may be held up
+        # for a while between here and the kill on a busy machine.
+        time.sleep(rng.uniform(0, SLOW_S - 0.15))
+        writing = newest_save(notes, writing)
+        if not (root / writing).exists():
+            break
+        writing = next_save(notes, caller)  # that write is over: draw again in the next
+    published = latest_published(root)
+    os.kill(pid, signal.SIGKILL)
+    # Its save had returned before the kill; not in place after it: the kill came during it.
+    return writing, published, not (root / writing).exists()
 
 
 def test_a_kill_at_a_random_moment_of_a_background_write_loses_no_published_checkpoint(
         tmp_path):
     """Each trial resumes from ``latest``, trains saving after every epoch (two steps, shorter
-    than a write), and is killed with SIGKILL, a random rank or the caller (whose ranks then
-    pause), at a random moment while a write is under way in the background."""
+    than a write), and is killed with SIGKILL, a rank or the caller (whose ranks then pause),
+    at a random moment while a write is under way in the background."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
+        import os, sys
         sys.path.insert(0, {str(TESTS)!r})
         from pathlib import Path
         from async_jobs import PidTrainer
         from jobs import Net, artefacts
         from ddpw import JobConfig, JobMode, Platform, PlatformConfig, Wrapper
+        from ddpw.checkpoint import TEST_FAULT
 
+        os.environ[TEST_FAULT] = "state.json:sleep={SLOW_S}"
         here = Path(sys.argv[1])
         j = JobConfig(job_type=JobMode.TRAIN, start_at="latest", epochs=10**6, save_every=1,
                       keep_last=2, checkpoint_path=str(here / "checkpoint"),
                       training_logs_path=str(here / "logs"))
         p = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
-        Wrapper(p, artefacts(n_train=32, model=Net({HIDDEN}))).start(PidTrainer(j, str(here)))
+        trainer = PidTrainer(j, str(here), notify=int(sys.argv[2]))
+        Wrapper(p, artefacts(n_train=32, model=Net({HIDDEN}))).start(trainer)
     """))
     root = tmp_path / "checkpoint"
     # A caller killed leaves its job's temporary folder behind: here, not in /tmp.
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     rng = random.Random(SEED)
-    victims = rng.sample(["caller", "rank 0", "rank 1"] * (TRIALS // 3), TRIALS)
-    torn = []
+    victims = rng.sample([VICTIMS[trial % 3] for trial in range(TRIALS)], TRIALS)
     for trial, victim in enumerate(victims):
         for ready in tmp_path.glob("ready-*"):
             ready.unlink()
-        before = ckpt.latest(root, "ckpt")
         err = tmp_path / f"caller-{trial}.err"
-        with open(err, "w") as stderr:
-            caller = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        ranks: list[int] = []
-        try:
-            ranks = wait_for_ranks(tmp_path, caller)
-            wait_until(lambda: ckpt.latest(root, "ckpt") != before, caller,  # noqa: B023
-                       "checkpoint published")
-            time.sleep(rng.uniform(0, 0.6))
-            wait_until(lambda: any(root.glob(".ckpt_*.partial")), caller,
-                       "checkpoint being written")
-            time.sleep(rng.uniform(0, 0.02))
-            published = latest_published(root)
-            pid = caller.pid if victim == "caller" else ranks[int(victim[-1])]
-            os.kill(pid, signal.SIGKILL)
-            caller.wait(timeout=BOUND_S)
-            deadline = time.monotonic() + BOUND_S
-            while not all(ended(rank) for rank in ranks):
-                assert time.monotonic() < deadline, f"trial {trial}: the ranks did not end"
-                time.sleep(0.05)
-        finally:
-            if caller.poll() is None:
-                caller.kill()
-                caller.wait()
-            for rank in ranks:
-                with contextlib.suppress(psutil.Error):
-                    psutil.Process(rank).kill()
+        with (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as notes,
+              open(err, "w") as stderr):
+            notes.bind(("127.0.0.1", 0))
+            notes.settimeout(1)
+            caller = subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path), str(notes.getsockname()[1])],
+                env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+            ranks: list[psutil.Process] = []
+            try:
+                ranks = [psutil.Process(pid) for pid in wait_for_ranks(tmp_path, caller)]
+                pid = caller.pid if victim == "caller" else ranks[int(victim[-1])].pid
+                writing, published, landed = kill_during_a_write(notes, caller, root, pid, rng)
+                killed = time.monotonic()
+                if victim != "caller":  # the other rank fails of its lost peer
+                    ranks[1 - int(victim[-1])].wait(timeout=BOUND_S)
+                survived_s = time.monotonic() - killed
+                caller.wait(timeout=BOUND_S)
+                _, alive = psutil.wait_procs(ranks, timeout=BOUND_S)
+                assert not alive, f"trial {trial}: the ranks did not end"
+                ended_s = time.monotonic() - killed
+            finally:
+                if caller.poll() is None:
+                    caller.kill()
+                    caller.wait()
+                for rank in ranks:
+                    with contextlib.suppress(psutil.Error):
+                        rank.kill()
         said = err.read_text()
-        torn += [p.name for p in root.glob(".ckpt_*.partial")]
-        where = f"trial {trial} (seed {SEED}), {victim} killed, {published[0]} published"
+        where = (f"trial {trial} (seed {SEED}), {victim} killed while {writing} was written, "
+                 f"{published and published[0]} published")
+        assert landed, f"{where}: the kill came after that write"
+        assert published is not None, where
+        latest = check_what_is_visible(root, published)
         if victim == "caller":
             # Its ranks, which lost their parent, paused: a checkpoint newer than any before.
-            latest = check_what_is_visible(root, published)
             assert sequence(root / latest) > published[1], where
         else:
             assert caller.returncode == 1, (where, said)
             assert f"{victim} of 2 died (killed by SIGKILL)" in said, (where, said)
-            latest = check_what_is_visible(root, published)
+            # Its peer ended at once, not after the hang watch's wait for a verdict that no
+            # rank posts (2 x 3 s, which held every killed job for 6.7 s).
+            assert survived_s < LOST_PEER_S, f"{where}: its peer ended {survived_s:.1f} s after"
         assert evaluate_latest(root, tmp_path / "evaluation") == latest, where
-        print(f"{where}: latest {latest}, left {sorted(os.listdir(root))}")
+        print(f"{where}: latest {latest}, left {sorted(os.listdir(root))}; the job ended "
+              f"{ended_s:.2f} s after the kill")
     # The next save of a job cleans up what a kill left.
     assert len(ckpt.available(root, "ckpt")) <= 3, os.listdir(root)
 

@@ -11,13 +11,12 @@ computes for them.
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import hashlib
 import json
 import os
-import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -95,11 +94,10 @@ def _test_fault(path: Path) -> None:
 
     ``sleep=S`` is a disk that takes ``S`` seconds over the file. ``sigterm=PID`` makes a
     second pause signal certainly arrive during a save: ``PID`` (the process that started the
-    job) passes the ``SIGTERM`` on to the job's processes, and the
-    write goes on only once this process has received it. ``faulthandler`` notes the arrival (it
-    can be set up from this writer thread, where :func:`signal.signal` cannot) and hands the
-    signal on to the process's own handler. It dumps every thread: the signal may land on a
-    thread of torch's own, which has no Python traceback to write.
+    job) passes the ``SIGTERM`` on to the job's processes, and the write goes on only once this
+    process's pause handler has taken it (:func:`ddpw.process.pause_signals_taken`). The main
+    thread runs the handler: when another thread took the signal while the main thread waits
+    for this very write, 0.2 s later the hook wakes it with a ``SIGTERM`` to it alone.
     """
     fault = os.environ.get(TEST_FAULT)
     name, _, action = (fault or "").rpartition(":")
@@ -111,18 +109,21 @@ def _test_fault(path: Path) -> None:
         time.sleep(float(action.removeprefix("sleep=")))
         return
     if action.startswith("sigterm="):
+        from ..process import pause_signals_taken
+
         pid = int(action.removeprefix("sigterm="))
-        arrival, note = os.pipe()
-        faulthandler.register(signal.SIGTERM, file=note, all_threads=True, chain=True)
-        try:
-            os.kill(pid, signal.SIGTERM)
-            arrived = select.select([arrival], [], [], 120)[0]
-        finally:
-            faulthandler.unregister(signal.SIGTERM)
-            os.close(arrival)
-            os.close(note)
-        if not arrived:
-            raise RuntimeError(f"{TEST_FAULT}: process {pid} did not pass SIGTERM on")
+        taken, deadline = pause_signals_taken(), time.monotonic() + 120
+        os.kill(pid, signal.SIGTERM)
+        nudge = time.monotonic() + 0.2
+        while pause_signals_taken() == taken:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{TEST_FAULT}: process {pid} did not pass SIGTERM on")
+            if time.monotonic() > nudge:
+                # Another thread took it, and the main thread, which runs the handler, may be
+                # waiting for this very write: wake it (a signal to it alone).
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                nudge = deadline
+            time.sleep(0.001)
         print(f"{TEST_FAULT}: wrote {path}, sent SIGTERM to {pid}, received it back, going on",
               file=sys.stderr, flush=True)
         return

@@ -153,6 +153,14 @@ class Watch:
         self.waiting = [*report.frames_of(traceback.extract_tb(error.__traceback__)), last]
         self.settle(3 * self.interval + 5)
 
+    def verdict_posted(self) -> bool:
+        """Whether a judge has posted a verdict, asked now through a store client of the
+        caller's own (the thread's is the thread's alone); ``False`` if the store is gone."""
+        with contextlib.suppress(Exception):
+            store = _connect(timeout_s=3.0)
+            return store is not None and store.check([self._key("verdict")])
+        return False
+
     def settle(self, seconds: float) -> None:
         """Wait up to ``seconds`` for a verdict to be answered; once it is, wait for the thread
         to end the process. A rank whose peer left because of the verdict must not report that
@@ -290,14 +298,14 @@ class Watch:
             time.sleep(0.05)
 
 
-def _connect() -> Any:
+def _connect(timeout_s: float = 10.0) -> Any:
     """A client of the launch's store, or ``None`` while it cannot be reached yet."""
     address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not address or not port:
         return None
     import torch.distributed as dist
 
-    return dist.TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=10),
+    return dist.TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
                          wait_for_workers=False)
 
 
@@ -398,6 +406,10 @@ def settle(error: BaseException) -> None:
     if TIMED_OUT.search(str(error)):
         watch.timed_out(error)
     elif isinstance(error, PeerFailed) or LOST_PEER.search(str(error)):
-        watch.settle(2 * watch.interval + 1)
+        # A peer that left on a verdict had read it from the store: wait for the verdict only
+        # when it is there, not a blind while on every lost peer (which delayed the job's end).
+        if watch.verdict_posted():
+            watch.settle(2 * watch.interval + 1)
+        watch.failed = True
     else:
         watch.failed = True
