@@ -263,12 +263,11 @@ def assert_two_shares(folder: Path) -> None:
         assert f"{part}.safetensors" not in manifest["files"], part
 
 
-# One node of 2 processes, and 2 nodes of one (where each node writes a share).
-@pytest.mark.parametrize("shape", [{"n_procs": 2}, {"n_nodes": 2, "n_procs": 1}],
-                         ids=["one-node", "two-nodes"])
+# One node of 2 processes here; two nodes of one (where each node writes a share) are in the
+# real preemption's test below, whose USR2 comes from SLURM itself.
 def test_a_signal_mid_epoch_pauses_requeues_and_resumes_bitwise(cluster, tmp_path,
-                                                                 uninterrupted, shape):
-    submission = slow_training(tmp_path, **shape)
+                                                                 uninterrupted):
+    submission = slow_training(tmp_path, n_procs=2)
     wait_for(tmp_path / "mid-epoch", submission)
     subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
     metrics = submission.wait()
@@ -300,6 +299,9 @@ def test_a_real_preemption_of_a_two_node_job_requeues_it_and_resumes_bitwise(
     assert final_files(tmp_path / "checkpoint" / "ckpt_4") == uninterrupted
     for name in (paused, last):
         assert_two_shares(tmp_path / "checkpoint" / name)
+    console = submission.console_log.read_text()
+    assert "[ddpw] requeued SLURM job" in console
+    assert f"[ddpw] attempt 2: resuming from {tmp_path / 'checkpoint' / paused}" in console
     states = subprocess.run(["sacct", "-n", "-X", "-o", "State", "-j", urgent],
                             capture_output=True, text=True).stdout.split()
     assert states == ["COMPLETED"], states
@@ -328,20 +330,20 @@ def attempts(folder: str, work_s: float) -> int:
 
 def test_only_a_restartable_function_is_requeued(cluster, tmp_path):
     p_config = PlatformConfig(**SLURM_CPU, n_procs=2)
-    again = restartable(lambda folder: attempts(folder, work_s=300))
-    submission = Wrapper(p_config, wait=False).start(again, str(tmp_path / "again"))
     (tmp_path / "again").mkdir()
-    wait_for(tmp_path / "again" / "started", submission)
-    subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
-    assert submission.wait() == [2, 2]  # ended, requeued and run again
-
     (tmp_path / "once").mkdir()
-    submission = Wrapper(p_config, wait=False).start(attempts, str(tmp_path / "once"), 4)
-    wait_for(tmp_path / "once" / "started", submission)
-    subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
-    assert submission.wait() == [1, 1]  # the signal did not stop it
-    assert "is not marked ddpw.restartable" in (submission.folder / "slurm" /
-                                               f"{submission.job_id}_0_log.err").read_text()
+    again = Wrapper(p_config, wait=False).start(
+        restartable(lambda folder: attempts(folder, work_s=300)), str(tmp_path / "again"))
+    wait_for(tmp_path / "again" / "started", again)
+    subprocess.run(["scancel", "--signal=USR2", again.job_id], check=True)
+    # The second job runs while the first is requeued, on the other node.
+    once = Wrapper(p_config, wait=False).start(attempts, str(tmp_path / "once"), 4)
+    wait_for(tmp_path / "once" / "started", once)
+    subprocess.run(["scancel", "--signal=USR2", once.job_id], check=True)
+    assert again.wait() == [2, 2]  # ended, requeued and run again
+    assert once.wait() == [1, 1]  # the signal did not stop it
+    assert "is not marked ddpw.restartable" in (once.folder / "slurm" /
+                                               f"{once.job_id}_0_log.err").read_text()
 
 
 def test_a_cancelled_job_says_so(cluster, tmp_path):
@@ -588,7 +590,7 @@ def test_ctrl_c_while_waiting_asks_cancels_or_keeps(monkeypatch, capsys, tmp_pat
 def test_a_rank_stuck_on_the_second_node_ends_the_job_as_hung(cluster, tmp_path):
     from hang_jobs import SleepingTrainer
 
-    p_config = PlatformConfig(**{**SLURM_CPU, "n_nodes": 2, "n_procs": 1, "hang_timeout_s": 10})
+    p_config = PlatformConfig(**{**SLURM_CPU, "n_nodes": 2, "n_procs": 1, "hang_timeout_s": 5})
     submission = Wrapper(p_config, artefacts(), wait=False).start(
         SleepingTrainer(job(tmp_path, epochs=2)))
     with pytest.raises(JobHung) as caught:
