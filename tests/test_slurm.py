@@ -54,16 +54,6 @@ def where(offset: int) -> tuple[int, int, int, float]:
     return w.global_rank, w.node_rank, w.world_size, float(total)
 
 
-def test_a_function_runs_on_two_nodes_as_one_world(cluster):
-    # n_procs, and nothing said about GPUs: CPU processes, on a partition without GPUs.
-    p_config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_procs=1, partition="debug",
-                              timeout_min=5, verbose=False)
-    results = Wrapper(p_config).start(where, 10)
-    assert results == [(0, 0, 2, 21.0), (1, 1, 2, 21.0)]
-    (folder,) = job_folders()
-    assert (folder / "job").is_dir()
-
-
 def test_a_trainer_runs_two_processes_on_one_node(cluster, tmp_path):
     p_config = PlatformConfig(platform=Platform.SLURM, n_gpus=0, n_procs=2, partition="debug",
                               timeout_min=5, verbose=False)
@@ -110,7 +100,7 @@ def test_a_node_that_fails_ends_the_others_at_once(cluster):
     assert shown.stdout.strip() == "FAILED", shown
 
 
-def test_a_rendezvous_port_held_on_node_0_is_not_waited_for(cluster):
+def test_a_function_runs_on_two_nodes_as_one_world_not_waiting_for_a_held_port(cluster):
     # The cluster numbers jobs in turn: the next job's id, and so its port, is known.
     last = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--output=/dev/null",
                            "--wrap=true"], capture_output=True, text=True, check=True)
@@ -118,6 +108,7 @@ def test_a_rendezvous_port_held_on_node_0_is_not_waited_for(cluster):
     with socket.socket() as holder:
         holder.bind(("", rendezvous_port(next_id)))
         holder.listen()
+        # n_procs, and nothing said about GPUs: CPU processes, on a partition without GPUs.
         p_config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_procs=1,
                                   partition="debug", timeout_min=5, verbose=False)
         submission = Wrapper(p_config, wait=False).start(where, 10)
@@ -125,6 +116,8 @@ def test_a_rendezvous_port_held_on_node_0_is_not_waited_for(cluster):
         assert submission.wait() == [(0, 0, 2, 21.0), (1, 1, 2, 21.0)]
     start = json.loads((submission.folder / "attempt-0.json").read_text())
     assert start["port"] != rendezvous_port(next_id)
+    (folder,) = job_folders()
+    assert (folder / "job").is_dir()
 
 
 @pytest.mark.parametrize(("fields", "message"), [
