@@ -239,9 +239,9 @@ def noted_checkpoints(submission) -> list[str]:
             (submission.folder / "checkpoints.txt").read_text().split()]
 
 
-def slow_training(tmp_path, **platform):
+def slow_training(tmp_path, n_train: int = 150, **platform):
     p_config = PlatformConfig(**{**SLURM_CPU, **platform})
-    return Wrapper(p_config, artefacts(**EXACT), wait=False).start(
+    return Wrapper(p_config, artefacts(n_train, **EXACT), wait=False).start(
         SlowTrainer(job(tmp_path, epochs=4, save_every=4, **ACCUMULATE)))
 
 
@@ -257,12 +257,24 @@ def assert_two_shares(folder: Path) -> None:
 
 
 # One node of 2 processes here; two nodes of one (where each node writes a share) are in the
-# real preemption's test below, whose USR2 comes from SLURM itself.
-def test_a_signal_mid_epoch_pauses_requeues_and_resumes_bitwise(cluster, tmp_path,
-                                                                 uninterrupted):
+# real preemption's test below, whose USR2 comes from SLURM itself. On the other node, side by
+# side, the same job with requeue_limit=0 fails instead, naming its checkpoint.
+def test_a_signal_mid_epoch_pauses_requeues_and_resumes_bitwise_up_to_the_requeue_limit(
+        cluster, tmp_path, uninterrupted):
     submission = slow_training(tmp_path, n_procs=2)
-    wait_for(tmp_path / "mid-epoch", submission)
-    subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
+    limits = tmp_path / "limited"
+    limits.mkdir()
+    # Ten times the data, so that its epochs outlast the wait for the other job's signal: it
+    # stops at its pause, so they cost no time.
+    limited = slow_training(limits, n_train=1500, n_procs=2, requeue_limit=0)
+    for job_, folder in ((submission, tmp_path), (limited, limits)):
+        wait_for(folder / "mid-epoch", job_)
+        subprocess.run(["scancel", "--signal=USR2", job_.job_id], check=True)
+    with pytest.raises(WorkerError, match=r"PlatformConfig\.requeue_limit=0: not") as e:
+        limited.wait()
+    (paused,) = noted_checkpoints(limited)
+    assert f"its newest checkpoint is {limits / 'checkpoint' / paused}" in str(e.value)
+
     metrics = submission.wait()
     assert metrics["epoch"] == 4
     paused, last = noted_checkpoints(submission)
@@ -298,16 +310,6 @@ def test_a_real_preemption_of_a_two_node_job_requeues_it_and_resumes_bitwise(
     states = subprocess.run(["sacct", "-n", "-X", "-o", "State", "-j", urgent],
                             capture_output=True, text=True).stdout.split()
     assert states == ["COMPLETED"], states
-
-
-def test_past_the_requeue_limit_the_job_fails_naming_its_checkpoint(cluster, tmp_path):
-    submission = slow_training(tmp_path, n_procs=2, requeue_limit=0)
-    wait_for(tmp_path / "mid-epoch", submission)
-    subprocess.run(["scancel", "--signal=USR2", submission.job_id], check=True)
-    with pytest.raises(WorkerError, match=r"PlatformConfig\.requeue_limit=0: not") as e:
-        submission.wait()
-    (paused,) = noted_checkpoints(submission)
-    assert f"its newest checkpoint is {tmp_path / 'checkpoint' / paused}" in str(e.value)
 
 
 def attempts(folder: str, work_s: float) -> int:
