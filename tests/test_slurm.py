@@ -68,35 +68,32 @@ def fail_on_node_one() -> None:
     world().accelerator.wait_for_everyone()
 
 
-def test_a_failing_rank_surfaces_its_traceback(cluster):
-    p_config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_gpus=0, partition="debug",
-                              timeout_min=5, verbose=False)
-    with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
-        Wrapper(p_config).start(fail_on_node_one)
-    assert "ValueError: node one is unhappy" in caught.value.details
-    (folder,) = job_folders()
-    assert re.search(rf"; logs in \S*{re.escape(folder.name)}$", caught.value.message), \
-        caught.value.message
-
-
 def fail_on_node_one_while_node_zero_works() -> None:
     if world().node_rank == 1:
         raise ValueError("node one gave up")
     time.sleep(600)  # no collective: nothing on node 0 learns of node 1's failure by itself
 
 
-def test_a_node_that_fails_ends_the_others_at_once(cluster):
+def test_a_failing_node_surfaces_its_traceback_and_ends_the_others_at_once(cluster):
     p_config = PlatformConfig(platform=Platform.SLURM, n_nodes=2, n_gpus=0, partition="debug",
                               timeout_min=5, verbose=False)
+    # Side by side: node 0 waits for node 1 in a collective, or works on without one.
+    waiting = Wrapper(p_config, wait=False).start(fail_on_node_one)
+    working = Wrapper(p_config, wait=False).start(fail_on_node_one_while_node_zero_works)
     began = time.monotonic()
     with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
-        Wrapper(p_config).start(fail_on_node_one_while_node_zero_works)
+        waiting.wait()
+    assert "ValueError: node one is unhappy" in caught.value.details
+    assert re.search(rf"; logs in \S*{re.escape(waiting.folder.name)}$", caught.value.message), \
+        caught.value.message
+
+    with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
+        working.wait()
     assert time.monotonic() - began < 120, "node 0 ran on after node 1 failed"
     assert "ValueError: node one gave up" in caught.value.details
-    (folder,) = job_folders()
-    (submitted,) = (folder / "slurm").glob("*_submission.sh")
-    shown = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j",
-                            submitted.name.split("_")[0]], capture_output=True, text=True)
+    assert len(job_folders()) == 2
+    shown = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", working.job_id],
+                           capture_output=True, text=True)
     assert shown.stdout.strip() == "FAILED", shown
 
 
