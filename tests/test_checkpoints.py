@@ -46,11 +46,12 @@ MODEL_0 = "model-00001-of-00002.safetensors"
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Four epochs on 2 processes without a stop: the reference for every resume below."""
+    """Four epochs on 2 processes without a stop, saved every 2: the reference for every
+    resume below (and, in ``[2]``, its folder, whose epoch 2 some of them start from)."""
     path = tmp_path_factory.mktemp("uninterrupted")
     metrics = Wrapper(CPU2, artefacts(**EXACT)).start(
-        BlobTrainer(job(path, epochs=4, save_every=4, **ACCUMULATE)))
-    return metrics, final_files(path / "checkpoint" / "ckpt_4")
+        BlobTrainer(job(path, epochs=4, save_every=2, **ACCUMULATE)))
+    return metrics, final_files(path / "checkpoint" / "ckpt_4"), path
 
 
 def test_a_pause_asked_by_one_rank_stops_all_at_the_same_step_and_resumes_bitwise(
@@ -66,7 +67,7 @@ def test_a_pause_asked_by_one_rank_stops_all_at_the_same_step_and_resumes_bitwis
     resumed = Wrapper(CPU2, artefacts(**EXACT)).start(
         BlobTrainer(job(tmp_path, mode=JobMode.RESUME, start_at="latest", epochs=4,
                         save_every=4, **ACCUMULATE)))
-    reference_metrics, reference_files = uninterrupted
+    reference_metrics, reference_files, _ = uninterrupted
     assert resumed == reference_metrics
     assert final_files(tmp_path / "checkpoint" / "ckpt_4") == reference_files
 
@@ -83,7 +84,7 @@ def test_a_pause_signal_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_e
         import os, sys
         sys.path.insert(0, {str(TESTS)!r})
         from pathlib import Path
-        from jobs import SlowTrainer, artefacts, job, step_lr
+        from jobs import BlobTrainer, SlowTrainer, artefacts, job, step_lr
         from ddpw import Platform, PlatformConfig, Wrapper
         from ddpw.checkpoint import TEST_FAULT
 
@@ -95,7 +96,9 @@ def test_a_pause_signal_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_e
         p = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
         j = job(Path("."), start_at=start_at, epochs=4, save_every=4,
                 gradient_accumulation_steps=2)
-        print(Wrapper(p, artefacts(scheduler_loader=step_lr)).start(SlowTrainer(j)))
+        # Slow until the signal, which comes in epoch 2; the resume need not wait for one.
+        trainer = SlowTrainer(j) if start_at == 0 else BlobTrainer(j)
+        print(Wrapper(p, artefacts(scheduler_loader=step_lr)).start(trainer))
     """))
     caller = subprocess.Popen([sys.executable, str(script), "0"], cwd=tmp_path, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -122,8 +125,8 @@ def test_a_pause_signal_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_e
 
 def test_a_kill_while_writing_leaves_the_previous_checkpoint_and_no_new_one(
         tmp_path, monkeypatch, uninterrupted):
-    Wrapper(CPU2, artefacts(**EXACT)).start(
-        BlobTrainer(job(tmp_path, epochs=2, save_every=2, **ACCUMULATE)))
+    # Epoch 2 of the uninterrupted run, the checkpoint that the kill must leave in place.
+    shutil.copytree(uninterrupted[2] / "checkpoint" / "ckpt_2", tmp_path / "checkpoint" / "ckpt_2")
     monkeypatch.setenv(ckpt.TEST_FAULT, f"{MODEL_0}:kill")
     with pytest.raises(WorkerError, match=r"rank 0 of 2 died \(killed by SIGKILL\)"):
         Wrapper(CPU2, artefacts(**EXACT)).start(
