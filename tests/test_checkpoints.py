@@ -145,23 +145,25 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint_and_no_new_one(
 
 
 def test_a_full_disk_on_one_rank_fails_every_rank_and_keeps_the_previous_checkpoint(
-        tmp_path, monkeypatch):
-    Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1, save_every=1)))
+        tmp_path, monkeypatch, uninterrupted):
+    # Epoch 2 of the uninterrupted run, the checkpoint that the failed save must leave in place.
+    shutil.copytree(uninterrupted[2] / "checkpoint" / "ckpt_2", tmp_path / "checkpoint" / "ckpt_2")
     monkeypatch.setenv(ckpt.TEST_FAULT, "rank-1.json:full")
     with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
-        Wrapper(CPU2, artefacts()).start(ErrorNotingTrainer(job(tmp_path, start_at=1, epochs=2)))
+        Wrapper(CPU2, artefacts(**EXACT)).start(ErrorNotingTrainer(
+            job(tmp_path, start_at=2, epochs=3, **ACCUMULATE)))
     assert "No space left on device" in caught.value.details
     root = tmp_path / "checkpoint"
     full = (rf"No space left on device \(injected by {ckpt.TEST_FAULT}\): "
-            rf"'{re.escape(str(root / '.ckpt_2.partial' / 'rank-1.json'))}'")
+            rf"'{re.escape(str(root / '.ckpt_3.partial' / 'rank-1.json'))}'")
     # Rank 0 wrote its part; its own error says what failed on rank 1, and where.
-    assert re.fullmatch(rf"PeerFailed: checkpoint {re.escape(str(root / 'ckpt_2'))} was not "
+    assert re.fullmatch(rf"PeerFailed: checkpoint {re.escape(str(root / 'ckpt_3'))} was not "
                         rf"written: rank 1 failed with OSError: \[Errno 28\] {full}",
                         (tmp_path / "logs" / "rank-0.error").read_text())
     assert re.fullmatch(rf"OSError: \[Errno 28\] {full}",
                         (tmp_path / "logs" / "rank-1.error").read_text())
-    assert ckpt.available(root, "ckpt") == ["ckpt_1"] and ckpt.latest(root, "ckpt") == "ckpt_1"
-    assert not (root / ".ckpt_2.partial").exists(), "the failed write was not cleaned up"
+    assert ckpt.available(root, "ckpt") == ["ckpt_2"] and ckpt.latest(root, "ckpt") == "ckpt_2"
+    assert not (root / ".ckpt_3.partial").exists(), "the failed write was not cleaned up"
 
 
 @pytest.fixture

@@ -175,18 +175,18 @@ def test_loaders_with_two_worker_processes_pause_mid_epoch_and_resume_bitwise(tm
 
     extra = {"gradient_accumulation_steps": 2}
     straight, split = tmp_path / "straight", tmp_path / "split"
-    full = Wrapper(CPU2, a_config()).start(BlobTrainer(job(straight, epochs=3, save_every=3,
+    full = Wrapper(CPU2, a_config()).start(BlobTrainer(job(straight, epochs=2, save_every=2,
                                                            **extra)))
     with pytest.raises(JobPaused) as paused:
         Wrapper(CPU2, a_config()).start(
-            PausingTrainer(job(split, epochs=3, save_every=3, **extra), at=(2, 3)))
+            PausingTrainer(job(split, epochs=2, save_every=2, **extra), at=(2, 3)))
     assert Path(paused.value.checkpoint).name == "ckpt_1_batch6"
     resumed = Wrapper(CPU2, a_config()).start(
-        BlobTrainer(job(split, mode=JobMode.RESUME, start_at="latest", epochs=3, save_every=3,
+        BlobTrainer(job(split, mode=JobMode.RESUME, start_at="latest", epochs=2, save_every=2,
                         **extra)))
     assert resumed == full
-    assert final_files(split / "checkpoint" / "ckpt_3") == \
-        final_files(straight / "checkpoint" / "ckpt_3")
+    assert final_files(split / "checkpoint" / "ckpt_2") == \
+        final_files(straight / "checkpoint" / "ckpt_2")
 
 
 def test_the_progress_bars_start_no_thread():
