@@ -43,8 +43,18 @@ def test_two_processes_form_one_world_that_syncs_and_shards(tmp_path, no_leftove
     assert len(seen0 & seen1) <= 10, "the ranks trained on the same samples"
 
 
-#: Shuffling, dropout, a scheduler and gradient accumulation all take part in the resumes.
-EXACT = {"scheduler_loader": step_lr}
+class AugmentedBlobs(Blobs):
+    """Blobs with noise drawn, as the docs advise, from a generator seeded by the sample."""
+
+    def __getitem__(self, i):
+        x, y, index = super().__getitem__(i)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        return x + 0.1 * noise, y, index
+
+
+#: Shuffling, augmentation, dropout, a scheduler and gradient accumulation all take part in
+#: the resumes.
+EXACT = {"train_set": AugmentedBlobs(150), "scheduler_loader": step_lr}
 ACCUMULATE = {"gradient_accumulation_steps": 2}
 
 
@@ -160,33 +170,21 @@ def test_verbose_false_silences_ddpw(tmp_path, capfd):
     assert "[ddpw] DDPW: CPU, 1 node(s) x 1 process(s) = world of 1" in out
 
 
-class AugmentedBlobs(Blobs):
-    """Blobs with noise drawn, as the docs advise, from a generator seeded by the sample."""
-
-    def __getitem__(self, i):
-        x, y, index = super().__getitem__(i)
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
-        return x + 0.1 * noise, y, index
-
-
-def test_loaders_with_two_worker_processes_pause_mid_epoch_and_resume_bitwise(tmp_path):
-    def a_config():
-        return artefacts(train_set=AugmentedBlobs(150), num_workers=2, scheduler_loader=step_lr)
-
-    extra = {"gradient_accumulation_steps": 2}
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    full = Wrapper(CPU2, a_config()).start(BlobTrainer(job(straight, epochs=2, save_every=2,
-                                                           **extra)))
+def test_loaders_with_two_worker_processes_pause_mid_epoch_and_resume_bitwise(tmp_path,
+                                                                           straight):
+    # Compared with the straight run, whose loaders have no worker processes.
+    reference, _ = straight
     with pytest.raises(JobPaused) as paused:
-        Wrapper(CPU2, a_config()).start(
-            PausingTrainer(job(split, epochs=2, save_every=2, **extra), at=(2, 3)))
+        Wrapper(CPU2, artefacts(num_workers=2, **EXACT)).start(
+            PausingTrainer(job(tmp_path, epochs=2, save_every=2, **ACCUMULATE), at=(2, 3)))
     assert Path(paused.value.checkpoint).name == "ckpt_1_batch6"
-    resumed = Wrapper(CPU2, a_config()).start(
-        BlobTrainer(job(split, mode=JobMode.RESUME, start_at="latest", epochs=2, save_every=2,
-                        **extra)))
-    assert resumed == full
-    assert final_files(split / "checkpoint" / "ckpt_2") == \
-        final_files(straight / "checkpoint" / "ckpt_2")
+    resumed = Wrapper(CPU2, artefacts(num_workers=2, **EXACT)).start(
+        BlobTrainer(job(tmp_path, mode=JobMode.RESUME, start_at="latest", epochs=2,
+                        save_every=2, **ACCUMULATE)))
+    epoch_2 = json.loads((reference / "logs" / "metrics.jsonl").read_text().splitlines()[1])
+    assert resumed == {k: v for k, v in epoch_2.items() if k in resumed}
+    assert final_files(tmp_path / "checkpoint" / "ckpt_2") == \
+        final_files(reference / "checkpoint" / "ckpt_2")
 
 
 def test_the_progress_bars_start_no_thread():
