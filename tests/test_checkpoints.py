@@ -46,11 +46,12 @@ MODEL_0 = "model-00001-of-00002.safetensors"
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Four epochs on 2 processes without a stop: the reference for every resume below."""
+    """Four epochs on 2 processes without a stop, saved every 2: the reference for every
+    resume below (and, in ``[2]``, its folder, whose epoch 2 some of them start from)."""
     path = tmp_path_factory.mktemp("uninterrupted")
     metrics = Wrapper(CPU2, artefacts(**EXACT)).start(
-        BlobTrainer(job(path, epochs=4, save_every=4, **ACCUMULATE)))
-    return metrics, final_files(path / "checkpoint" / "ckpt_4")
+        BlobTrainer(job(path, epochs=4, save_every=2, **ACCUMULATE)))
+    return metrics, final_files(path / "checkpoint" / "ckpt_4"), path
 
 
 def test_a_pause_asked_by_one_rank_stops_all_at_the_same_step_and_resumes_bitwise(
@@ -66,7 +67,7 @@ def test_a_pause_asked_by_one_rank_stops_all_at_the_same_step_and_resumes_bitwis
     resumed = Wrapper(CPU2, artefacts(**EXACT)).start(
         BlobTrainer(job(tmp_path, mode=JobMode.RESUME, start_at="latest", epochs=4,
                         save_every=4, **ACCUMULATE)))
-    reference_metrics, reference_files = uninterrupted
+    reference_metrics, reference_files, _ = uninterrupted
     assert resumed == reference_metrics
     assert final_files(tmp_path / "checkpoint" / "ckpt_4") == reference_files
 
@@ -83,7 +84,7 @@ def test_a_pause_signal_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_e
         import os, sys
         sys.path.insert(0, {str(TESTS)!r})
         from pathlib import Path
-        from jobs import SlowTrainer, artefacts, job, step_lr
+        from jobs import BlobTrainer, SlowTrainer, artefacts, job, step_lr
         from ddpw import Platform, PlatformConfig, Wrapper
         from ddpw.checkpoint import TEST_FAULT
 
@@ -95,7 +96,9 @@ def test_a_pause_signal_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_e
         p = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
         j = job(Path("."), start_at=start_at, epochs=4, save_every=4,
                 gradient_accumulation_steps=2)
-        print(Wrapper(p, artefacts(scheduler_loader=step_lr)).start(SlowTrainer(j)))
+        # Slow until the signal, which comes in epoch 2; the resume need not wait for one.
+        trainer = SlowTrainer(j) if start_at == 0 else BlobTrainer(j)
+        print(Wrapper(p, artefacts(scheduler_loader=step_lr)).start(trainer))
     """))
     caller = subprocess.Popen([sys.executable, str(script), "0"], cwd=tmp_path, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -122,8 +125,8 @@ def test_a_pause_signal_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_e
 
 def test_a_kill_while_writing_leaves_the_previous_checkpoint_and_no_new_one(
         tmp_path, monkeypatch, uninterrupted):
-    Wrapper(CPU2, artefacts(**EXACT)).start(
-        BlobTrainer(job(tmp_path, epochs=2, save_every=2, **ACCUMULATE)))
+    # Epoch 2 of the uninterrupted run, the checkpoint that the kill must leave in place.
+    shutil.copytree(uninterrupted[2] / "checkpoint" / "ckpt_2", tmp_path / "checkpoint" / "ckpt_2")
     monkeypatch.setenv(ckpt.TEST_FAULT, f"{MODEL_0}:kill")
     with pytest.raises(WorkerError, match=r"rank 0 of 2 died \(killed by SIGKILL\)"):
         Wrapper(CPU2, artefacts(**EXACT)).start(
@@ -142,23 +145,25 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint_and_no_new_one(
 
 
 def test_a_full_disk_on_one_rank_fails_every_rank_and_keeps_the_previous_checkpoint(
-        tmp_path, monkeypatch):
-    Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=1, save_every=1)))
+        tmp_path, monkeypatch, uninterrupted):
+    # Epoch 2 of the uninterrupted run, the checkpoint that the failed save must leave in place.
+    shutil.copytree(uninterrupted[2] / "checkpoint" / "ckpt_2", tmp_path / "checkpoint" / "ckpt_2")
     monkeypatch.setenv(ckpt.TEST_FAULT, "rank-1.json:full")
     with pytest.raises(WorkerError, match="rank 1 of 2 raised") as caught:
-        Wrapper(CPU2, artefacts()).start(ErrorNotingTrainer(job(tmp_path, start_at=1, epochs=2)))
+        Wrapper(CPU2, artefacts(**EXACT)).start(ErrorNotingTrainer(
+            job(tmp_path, start_at=2, epochs=3, **ACCUMULATE)))
     assert "No space left on device" in caught.value.details
     root = tmp_path / "checkpoint"
     full = (rf"No space left on device \(injected by {ckpt.TEST_FAULT}\): "
-            rf"'{re.escape(str(root / '.ckpt_2.partial' / 'rank-1.json'))}'")
+            rf"'{re.escape(str(root / '.ckpt_3.partial' / 'rank-1.json'))}'")
     # Rank 0 wrote its part; its own error says what failed on rank 1, and where.
-    assert re.fullmatch(rf"PeerFailed: checkpoint {re.escape(str(root / 'ckpt_2'))} was not "
+    assert re.fullmatch(rf"PeerFailed: checkpoint {re.escape(str(root / 'ckpt_3'))} was not "
                         rf"written: rank 1 failed with OSError: \[Errno 28\] {full}",
                         (tmp_path / "logs" / "rank-0.error").read_text())
     assert re.fullmatch(rf"OSError: \[Errno 28\] {full}",
                         (tmp_path / "logs" / "rank-1.error").read_text())
-    assert ckpt.available(root, "ckpt") == ["ckpt_1"] and ckpt.latest(root, "ckpt") == "ckpt_1"
-    assert not (root / ".ckpt_2.partial").exists(), "the failed write was not cleaned up"
+    assert ckpt.available(root, "ckpt") == ["ckpt_2"] and ckpt.latest(root, "ckpt") == "ckpt_2"
+    assert not (root / ".ckpt_3.partial").exists(), "the failed write was not cleaned up"
 
 
 @pytest.fixture

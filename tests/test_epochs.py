@@ -27,13 +27,28 @@ def logged_lrs(path) -> list[float]:
             (path / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_an_epoch_scheduler_steps_once_an_epoch_by_default(tmp_path):
-    a_config = artefacts(scheduler_loader=halving_every_2)
-    assert a_config.scheduler_interval == "epoch"
-    Wrapper(CPU2, a_config).start(BlobTrainer(job(tmp_path, epochs=5, save_every=0)))
+def five_epochs() -> ArtefactsConfig:
+    return artefacts(scheduler_loader=halving_every_2, validation_set=Blobs(30, seed=2))
+
+
+def five_epochs_job(path, **kw) -> JobConfig:
+    return job(path, epochs=5, save_every=5, validate_every=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """Five epochs without a stop, with an epoch scheduler and validation every 2 epochs: the
+    schedule that the tests below read, and the reference for the resume."""
+    path = tmp_path_factory.mktemp("whole")
+    Wrapper(CPU2, five_epochs()).start(BlobTrainer(five_epochs_job(path)))
+    return path
+
+
+def test_an_epoch_scheduler_steps_once_an_epoch_by_default(whole):
+    assert five_epochs().scheduler_interval == "epoch"
     # The rate each epoch trained with: StepLR(step_size=2) halves it after epochs 2 and 4.
     # (The configs are checked in the caller; "lr" is logged in every epoch's metrics.)
-    assert logged_lrs(tmp_path) == [LR, LR, LR * GAMMA, LR * GAMMA, LR * GAMMA**2]
+    assert logged_lrs(whole) == [LR, LR, LR * GAMMA, LR * GAMMA, LR * GAMMA**2]
 
 
 def test_a_step_scheduler_steps_with_every_optimiser_step(tmp_path):
@@ -52,18 +67,14 @@ class PauseAfterEpoch3(BlobTrainer):
         return super().train_step(batch)
 
 
-def test_a_resumed_epoch_schedule_is_the_uninterrupted_one(tmp_path):
-    a_config = artefacts(scheduler_loader=halving_every_2)
-    whole = tmp_path / "whole"
-    Wrapper(CPU2, a_config).start(BlobTrainer(job(whole, epochs=5, save_every=5)))
-    parts = tmp_path / "parts"
+def test_a_resumed_epoch_schedule_is_the_uninterrupted_one(tmp_path, whole):
+    a_config = five_epochs()
     with pytest.raises(JobPaused):
-        Wrapper(CPU2, a_config).start(PauseAfterEpoch3(job(parts, epochs=5, save_every=5)))
-    Wrapper(CPU2, a_config).start(BlobTrainer(job(parts, start_at="latest", epochs=5,
-                                                  save_every=5)))
-    assert final_files(parts / "checkpoint" / "ckpt_5") == final_files(
+        Wrapper(CPU2, a_config).start(PauseAfterEpoch3(five_epochs_job(tmp_path)))
+    Wrapper(CPU2, a_config).start(BlobTrainer(five_epochs_job(tmp_path, start_at="latest")))
+    assert final_files(tmp_path / "checkpoint" / "ckpt_5") == final_files(
         whole / "checkpoint" / "ckpt_5")
-    assert logged_lrs(parts)[-1] == logged_lrs(whole)[-1] == LR * GAMMA**2
+    assert logged_lrs(tmp_path)[-1] == logged_lrs(whole)[-1] == LR * GAMMA**2
 
 
 def test_an_unknown_interval_is_refused():
@@ -72,12 +83,9 @@ def test_an_unknown_interval_is_refused():
         ArtefactsConfig(scheduler_interval="batch")
 
 
-def test_validation_every_2_epochs_and_after_the_last(tmp_path):
-    a_config = artefacts(validation_set=Blobs(30, seed=2))
-    Wrapper(CPU2, a_config).start(BlobTrainer(job(tmp_path, epochs=5, save_every=0,
-                                                  validate_every=2)))
+def test_validation_every_2_epochs_and_after_the_last(whole):
     logged = [json.loads(line) for line in
-              (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+              (whole / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [entry["epoch"] for entry in logged if "val_loss" in entry] == [2, 4, 5]
 
 

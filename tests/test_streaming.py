@@ -74,21 +74,32 @@ class ImpatientTrainer(InspectingTrainer):
         return {**super().accelerator_kwargs(p_config), "kwargs_handlers": [handler]}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Three epochs of a stream on 2 processes without a stop: what the first test reads, and
+    the reference (its metrics, its last checkpoint) for the resumes."""
+    path = tmp_path_factory.mktemp("uninterrupted")
+    result = Wrapper(CPU2, streams(scheduler_loader=step_lr)).start(
+        InspectingTrainer(job(path, epochs=3, save_every=3, **ACCUMULATE)))
+    inspected = ("params", "seen", "seen_order", "distributed_type")  # InspectingTrainer's
+    metrics = {k: v for k, v in result.items() if k not in inspected}
+    return metrics, final_files(path / "checkpoint" / "ckpt_3"), result, path
+
+
 def test_a_stream_without_length_trains_on_two_processes_that_end_each_epoch_together(
-        tmp_path, no_leftover_processes):
+        uninterrupted, no_leftover_processes):
     assert not hasattr(BlobStream(4), "__len__")
-    result = Wrapper(CPU2, streams()).start(InspectingTrainer(job(tmp_path, epochs=2,
-                                                                  save_every=2)))
+    _, _, result, path = uninterrupted
     assert torch.equal(*result["params"]), "ranks ended with different parameters"
     # 150 samples a epoch in global batches of 16: 9 whole ones and 6 samples, 3 on each rank.
     seen = result["seen"][0] + result["seen"][1]
-    assert sorted(seen) == sorted(list(range(150)) * 2)
+    assert sorted(seen) == sorted(list(range(150)) * 3)
     # Each global batch is 16 consecutive samples of the stream, the first 8 on rank 0, and
     # the stream was told each epoch (set_epoch) before it was read.
-    for epoch, first in ((1, 0), (2, 75)):
+    for epoch, first in ((1, 0), (2, 75), (3, 150)):
         order = torch.randperm(150, generator=torch.Generator().manual_seed(epoch)).tolist()
         assert result["seen_order"][first:first + 16] == order[:8] + order[16:24]
-    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2"]
+    assert ckpt.available(path / "checkpoint", "ckpt") == ["ckpt_3"]
 
 
 def test_a_stream_that_one_rank_would_see_end_early_never_leaves_a_rank_waiting(tmp_path):
@@ -104,15 +115,6 @@ def test_the_progress_bar_of_a_stream_counts_batches_without_a_total(tmp_path, c
     Wrapper(loud, streams(n_train=48)).start(BlobTrainer(job(tmp_path, epochs=1)))
     _, err = capfd.readouterr()
     assert "epoch 1/1: 0batch [" in err and "/6 [" not in err, err  # not "0%| 0/6 ["
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """Three epochs of a stream on 2 processes without a stop: the reference for the resumes."""
-    path = tmp_path_factory.mktemp("uninterrupted")
-    metrics = Wrapper(CPU2, streams(scheduler_loader=step_lr)).start(
-        BlobTrainer(job(path, epochs=3, save_every=3, **ACCUMULATE)))
-    return metrics, final_files(path / "checkpoint" / "ckpt_3")
 
 
 def _pause_and_resume(path: Path, at: tuple[int, int]) -> tuple[str, dict]:

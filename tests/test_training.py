@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +43,39 @@ def test_two_processes_form_one_world_that_syncs_and_shards(tmp_path, no_leftove
     assert len(seen0 & seen1) <= 10, "the ranks trained on the same samples"
 
 
-def test_checkpoints_are_written_exactly_at_save_every(tmp_path):
-    metrics = Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=5, save_every=2)))
+class AugmentedBlobs(Blobs):
+    """Blobs with noise drawn, as the docs advise, from a generator seeded by the sample."""
+
+    def __getitem__(self, i):
+        x, y, index = super().__getitem__(i)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        return x + 0.1 * noise, y, index
+
+
+#: Shuffling, augmentation, dropout, a scheduler and gradient accumulation all take part in
+#: the resumes.
+EXACT = {"train_set": AugmentedBlobs(150), "scheduler_loader": step_lr}
+ACCUMULATE = {"gradient_accumulation_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Five epochs on 2 processes, saved every 2: the checkpoints and the reference that the
+    tests below read (or copy), with the metrics it returned."""
+    path = tmp_path_factory.mktemp("straight")
+    metrics = Wrapper(CPU2, artefacts(**EXACT)).start(
+        BlobTrainer(job(path, epochs=5, save_every=2, **ACCUMULATE)))
+    return path, metrics
+
+
+def test_checkpoints_are_written_exactly_at_save_every(straight):
+    path, metrics = straight
     assert metrics["epoch"] == 5 and set(metrics) >= {"loss", "accuracy"}
-    assert ckpt.available(tmp_path / "checkpoint", "ckpt") == ["ckpt_2", "ckpt_4", "ckpt_5"]
-    names = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert ckpt.available(path / "checkpoint", "ckpt") == ["ckpt_2", "ckpt_4", "ckpt_5"]
+    names = sorted(p.name for p in (path / "checkpoint").iterdir())
     assert names == ["ckpt_2", "ckpt_4", "ckpt_5", "ckpt_latest"], "staging folders were left"
-    assert (tmp_path / "checkpoint" / "ckpt_latest").read_text() == "ckpt_5\n"
-    folder = tmp_path / "checkpoint" / "ckpt_4"
+    assert (path / "checkpoint" / "ckpt_latest").read_text() == "ckpt_5\n"
+    folder = path / "checkpoint" / "ckpt_4"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["world_size"] == manifest["shares"] == 2 and manifest["epochs_done"] == 4
     # Each rank wrote a share of the model and of the optimiser's state.
@@ -58,7 +84,7 @@ def test_checkpoints_are_written_exactly_at_save_every(tmp_path):
             "optimiser-00002-of-00002.safetensors", "optimiser.shares.json", "optimiser.json",
             "rank-0.json", "rank-1.json", "state.json"} <= set(manifest["files"])
     assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.bin"))
-    lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    lines = (path / "logs" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5]
 
 
@@ -68,27 +94,23 @@ def test_save_every_zero_saves_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("mode", [JobMode.RESUME, JobMode.TRAIN])
-def test_resume_from_checkpoint_is_bitwise_equal_to_uninterrupted(tmp_path, mode):
-    # Shuffling, dropout, a scheduler and gradient accumulation all take part.
-    a_config = artefacts(scheduler_loader=step_lr)
-    extra = {"gradient_accumulation_steps": 2}
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    full = Wrapper(CPU2, a_config).start(BlobTrainer(job(straight, epochs=5, save_every=5,
-                                                         **extra)))
-    Wrapper(CPU2, a_config).start(BlobTrainer(job(split, epochs=2, save_every=2, **extra)))
-    resumed = Wrapper(CPU2, a_config).start(
-        BlobTrainer(job(split, mode=mode, start_at=2, epochs=5, save_every=5, **extra)))
+def test_resume_from_checkpoint_is_bitwise_equal_to_uninterrupted(tmp_path, straight, mode):
+    # Epoch 2's checkpoint of the straight run, alone in a folder of its own, resumed.
+    reference, full = straight
+    shutil.copytree(reference / "checkpoint" / "ckpt_2", tmp_path / "checkpoint" / "ckpt_2")
+    resumed = Wrapper(CPU2, artefacts(**EXACT)).start(
+        BlobTrainer(job(tmp_path, mode=mode, start_at=2, epochs=5, save_every=5, **ACCUMULATE)))
     assert resumed == full
-    assert final_files(split / "checkpoint" / "ckpt_5") == \
-        final_files(straight / "checkpoint" / "ckpt_5")
+    assert final_files(tmp_path / "checkpoint" / "ckpt_5") == \
+        final_files(reference / "checkpoint" / "ckpt_5")
 
 
-def test_evaluate_gives_the_same_numbers_on_one_and_two_processes(tmp_path):
+def test_evaluate_gives_the_same_numbers_on_one_and_two_processes(tmp_path, straight):
     # 61 test samples do not split evenly into batches of 8 on 2 ranks: padding must not count.
-    Wrapper(CPU2, artefacts()).start(BlobTrainer(job(tmp_path, epochs=2, save_every=2)))
+    shutil.copytree(straight[0] / "checkpoint" / "ckpt_2", tmp_path / "checkpoint" / "ckpt_2")
     evaluate = job(tmp_path, mode=JobMode.EVALUATE, start_at=2, epochs=2)
-    on_two = Wrapper(CPU2, artefacts()).start(BlobTrainer(evaluate))
-    on_one = Wrapper(CPU1, artefacts()).start(BlobTrainer(evaluate))
+    on_two = Wrapper(CPU2, artefacts(**EXACT)).start(BlobTrainer(evaluate))
+    on_one = Wrapper(CPU1, artefacts(**EXACT)).start(BlobTrainer(evaluate))
     assert on_two == on_one
     assert set(on_two) == {"loss", "accuracy"}
     assert on_two["accuracy"] * 61 == pytest.approx(round(on_two["accuracy"] * 61))
@@ -148,33 +170,21 @@ def test_verbose_false_silences_ddpw(tmp_path, capfd):
     assert "[ddpw] DDPW: CPU, 1 node(s) x 1 process(s) = world of 1" in out
 
 
-class AugmentedBlobs(Blobs):
-    """Blobs with noise drawn, as the docs advise, from a generator seeded by the sample."""
-
-    def __getitem__(self, i):
-        x, y, index = super().__getitem__(i)
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
-        return x + 0.1 * noise, y, index
-
-
-def test_loaders_with_two_worker_processes_pause_mid_epoch_and_resume_bitwise(tmp_path):
-    def a_config():
-        return artefacts(train_set=AugmentedBlobs(150), num_workers=2, scheduler_loader=step_lr)
-
-    extra = {"gradient_accumulation_steps": 2}
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    full = Wrapper(CPU2, a_config()).start(BlobTrainer(job(straight, epochs=3, save_every=3,
-                                                           **extra)))
+def test_loaders_with_two_worker_processes_pause_mid_epoch_and_resume_bitwise(tmp_path,
+                                                                           straight):
+    # Compared with the straight run, whose loaders have no worker processes.
+    reference, _ = straight
     with pytest.raises(JobPaused) as paused:
-        Wrapper(CPU2, a_config()).start(
-            PausingTrainer(job(split, epochs=3, save_every=3, **extra), at=(2, 3)))
+        Wrapper(CPU2, artefacts(num_workers=2, **EXACT)).start(
+            PausingTrainer(job(tmp_path, epochs=2, save_every=2, **ACCUMULATE), at=(2, 3)))
     assert Path(paused.value.checkpoint).name == "ckpt_1_batch6"
-    resumed = Wrapper(CPU2, a_config()).start(
-        BlobTrainer(job(split, mode=JobMode.RESUME, start_at="latest", epochs=3, save_every=3,
-                        **extra)))
-    assert resumed == full
-    assert final_files(split / "checkpoint" / "ckpt_3") == \
-        final_files(straight / "checkpoint" / "ckpt_3")
+    resumed = Wrapper(CPU2, artefacts(num_workers=2, **EXACT)).start(
+        BlobTrainer(job(tmp_path, mode=JobMode.RESUME, start_at="latest", epochs=2,
+                        save_every=2, **ACCUMULATE)))
+    epoch_2 = json.loads((reference / "logs" / "metrics.jsonl").read_text().splitlines()[1])
+    assert resumed == {k: v for k, v in epoch_2.items() if k in resumed}
+    assert final_files(tmp_path / "checkpoint" / "ckpt_2") == \
+        final_files(reference / "checkpoint" / "ckpt_2")
 
 
 def test_the_progress_bars_start_no_thread():
