@@ -124,8 +124,8 @@ def step_values(output: Any, owner: str) -> dict[str, torch.Tensor]:
         raise TypeError(f"{where} a dict without 'loss' (keys: {', '.join(map(str, values))}): "
                         f"it must return {TRAIN_STEP_RETURNS}.")
     loss = values["loss"]
-    shown = _described(loss) if loss is output else f"'loss' as {_described(loss)}"
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shown = _described(loss) if loss is output else f"'loss' as {_described(loss)}"
         raise TypeError(f"{where} {shown}: it must return {TRAIN_STEP_RETURNS}.")
     if not loss.requires_grad:
         raise TypeError(f"{where} a loss without a graph (requires_grad=False: computed under "
