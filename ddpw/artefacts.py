@@ -10,13 +10,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from . import schedules
+from . import schedules, sharding
 from ._checks import check_choice, check_int, check_type, fail
 from .batchnorm import synchronise_batch_norm
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from .platform import PlatformConfig
 
 #: ``model -> optimiser``, called once on every rank; Accelerate then moves the model (and so the
 #: optimiser's parameters) to the rank's device.
@@ -138,12 +140,15 @@ class ArtefactsConfig:
                           pin_memory=self.pin_memory, drop_last=train and self.drop_last,
                           generator=generator, **self.dataloader_kwargs)
 
-    def prepare_model(self, accelerator: Accelerator, training: bool
+    def prepare_model(self, accelerator: Accelerator, training: bool,
+                      p_config: PlatformConfig | None = None
                       ) -> tuple[torch.nn.Module, torch.optim.Optimizer | None, Any]:
         """The model, the optimiser and the scheduler, built on this rank and prepared by
         ``accelerator`` (no optimiser or scheduler when not ``training``; no scheduler without
         ``scheduler_loader``). With ``model_has_batch_norm`` on several processes, BatchNorm
-        is synchronised across them (:mod:`ddpw.batchnorm`).
+        is synchronised across them (:mod:`ddpw.batchnorm`). With ``p_config.strategy="fsdp"``
+        on several processes, the model is sharded (:func:`ddpw.sharding.shard`) before the
+        optimiser is built on its shards, and Accelerate prepares all but the model.
 
         :raises ConfigError: for a scheduler that cannot step at ``scheduler_interval``
             (:func:`ddpw.schedules.check`).
@@ -151,14 +156,28 @@ class ArtefactsConfig:
         model = self.model
         if self.model_has_batch_norm and accelerator.num_processes > 1:
             model = synchronise_batch_norm(model, accelerator.device)
+        sharded = (p_config is not None and p_config.strategy == "fsdp"
+                   and accelerator.num_processes > 1)
+        if sharded:
+            compiled = p_config.torch_compile_mode if p_config.torch_compile else None
+            model = sharding.shard(model, p_config.shard_units, p_config.mixed_precision,
+                                   accelerator.device, compiled)
+        if sharded and accelerator.scaler is not None:  # fp16: the shards' overflows agree
+            accelerator.scaler = sharding.sharded_scaler(accelerator.scaler)
         if not training:
-            return accelerator.prepare(model), None, None
+            return (model if sharded else accelerator.prepare(model)), None, None
         optimiser = self.optimiser_loader(model)
         scheduler = self.scheduler_loader(optimiser) if self.scheduler_loader else None
-        if scheduler is None:
-            return (*accelerator.prepare(model, optimiser), None)
-        schedules.check(scheduler, self.scheduler_interval, accelerator.is_main_process)
-        return accelerator.prepare(model, optimiser, scheduler)
+        if scheduler is not None:
+            schedules.check(scheduler, self.scheduler_interval, accelerator.is_main_process)
+        parts = (model, optimiser) if scheduler is None else (model, optimiser, scheduler)
+        if sharded:
+            # Accelerate's DDP wrapping, autocast and compilation of the model are FSDP's here.
+            others = accelerator.prepare(*parts[1:])
+            parts = (model, *(others if scheduler is not None else (others,)))
+        else:
+            parts = accelerator.prepare(*parts)
+        return parts[0], parts[1], parts[2] if scheduler is not None else None
 
     def prepare_loaders(self, accelerator: Accelerator, seed: int
                         ) -> tuple[DataLoader | None, DataLoader | None, DataLoader | None]:

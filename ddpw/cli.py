@@ -23,7 +23,15 @@ import click
 from click.formatting import term_len
 
 from . import environment, jobfolder
-from .cli_options import Nodes, Timeout, in_cli_words, platform_settings, slurm_parameters
+from .cli_options import (
+    Names,
+    Nodes,
+    Timeout,
+    in_cli_words,
+    platform_settings,
+    script_sharding,
+    slurm_parameters,
+)
 from .errors import ConfigError, WorkerError
 from .outcome import Outcome
 from .plan import (
@@ -34,7 +42,7 @@ from .plan import (
     resolve_plan,
     shortfall,
 )
-from .platform import COMPILE_MODES, MIXED_PRECISION, REQUEUE_SIGNALS, PlatformConfig
+from .platform import COMPILE_MODES, MIXED_PRECISION, REQUEUE_SIGNALS, STRATEGIES, PlatformConfig
 from .process import exit_now
 from .slurm import ON_INTERRUPT
 
@@ -140,6 +148,12 @@ class _SectionedCommand(click.Command):
 @click.option("--name", help="The job's name (log folder, SLURM job name) [default: DDPW].")
 @click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION),
               help="Mixed precision for Accelerate [default: no].")
+@click.option("--strategy", type=click.Choice(STRATEGIES),
+              help="ddp: every process holds the model; fsdp: parameters, gradients and "
+                   "optimiser state sharded (Accelerate's FSDP2 on GPUs) [default: ddp].")
+@click.option("--shard-units", type=Names(), metavar="CLASS[,CLASS]",
+              help="With --strategy fsdp, the block classes sharded as units (Accelerate's "
+                   "transformer_layer_cls_to_wrap).")
 @click.option("--torch-compile", is_flag=True, default=None,
               help="Compile the model (accelerate launch --dynamo_backend inductor).")
 @click.option("--torch-compile-mode", type=click.Choice(COMPILE_MODES),
@@ -195,6 +209,7 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
         with warnings.catch_warnings(record=True) as notes:  # shown below, in the CLI's words
             warnings.simplefilter("always")
             plan = resolve_plan(p_config, facts, for_this_machine=not dry_run)
+        plan = script_sharding(p_config, plan)
     except ConfigError as error:
         raise click.UsageError(_in_cli_words(str(error))) from None
     _refuse_what_python_would(script, module)

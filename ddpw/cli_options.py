@@ -10,6 +10,7 @@ Python user writes them (``PlatformConfig.n_procs=2``, ``Platform.GPU``,
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import shlex
 import sys
@@ -19,8 +20,9 @@ from typing import Any
 
 import click
 
-from .plan import MachineFacts, auto_platform
-from .platform import Platform
+from .errors import ConfigError
+from .plan import LaunchMode, LaunchPlan, MachineFacts, auto_platform
+from .platform import Platform, PlatformConfig
 
 
 class Timeout(click.ParamType):
@@ -56,6 +58,44 @@ class Nodes(click.ParamType):
             self.fail(f"{value!r}: N must be at least 1, and MIN:MAX must have 1 <= MIN <= MAX",
                       param, ctx)
         return fewest, most
+
+
+class Names(click.ParamType):
+    """A comma-separated list of names: ``Block,Other`` becomes ``("Block", "Other")``."""
+
+    name = "names"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        names = tuple(name.strip() for name in str(value).split(",") if name.strip())
+        if not names:
+            self.fail(f"{value!r} names no class", param, ctx)
+        return names
+
+
+def script_sharding(p_config: PlatformConfig, plan: LaunchPlan) -> LaunchPlan:
+    """The plan of a script that ``--strategy fsdp`` asks to shard: Accelerate's own FSDP2
+    (``accelerate launch --use_fsdp --fsdp_version 2``) on GPUs, which the script's own
+    ``Accelerator()`` takes. A world of one has nothing to shard (:func:`ddpw.plan.resolve_plan`
+    says so).
+
+    :raises ConfigError: on CPUs, where Accelerate has no FSDP.
+    """
+    if p_config.strategy != "fsdp" or plan.mode not in (LaunchMode.ACCELERATE, LaunchMode.SLURM):
+        return plan
+    if not p_config.uses_gpus:
+        raise ConfigError(
+            "PlatformConfig.strategy='fsdp' for a script on CPUs: Accelerate has no FSDP on "
+            "CPUs (an Accelerator(cpu=True) trains with DDP, without a word). A ddpw Trainer "
+            "shards on CPUs itself: run it through Wrapper(PlatformConfig(platform=Platform."
+            "CPU, strategy='fsdp'), ...), or give the script GPUs.")
+    units = p_config.shard_units
+    wrap = (("--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+             "--fsdp_transformer_layer_cls_to_wrap", ",".join(units)) if units else ())
+    args = ("--use_fsdp", "--fsdp_version", "2", *wrap)
+    return dataclasses.replace(plan, launch_args=(*plan.launch_args, *args))
 
 
 def slurm_parameters(given: tuple[str, ...]) -> dict[str, Any] | None:

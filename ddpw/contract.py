@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import sharding
 from .errors import ConfigError
 from .job import JobMode
 from .platform import Platform, PlatformConfig
@@ -61,11 +63,32 @@ def check_job(trainer: Trainer, base: type, p_config: PlatformConfig,
         raise ConfigError(f"JobConfig.monitor={j.monitor!r} is a validation metric, and "
                           f"ArtefactsConfig.validation_set=None: give a validation set, or "
                           f"monitor a training metric such as 'loss'.")
+    if p_config.strategy == "fsdp":
+        check_sharding(p_config, a_config)
     if training and j.log_with and missing(j.log_with):
         packages = " ".join(missing(j.log_with))
         raise ConfigError(f"JobConfig.log_with={j.log_with}: {packages} is not installed "
                           f"here; pip install {packages}, or leave it out of log_with.")
     return a_config
+
+
+def check_sharding(p_config: PlatformConfig, a_config: ArtefactsConfig) -> None:
+    """Check that ``a_config.model`` can be sharded as ``p_config`` asks: it has parameters,
+    the unit classes named are in it (:func:`ddpw.sharding.units`), and its BatchNorm layers,
+    if any, are synchronised.
+
+    :raises ConfigError: naming the field, what was given and what would be valid.
+    """
+    model = a_config.model
+    sharding.units(model, p_config.shard_units)
+    norms = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm)})
+    if norms and not a_config.model_has_batch_norm and p_config.world_size > 1:
+        raise ConfigError(
+            f"ArtefactsConfig.model_has_batch_norm=False with PlatformConfig.strategy='fsdp', "
+            f"and the model has {', '.join(norms)}: sharded ranks share no buffers, so each "
+            f"would keep running statistics of its own batches and a checkpoint one rank's. "
+            f"Set model_has_batch_norm=True (statistics over the global batch, the same on "
+            f"every rank).")
 
 
 def _defines(trainer: Trainer, base: type, *names: str) -> bool:

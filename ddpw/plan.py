@@ -202,6 +202,9 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts, *,
         # As data, which the worker makes Accelerate's TorchDynamoPlugin of.
         accelerator_kwargs["dynamo_plugin"] = {"backend": "inductor",
                                                "mode": config.torch_compile_mode}
+    if config.strategy == "fsdp" and config.world_size == 1:
+        warnings.warn(f"PlatformConfig.strategy='fsdp' with one process on {config.platform}: "
+                      f"nothing to shard; the model trains whole, as under 'ddp'.", stacklevel=2)
     if launch is not None:
         # The launch's world, whatever the config asks for: Wrapper.start warns when they differ.
         world_size, srun_env = launch
@@ -239,6 +242,7 @@ def resolve_plan(config: PlatformConfig, facts: MachineFacts, *,
     port = config.master_port if config.master_port is not None else 0
     worker_env = {"OMP_NUM_THREADS": str(threads)} if threads is not None else {}
     worker_env[environment.HANG_TIMEOUT] = _hang_timeout(config)
+    worker_env |= {k: v for k, v in _allocator_env(config).items() if k not in facts.env}
     if config.platform is Platform.CPU:
         # With the CPU flag, torchrun's path gives one gloo world (MULTI_CPU); accelerate's own
         # `--cpu` would start a single process.
@@ -295,7 +299,8 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
     # A world of one is started without accelerate launch, whose config would give a plain
     # Accelerator() its mixed precision: the environment gives it, to every process alike.
     env = {"OMP_NUM_THREADS": str(threads), "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
-           environment.HANG_TIMEOUT: _hang_timeout(config), **_dynamo_env(config)}
+           environment.HANG_TIMEOUT: _hang_timeout(config), **_dynamo_env(config),
+           **_allocator_env(config)}
     if not config.uses_gpus:
         env["ACCELERATE_USE_CPU"] = "1"
     launch_args = ("--multi_gpu", "--num_processes", str(config.world_size),
@@ -309,6 +314,17 @@ def _slurm_plan(config: PlatformConfig, accelerator_kwargs: dict[str, Any]) -> L
                       world_size=config.world_size, threads_per_process=threads,
                       accelerator_kwargs=accelerator_kwargs, env=env, launch_args=launch_args,
                       accelerate_config=accelerate_config, slurm=slurm)
+
+
+def _allocator_env(config: PlatformConfig) -> dict[str, str]:
+    """The C allocator's setting for sharded CPU processes: every buffer from 128 KiB up is
+    mapped on its own and given back when freed. FSDP gathers and frees each unit's
+    parameters at every step; glibc's default raises its threshold as such buffers are freed,
+    and then keeps them in its heap, where the process's memory grows past DDP's (measured:
+    a 6.3M-parameter model's ranks at 558 MB against DDP's 476; with it, 381 against 445)."""
+    if config.strategy != "fsdp" or config.uses_gpus:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def _hang_timeout(config: PlatformConfig) -> str:

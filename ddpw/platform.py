@@ -45,6 +45,8 @@ class Platform(Enum):
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: What ``PlatformConfig.strategy`` may be (:mod:`ddpw.sharding`).
+STRATEGIES = ("ddp", "fsdp")
 #: What ``PlatformConfig.torch_compile_mode`` may be (:func:`torch.compile`'s ``mode``).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -151,7 +153,21 @@ class PlatformConfig:
         lengthens them. ``T`` must exceed the longest that one rank may lag another at a
         collective once the job runs at its pace. ``None`` turns the watch off. A world of one
         process is never watched, nor is a job that runs inside a launch of the caller's own.
-    :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``.
+    :param strategy: how a :class:`~ddpw.trainer.Trainer`'s model is spread over the ranks:
+        ``"ddp"`` (the default), every rank holds the whole model and the gradients are
+        averaged; ``"fsdp"``, the parameters, gradients and optimiser state are sharded across
+        every rank of the job, every node included, with FSDP2, on CPUs and GPUs alike, so
+        that a model too large for one device trains (:mod:`ddpw.sharding`; the guide
+        :doc:`/guides/sharding`). A world of one process has nothing to shard: it trains as
+        one process, with a warning. A script that ``ddpw-launch`` runs gets Accelerate's own
+        FSDP2 on GPUs; Accelerate has none on CPUs.
+    :param shard_units: with ``strategy="fsdp"``, the classes (or their names) of the blocks
+        that are each gathered as one unit, such as a transformer's layer class;  ``None``
+        (the default) takes the items of the model's largest ``ModuleList`` (else
+        ``Sequential``). The root is always a unit, for what the units leave.
+    :param mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"``. Under
+        ``strategy="fsdp"``, the units compute in that dtype and reduce their gradients in
+        float32 (FSDP2's policy), instead of Accelerate's autocast.
     :param torch_compile: compile the model with :func:`torch.compile` (TorchInductor), through
         Accelerate's dynamo plugin, on every rank, after DDP wraps it; a script that
         ``ddpw-launch`` runs gets it as ``accelerate launch --dynamo_backend inductor``.
@@ -193,6 +209,8 @@ class PlatformConfig:
     rendezvous_last_call_s: int = 10
     max_restarts: int = 0
     hang_timeout_s: float | None = 300.0
+    strategy: str = "ddp"
+    shard_units: tuple[str, ...] | None = None
     mixed_precision: str = "no"
     torch_compile: bool = False
     torch_compile_mode: str = "default"
@@ -255,11 +273,28 @@ class PlatformConfig:
                                     or not 0 < timeout < math.inf):
             fail(owner, "hang_timeout_s", timeout,
                  "a positive number of seconds, or None to watch for no hang")
+        check_choice(owner, "strategy", self.strategy, STRATEGIES)
+        self._check_shard_units()
         check_choice(owner, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_type(owner, "torch_compile", self.torch_compile, bool, "True or False")
         check_choice(owner, "torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
         check_type(owner, "verbose", self.verbose, bool, "True or False")
         self._check_shape(platform_given=given)
+
+    def _check_shard_units(self) -> None:
+        units, valid = self.shard_units, ("None, or a list of the model's block classes (or "
+                                          "their names), such as ['TransformerBlock']")
+        if units is None:
+            return
+        if isinstance(units, (str, type)) or not isinstance(units, (list, tuple)) or not units:
+            fail("PlatformConfig", "shard_units", units, valid)
+        if not all(isinstance(u, type) or (isinstance(u, str) and u) for u in units):
+            fail("PlatformConfig", "shard_units", units, valid)
+        if self.strategy != "fsdp":
+            fail("PlatformConfig", "shard_units", units,
+                 f"None with strategy={self.strategy!r}: units are what strategy='fsdp' shards")
+        # Names travel to every rank and into logs; a class is named by its own name.
+        self.shard_units = tuple(u.__name__ if isinstance(u, type) else u for u in units)
 
     def _check_slurm_parameters(self) -> None:
         owner, given = "PlatformConfig", self.slurm_parameters

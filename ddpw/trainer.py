@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
-from . import environment, hang, progress, resume, schedules
+from . import environment, hang, progress, resume, schedules, sharding
 from .artefacts import ArtefactsConfig
 from .checkpoint import Position
 from .checkpoint.state import TrainingState
@@ -165,7 +165,7 @@ class Trainer:
         j = self.j_config
         set_seed(p_config.seed, device_specific=True)
         self.model, self.optimiser, self.scheduler = a_config.prepare_model(
-            accelerator, training=j.job_type is not JobMode.EVALUATE)
+            accelerator, training=j.job_type is not JobMode.EVALUATE, p_config=p_config)
         self.train_loader, self.validation_loader, self.test_loader = a_config.prepare_loaders(
             accelerator, p_config.seed)
         self._ddpw.open_checkpoints(j, self.global_rank, self.world_size, self.device,
@@ -281,7 +281,7 @@ class Trainer:
             # Where the hang watch (ddpw.hang) says this rank stood, if it stops here.
             at = f"(epoch {self.epoch}, batch {self.batch + 1})"
             hang.progress(f"in train_step {at}")
-            with self.accelerator.accumulate(self.model):
+            with sharding.accumulate(self.accelerator, self.model):
                 values = step_values(self.train_step(batch), type(self).__name__)
                 hang.progress(f"in the backward pass {at}")
                 self.accelerator.backward(values["loss"])
@@ -334,7 +334,7 @@ class Trainer:
             hang.progress(f"gathering evaluation batch {number}'s metrics")
             means.add(self.accelerator.gather_for_metrics(output))
             hang.progress(f"loading evaluation batch {number + 1}", unit_done=True)
-        self.model.train()
+        sharding.after_evaluation(self.model)
         return means.means()
 
     def log_metrics(self, metrics: dict[str, float]) -> None:

@@ -1,5 +1,8 @@
+import contextlib
+import fcntl
 import os
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -88,12 +91,39 @@ def slurm():
     and mysql users must be able to reach it, which pytest's private temporary folders do not
     allow); yields the environment its clients need. A cluster found running is left
     running. ``DDPW_SLURM_CLUSTER`` names another script to start it with (the tests of this
-    fixture use stand-ins)."""
+    fixture use stand-ins).
+
+    pytest-xdist's workers (``scripts/test`` runs two) each have a session of their own: they
+    start the cluster one at a time, and the last worker to be done with it stops it, if a
+    worker started it."""
     _cluster_tried.append(True)
     script = Path(os.environ.get("DDPW_SLURM_CLUSTER", SLURM_CLUSTER))
-    env, started = start_cluster(script, os.environ)
+    users = Path(tempfile.gettempdir()) / f"ddpw-slurm-users-{os.getppid()}"
+    with _locked(users) as count:
+        env, started = start_cluster(script, os.environ)
+        count(+1, started)
     yield env
-    if started:
-        stopped = subprocess.run([str(script), "stop"], capture_output=True, text=True,
-                                 timeout=120)
-        assert stopped.returncode == 0, stopped.stderr
+    with _locked(users) as count:
+        if count(-1, False):
+            stopped = subprocess.run([str(script), "stop"], capture_output=True, text=True,
+                                     timeout=120)
+            assert stopped.returncode == 0, stopped.stderr
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold ``path``'s lock; yield ``count(change, started)``, which adds ``change`` to the
+    workers using the cluster, notes whether one started it, and says whether the cluster is
+    to be stopped now (no worker uses it any more, and one of them started it)."""
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+        def count(change: int, started: bool) -> bool:
+            users, ours = map(int, path.read_text().split()) if path.is_file() else (0, 0)
+            users, ours = users + change, ours or int(started)
+            path.write_text(f"{users} {ours}")
+            if users == 0:
+                path.unlink()
+            return users == 0 and bool(ours)
+
+        yield count

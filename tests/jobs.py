@@ -259,3 +259,23 @@ def wait_for_ranks(folder, process, world_size: int = 2, timeout: float = 120) -
         assert time.monotonic() < deadline and process.poll() is None, "the job did not start"
         time.sleep(0.2)
     return [int(p.read_text()) for p in ready]
+
+
+class Blocks(nn.Module):
+    """A model of repeated blocks (a ``ModuleList``, which FSDP shards block by block), wide
+    enough that sharding its parameters and Adam's state shows in a process's memory; its
+    output layer has an odd number of rows, which two ranks split unevenly."""
+
+    def __init__(self, width: int = 1024, depth: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.first = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU())
+                                    for _ in range(depth))
+        self.last = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.last(x)
