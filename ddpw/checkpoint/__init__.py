@@ -56,8 +56,9 @@ if TYPE_CHECKING:
         staging_path,
         tidy,
     )
+    from .reading import check_fits, read_model, read_part
     from .rng import rng_state, set_rng_state
-    from .tensors import check_fits, join, read_model, read_part, split, write_tensors
+    from .tensors import join, split, write_tensors
 
 __all__ = [
     "FORMAT", "LATEST", "MANIFEST", "TEST_FAULT", "VERSION", "Position", "available",
@@ -75,8 +76,8 @@ _HOMES = {
     "by_write_order": "names", "latest": "names", "prune": "names", "resolve": "names",
     "staging_path": "names", "tidy": "names",
     "rng_state": "rng", "set_rng_state": "rng",
-    "check_fits": "tensors", "join": "tensors", "read_model": "tensors", "read_part": "tensors",
-    "split": "tensors", "write_tensors": "tensors",
+    "check_fits": "reading", "read_model": "reading", "read_part": "reading",
+    "join": "tensors", "split": "tensors", "write_tensors": "tensors",
 }
 
 __getattr__, __dir__ = lazy_names(__name__, _HOMES, __all__)
