@@ -11,7 +11,8 @@ earlier ones wrote and writing what it restored, whole (gathered), for the tests
 - B, whole on 2 (as DDP): restores ``fsdp_2``, then saves ``plain_1`` and ``plain_2``;
 - C, FSDP on 3: restores ``fsdp_2`` and ``plain_2``, then saves ``three_1`` and ``three_2``;
 - D, whole on 1: restores ``fsdp_1``, ``three_2`` and ``damaged_2`` (``fsdp_2`` with a byte of
-  rank 1's model file changed).
+  rank 1's model file changed), and saves DTensors placed otherwise than ``Shard(0)`` on a 1-D
+  mesh.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def runs(tmp_path_factory) -> Path:
     data[-5] ^= 0x01
     victim.write_bytes(bytes(data))
     launch(1, root, path / "D", "--strategy", "plain", "--load", "fsdp_1", "three_2",
-           "damaged_2")
+           "damaged_2", "--refusals")
     return path
 
 
@@ -192,6 +193,15 @@ def test_a_damaged_slice_is_refused_naming_its_file_and_a_checkpoint_that_does_n
                     f"model-00002-of-00002.safetensors differs from the manifest's (the file "
                     f"was altered or corrupted). Use another checkpoint.")
     assert not (runs / "D" / "loaded-damaged_2.safetensors").exists()
+    # A DTensor placed otherwise is refused, named, with what a checkpoint takes.
+    takes = ("a checkpoint takes a DTensor placed (Shard(dim=0),) on a 1-D device mesh, as "
+             "fully_shard makes them.")
+    assert (runs / "D" / "refusals.txt").read_text().splitlines() == [
+        f"cannot store optimiser tensor '{key}' in a checkpoint: it is a DTensor placed "
+        f"{placed} on a {mesh}-D device mesh; {takes}"
+        for key, placed, mesh in (("replicated", "(Replicate(),)", 1),
+                                  ("columns", "(Shard(dim=1),)", 1),
+                                  ("square", "(Shard(dim=0), Shard(dim=0))", 2))]
     with pytest.raises(ConfigError) as caught:
         ckpt.verify(folder)
     assert str(caught.value) == said

@@ -112,12 +112,17 @@ def _assembled(folder: Path, key: str, record: dict[str, Any],
     return Stored(shape, dtype, pieces)
 
 
-def placed(stored: Stored, like: torch.Tensor | None, device: torch.device | str
-           ) -> torch.Tensor:
-    """``stored`` as the target ``like`` holds it: a DTensor of the same shape gets this rank's
-    rows alone, placed as it is; anything else the whole tensor, on ``device``."""
+def placed(stored: Stored, like: torch.Tensor | None, device: torch.device | str,
+           key: str = "") -> torch.Tensor:
+    """``stored`` (the tensor ``key``) as the target ``like`` holds it: a DTensor of the same
+    shape gets this rank's rows alone, placed as it is; anything else the whole tensor, on
+    ``device``.
+
+    :raises TypeError: for a DTensor target placed otherwise than a checkpoint's slices can
+        be (:data:`~ddpw.checkpoint.slices.SUPPORTED`).
+    """
     if isinstance(like, DTensor) and tuple(like.shape) == stored.shape:
-        found = local_rows("the target of a checkpoint's tensor", like)
+        found = local_rows(f"cannot load the checkpoint's '{key}' into the model", like)
         assert found is not None
         local, first = found
         rows = stored.rows(first, len(local)).to(local.device, non_blocking=True)
@@ -162,7 +167,7 @@ def load_model(model: torch.nn.Module, folder: Path, stored: dict[str, Stored],
     """
     targets, tied = model.state_dict(), aliases(metadata)
     fits(folder, stored, tied, targets, model)
-    model.load_state_dict({key: placed(stored[tied.get(key, key)], target, device)
+    model.load_state_dict({key: placed(stored[tied.get(key, key)], target, device, key)
                            for key, target in targets.items()})
 
 
@@ -179,7 +184,8 @@ def load_part(target: Any, structure: Any, stored: dict[str, Stored],
     tensors = {}
     for key, one in stored.items():
         match = _STATE.fullmatch(key)
-        tensors[key] = placed(one, params.get(int(match.group(1))) if match else None, device)
+        like = params.get(int(match.group(1))) if match else None
+        tensors[key] = placed(one, like, device, key)
     target.load_state_dict(join(structure, tensors))
 
 

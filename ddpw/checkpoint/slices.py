@@ -55,7 +55,8 @@ def local_rows(where: str, tensor: torch.Tensor) -> tuple[torch.Tensor, int] | N
     """The rows that this rank holds of a sliced tensor, and the first one's index in the whole
     tensor; ``None`` for a plain tensor.
 
-    :param where: the tensor's part and key, for the errors.
+    :param where: what cannot be done with the tensor, for the errors (``cannot store model
+        tensor 'w' in a checkpoint``).
     :raises TypeError: for a DTensor placed otherwise than :data:`SUPPORTED`, or whose rows
         are not those that ``torch.chunk`` gives this rank.
     """
@@ -63,15 +64,14 @@ def local_rows(where: str, tensor: torch.Tensor) -> tuple[torch.Tensor, int] | N
         return None
     mesh, placements = tensor.device_mesh, tuple(tensor.placements)
     if mesh.ndim != 1 or placements != (Shard(0),) or tensor.dim() == 0:
-        raise TypeError(f"cannot store {where} in a checkpoint: it is a DTensor placed "
-                        f"{placements} on a {mesh.ndim}-D device mesh; ddpw stores {SUPPORTED}.")
+        raise TypeError(f"{where}: it is a DTensor placed {placements} on a {mesh.ndim}-D "
+                        f"device mesh; a checkpoint takes {SUPPORTED}.")
     local = tensor.to_local()
     first, rows = rows_of(tensor.shape[0], mesh.size(), mesh.get_local_rank())
     if tuple(local.shape) != (rows, *tensor.shape[1:]):
-        raise TypeError(f"cannot store {where} in a checkpoint: this rank holds "
-                        f"{tuple(local.shape)} of {tuple(tensor.shape)}, not the rows "
-                        f"{first}..{first + rows} that torch.chunk gives it; ddpw stores "
-                        f"{SUPPORTED}.")
+        raise TypeError(f"{where}: this rank holds {tuple(local.shape)} of "
+                        f"{tuple(tensor.shape)}, not the rows {first} to {first + rows} that "
+                        f"torch.chunk gives it; a checkpoint takes {SUPPORTED}.")
     return local, first
 
 
@@ -107,6 +107,7 @@ class Share:
     sizes: dict[str, int] = field(default_factory=dict)
 
     def add(self, part: str, name: str, key: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` under ``key`` into file ``name``, of ``part``."""
         self.files.setdefault(name, (part, {}))[1][key] = tensor
 
 
@@ -121,7 +122,7 @@ def share(tensors: Sequence[tuple[str, str, torch.Tensor]], rank: int, world_siz
     whole: list[tuple[str, str, torch.Tensor]] = []
     mine = Share()
     for part, key, tensor in tensors:
-        found = local_rows(f"{part} tensor '{key}'", tensor)
+        found = local_rows(f"cannot store {part} tensor '{key}' in a checkpoint", tensor)
         if found is None:
             whole.append((part, key, tensor))
             continue

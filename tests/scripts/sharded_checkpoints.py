@@ -8,6 +8,7 @@ optimiser state that the checkpoint holds or was restored into, for the test to 
     --load NAME ...        restore each (into a fresh model and optimiser): OUT/loaded-NAME
                            (.safetensors, or .error with a ConfigError's text)
     --save PREFIX          then train and save PREFIX_1 and PREFIX_2: OUT/saved-PREFIX_k
+    --refusals             (in a world of one) what a save says of other DTensors
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import Shard
 
 from ddpw.checkpoint import Position
 from ddpw.checkpoint.checkpointer import Checkpointer, Contents
@@ -84,6 +86,27 @@ def checkpointer(root: Path, prefix: str, asynchronous: bool) -> Checkpointer:
     return checkpoints
 
 
+def refusals(out: Path) -> None:
+    """What a save says of DTensors placed otherwise than Shard(0) on a 1-D mesh: written to
+    OUT/refusals.txt, one line each (in a world of one)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from ddpw.checkpoint.slices import share
+
+    flat, square = init_device_mesh("cpu", (1,)), init_device_mesh("cpu", (1, 1))
+    said = []
+    for key, tensor in (("replicated", distribute_tensor(torch.ones(3, 2), flat, [Replicate()])),
+                        ("columns", distribute_tensor(torch.ones(3, 2), flat, [Shard(1)])),
+                        ("square", distribute_tensor(torch.ones(3, 2), square,
+                                                     [Shard(0), Shard(0)]))):
+        try:
+            share([("optimiser", key, tensor)], 0, 1)
+        except TypeError as error:
+            said.append(str(error))
+    (out / "refusals.txt").write_text("\n".join(said) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=("fsdp", "plain"), required=True)
@@ -91,6 +114,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--load", nargs="*", default=[])
     parser.add_argument("--save")
+    parser.add_argument("--refusals", action="store_true")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -104,6 +128,8 @@ def main() -> None:
                 (args.out / f"loaded-{name}.error").write_text(str(error))
             continue
         dump(args.out, f"loaded-{name}", gathered(model, optimiser))
+    if args.refusals:
+        refusals(args.out)
     if args.save:
         model, optimiser = built(args.strategy, seed=1)
         writers = {1: checkpointer(args.root, args.save, asynchronous=True),
