@@ -6,7 +6,8 @@ a parameter and the optimiser's state of it are DTensors placed ``Shard(0)`` on 
 mesh: each rank holds a run of rows, as ``torch.chunk`` splits them (:func:`rows_of`). Such a
 tensor is *sliced*: every rank writes the rows it holds, under the tensor's key, into its own
 file ``{part}-{r+1:05d}-of-{n:05d}.safetensors``; nothing is gathered to one rank. The other
-tensors (buffers, the optimiser's step counts) are dealt out whole as under DDP.
+tensors (buffers, the optimiser's step counts) are dealt out whole as under DDP. Tied weights
+are written once (:func:`model_tensors`): two DTensors are tied where their local tensors are.
 
 Each rank reports its slices (:attr:`Share.sliced`) and the main rank merges the reports
 (:func:`merge`) into the manifest's ``"sliced"`` record: for each part and key, the tensor's

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import safetensors
-import safetensors.torch
 import torch
 
 from ..errors import ConfigError
@@ -179,7 +178,9 @@ class MappedFile:
 
 def map_tensors(paths: Iterable[Path], mapping: Callable[[Path], MappedFile] = MappedFile
                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of the safetensors files ``paths`` together, and their metadata.
+    """The tensors of the safetensors files ``paths`` together, and their metadata: for a part
+    whose tensors are whole (a part with sliced tensors holds a slice of each under its key in
+    several files; :func:`~ddpw.checkpoint.reading.catalogue` reads those).
 
     :param mapping: maps a file (a reader that keeps its maps passes its own, to map each once).
     """
@@ -190,12 +191,3 @@ def map_tensors(paths: Iterable[Path], mapping: Callable[[Path], MappedFile] = M
         tensors |= found
         metadata |= meta
     return tensors, metadata
-
-
-def to_device(tensors: dict[str, torch.Tensor], device: torch.device | str
-              ) -> dict[str, torch.Tensor]:
-    """``tensors`` on ``device`` (themselves on the CPU)."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return tensors
-    return {name: t.to(device, non_blocking=True) for name, t in tensors.items()}
