@@ -37,7 +37,9 @@ from accelerate import load_checkpoint_in_model
 from ddpw import ConfigError
 from ddpw import checkpoint as ckpt
 from ddpw.checkpoint.export import export
+from ddpw.checkpoint.reading import catalogue
 from ddpw.checkpoint.slices import rows_of
+from ddpw.checkpoint.tensors import MappedFile
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "scripts" / "sharded_checkpoints.py"
@@ -233,6 +235,21 @@ def test_a_sharded_checkpoint_reads_whole_in_one_process(runs):
     assert model.head.weight is model.embed.weight
     assert_equal({f"model/{k}": t for k, t in model.state_dict().items()},
                  {k: t for k, t in saved.items() if k.startswith("model/")}, "read_model")
+    # A rank reads only its rows: in place in the mapped file where one slice holds them all,
+    # else just those rows copied together from the slices that do.
+    files: dict[str, MappedFile] = {}
+    stored, _ = catalogue(folder, ckpt.read_manifest(folder), "model",
+                          lambda name: files.setdefault(name, MappedFile(folder / name)))
+    embed = stored["embed.weight"]  # 5 rows on 3 ranks: 0-1, 2-3, 4
+    assert [(first, len(piece)) for first, piece in embed.pieces] == [(0, 2), (2, 2), (4, 1)]
+    inside = embed.rows(2, 2)
+    in_file = files["model-00002-of-00003.safetensors"].data.untyped_storage().data_ptr()
+    assert inside.untyped_storage().data_ptr() == in_file
+    across = embed.rows(1, 3)  # rows 1 to 3 lie in two slices: those rows alone, copied
+    assert across.untyped_storage().data_ptr() not in {
+        f.data.untyped_storage().data_ptr() for f in files.values()}
+    assert across.untyped_storage().nbytes() == 3 * 16 * 4
+    assert torch.equal(across, saved["model/embed.weight"][1:4])
     optimiser = ckpt.read_part(folder, "optimiser")
     assert_equal({f"optimiser/{n}/{name}": t for n, state in optimiser["state"].items()
                   for name, t in state.items()},
