@@ -277,7 +277,7 @@ def test_two_ranks_on_one_gpu_as_two_hosts_train_pause_and_resume_through_nccl(t
         final_files(tmp_path / "straight" / "checkpoint" / "ckpt_2")
 
 
-@pytest.mark.skipif(gpus() < 2, reason="FSDP shards across 2 GPUs or more")
+@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA GPUs (FSDP shards across two or more)")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_fsdp_on_two_gpus_shards_over_nccl_computes_in_the_policy_dtype_and_resumes_exactly(
         tmp_path, precision):
