@@ -78,8 +78,8 @@ def shard(model: torch.nn.Module, names: Sequence[str] | None, mixed_precision: 
     :param names: ``PlatformConfig.shard_units`` (:func:`units`).
     :param mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``: the units compute in that
         dtype, and their gradients are reduced in float32.
-    :param compile_mode: compile each unit (and the root) with TorchInductor in this mode,
-        before sharding it, as torchtitan does; ``None`` compiles nothing.
+    :param compile_mode: compile each unit but the root with TorchInductor in this mode,
+        before sharding it, as torchtitan compiles its blocks; ``None`` compiles nothing.
     """
     # Here, not above: a config that names the strategy is made where torch.distributed's
     # FSDP is not needed.
