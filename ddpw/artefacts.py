@@ -162,8 +162,6 @@ class ArtefactsConfig:
             compiled = p_config.torch_compile_mode if p_config.torch_compile else None
             model = sharding.shard(model, p_config.shard_units, p_config.mixed_precision,
                                    accelerator.device, compiled)
-        if sharded and accelerator.scaler is not None:  # fp16: the shards' overflows agree
-            accelerator.scaler = sharding.sharded_scaler(accelerator.scaler)
         if not training:
             return (model if sharded else accelerator.prepare(model)), None, None
         optimiser = self.optimiser_loader(model)

@@ -17,7 +17,9 @@ Accelerate's own FSDP2 preparation does, the model is sharded before the optimis
 that the optimiser holds the shards. What the Trainer then does differently is here too: no
 reduce-scatter on the micro-steps of gradient accumulation (:func:`accumulate`), and mixed
 precision as FSDP2's policy (parameters in bf16 or fp16 for the computation, gradients
-reduced in fp32) rather than Accelerate's autocast.
+reduced in fp32) rather than Accelerate's autocast. Under fp16, Accelerate's own gradient scaler
+serves: on sharded gradients, DTensor's check for overflows reduces what each rank found over
+the mesh, so every rank skips the same steps (measured on CPU with an overflow on one rank).
 """
 
 from __future__ import annotations
@@ -99,18 +101,6 @@ def shard(model: torch.nn.Module, names: Sequence[str] | None, mixed_precision: 
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
-
-
-def sharded_scaler(scaler: torch.amp.GradScaler) -> torch.amp.GradScaler:
-    """fp16's gradient scaler, with the settings of ``scaler``, for sharded gradients: each rank
-    finds overflows in its own shards, and every rank must skip the same steps, so the ranks
-    agree on what they found (torch's ``ShardedGradScaler``)."""
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-    return ShardedGradScaler(
-        device=scaler._device, init_scale=scaler._init_scale,
-        growth_factor=scaler._growth_factor, backoff_factor=scaler._backoff_factor,
-        growth_interval=scaler._growth_interval, enabled=scaler.is_enabled())
 
 
 def after_evaluation(model: torch.nn.Module) -> None:
