@@ -117,6 +117,8 @@ def test_a_pause_signal_to_the_caller_mid_epoch_pauses_and_resuming_is_bitwise_e
     assert (hook in err) is second, err
     assert ckpt.available(root, "ckpt") == [paused_at]  # written once
     ckpt.verify(root / paused_at)
+    if sig != signal.SIGTERM:
+        return  # the resume of a paused checkpoint is the same whatever signal paused it
     resumed = subprocess.run([sys.executable, str(script), "latest"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
