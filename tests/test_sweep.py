@@ -132,21 +132,17 @@ def scaled(a: int, b: int) -> tuple[int, int, int]:
     return world().global_rank, world().world_size, 10 * a + b
 
 
-def test_wrapper_sweep_returns_the_results_in_grid_order(tmp_path, monkeypatch):
+def test_wrapper_sweep_refuses_a_bad_grid_before_anything_starts(tmp_path, monkeypatch):
+    # Its real runs, results in grid order, are the guide's snippet's (test_docs_snippets).
     monkeypatch.chdir(tmp_path)
     w = Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=1, verbose=False))
-    results = w.sweep(scaled, {"a": [2, 1], "b": [3]}, parallelism=2)
-    assert results == [[(0, 1, 23)], [(0, 1, 13)]]
-    (sweep,) = (tmp_path / "logs" / "console_logs" / "sweeps").iterdir()
-    record = json.loads((sweep / "points" / "1-a_1-b_3" / "point.json").read_text())
-    assert (record["params"], record["state"], record["result"]) == (
-        {"a": 1, "b": 3}, "done", [[0, 1, 13]])
-    # Everything is done: the same sweep runs nothing again and gives the same results.
-    assert w.sweep(scaled, {"a": [2, 1], "b": [3]}) == results
     with pytest.raises(ConfigError, match=r"parallelism=0\): needs a whole number"):
         w.sweep(scaled, {"a": [1]}, parallelism=0)
     with pytest.raises(ConfigError, match=r"grid 'a': needs a list of one value or more"):
         w.sweep(scaled, {"a": 1})
+    with pytest.raises(ConfigError, match=r"grid name 'a-b': needs a Python identifier"):
+        w.sweep(scaled, {"a-b": [1]})
+    assert not (tmp_path / "logs").exists()
 
 
 # --- SLURM ----------------------------------------------------------------------------------------
