@@ -3,13 +3,16 @@ Wrapper.sweep run for real, and a SLURM job array on the real two-node cluster."
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from jobs import SlowTrainer, artefacts, final_files, job, step_lr
 
 from ddpw import ConfigError, Platform, PlatformConfig, Wrapper, world
 from ddpw.sweep import folder as sweep_folder
@@ -199,3 +202,35 @@ def test_a_slurm_sweep_is_one_array_run_one_task_at_a_time_and_not_run_twice(clu
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and ": 0 to run" in again.stderr, again.stderr
     assert again.stderr.count(" done ") == 4, again.stderr
+
+
+def train_point(root: str, n: int) -> dict[str, float]:
+    """A point of a Trainer sweep: trains in place, in the point's world, in ROOT/nN."""
+    p_config = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+    return Wrapper(p_config, artefacts(n, scheduler_loader=step_lr)).start(
+        SlowTrainer(job(Path(root) / f"n{n}", epochs=2, save_every=2)))
+
+
+def test_a_preempted_task_of_a_trainer_sweep_requeues_and_resumes_bitwise(cluster, tmp_path):
+    p_config = PlatformConfig(platform=Platform.SLURM, n_gpus=0, n_procs=2, partition="debug",
+                              timeout_min=20, verbose=False)
+    fn = functools.partial(train_point, str(tmp_path / "swept"))
+    submissions = Wrapper(p_config, wait=False).sweep(fn, {"n": [150, 160]}, parallelism=2)
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "swept" / "n150" / "mid-epoch").exists():
+        assert time.monotonic() < deadline and not submissions[0].done()
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", submissions[0].job_id], check=True)
+    swept = [submission.wait() for submission in submissions]
+    (sweep,) = (tmp_path / "logs" / "console_logs" / "sweeps").iterdir()
+    records = [sweep_folder.read(sweep, task) for task in ("0-n_150", "1-n_160")]
+    assert [(r["state"], r["requeued"]) for r in records] == [("done", 1), ("done", 0)], records
+    assert records[0]["checkpoint_folder"] == str(tmp_path / "swept" / "n150" / "checkpoint")
+    console = next(sweep.glob(f"slurm/{submissions[0].job_id}_0_log.out")).read_text()
+    assert "[ddpw] requeued SLURM job" in console and "attempt 2: resuming from" in console
+    # Each point alone, here, without a stop: the same checkpoints, bit for bit.
+    for n, per_rank in zip((150, 160), swept, strict=True):
+        alone = train_point(str(tmp_path / "alone"), n)
+        assert per_rank[0]["epoch"] == alone["epoch"] == 2
+        assert final_files(tmp_path / "swept" / f"n{n}" / "checkpoint" / "ckpt_2") == \
+            final_files(tmp_path / "alone" / f"n{n}" / "checkpoint" / "ckpt_2")

@@ -10,6 +10,7 @@ Each point runs ``Wrapper(p_config, a_config).start(fn, **point)`` in a process 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -51,8 +52,7 @@ def sweep(p_config: PlatformConfig, a_config: ArtefactsConfig | None, fn: Callab
     parallelism = _parallelism(parallelism)
     points = sweep_grid.points(axes, max_points)
     tasks = [sweep_grid.task_name(i, point) for i, point in enumerate(points)]
-    identity = {"function": f"{getattr(fn, '__module__', '')}."
-                            f"{getattr(fn, '__qualname__', repr(fn))}",
+    identity = {"function": _name(fn),
                 "grid": {name: list(values) for name, values in axes.items()},
                 "platform": repr(p_config)}
     folder = sweep_folder.folder_for(jobfolder.DEFAULT_ROOT, p_config.name, identity)
@@ -102,7 +102,10 @@ def _on_slurm(folder: Path, p_config: PlatformConfig, a_config: ArtefactsConfig 
             target=fn, p_config=p_config, a_config=a_config, plan=plan, kwargs=params[task])))
         return ("--module", "ddpw.entry", str(payload_dir))
 
-    policy = RequeuePolicy.RESTARTS if is_restartable(fn) else RequeuePolicy.RUNS_ON
+    # A training sweep's function starts a Trainer, which pauses on the requeue signal; the
+    # task then requeues itself and the Trainer resumes. (A function that trains nothing runs
+    # on, and may run again from its start if SLURM requeues the task after a preemption.)
+    policy = RequeuePolicy.RESTARTS if is_restartable(fn) else RequeuePolicy.PAUSES
     submissions = submit_array(folder, p_config, plan, to_run, entry, policy, parallelism,
                                has_results=True)
     if not wait:
@@ -124,6 +127,14 @@ def _ended(folder: Path, p_config: PlatformConfig, tasks: Sequence[str], failed:
                           f"{folder}/points/TASK/{output}); the others are done, and running "
                           f"the sweep again runs these alone")
     return _results(folder, records)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """The function's name, for the sweep's identity: the same from one run to the next (a
+    ``repr`` would hold an address)."""
+    if isinstance(fn, functools.partial):
+        return f"{_name(fn.func)}(*{fn.args!r}, **{fn.keywords!r})"
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def _parallelism(parallelism: int | None) -> int:
