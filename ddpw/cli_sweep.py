@@ -169,11 +169,11 @@ def _dry_run(folder: Path, plan: LaunchPlan, tasks: list[str], points: list[dict
                                         for task, point in zip(tasks, points, strict=True)]}
     if plan.mode is LaunchMode.SLURM:
         from .slurm.node import RequeuePolicy
-        from .sweep.array import chunks, sbatch_script
+        from .sweep.array import chunks, max_array_size, sbatch_script
 
         shown["sbatch"] = [sbatch_script(folder, plan, RequeuePolicy.PAUSES, len(array),
                                          parallelism).splitlines()
-                           for array in chunks(tasks, len(tasks))]
+                           for array in chunks(tasks, max_array_size())]
     click.echo(json.dumps(shown, indent=2, default=str))
 
 
@@ -195,6 +195,9 @@ def _on_slurm(folder: Path, p_config: PlatformConfig, plan: LaunchPlan, to_run: 
     except ConfigError as error:
         click.echo(f"Error: {error}", err=True)
         return 2
+    arrays = sorted({submission.job_id.split("_")[0] for submission in submissions.values()})
+    click.echo(f"[ddpw] submitted {len(submissions)} points as SLURM job array(s) "
+               f"{', '.join(arrays)}", err=True)
     if no_wait:
         click.echo(json.dumps({"sweep_folder": str(folder), "jobs": {
             task: submission.job_id for task, submission in submissions.items()}}))

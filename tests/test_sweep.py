@@ -102,7 +102,7 @@ def test_a_local_sweep_runs_two_at_a_time_names_its_failure_and_reruns_only_it(t
     (tmp_path / "fail-3").touch()
     command = [*LAUNCH, "--platform", "cpu", "--n-procs", "1", "--sweep", "x=1,2,3",
                "--parallelism", "2", POINT, "--out", "out/{task}", "--fail", "fail-{x}",
-               "--sleep", "3"]
+               "--sleep", "1"]
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert first.returncode == 1, first.stderr
     assert "[ddpw] sweep points 2-x_3 failed" in first.stderr
@@ -175,20 +175,24 @@ def cluster(slurm, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-def test_a_slurm_sweep_is_one_array_run_one_task_at_a_time_and_not_run_twice(cluster, tmp_path):
+def test_a_slurm_sweep_is_one_array_run_one_task_at_a_time_and_reruns_only_what_failed(
+        cluster, tmp_path):
+    (tmp_path / "fail-24").touch()
     command = [*SLURM_LAUNCH, "--sweep", "a=1,2", "--sweep", "b=3,4", "--parallelism", "1",
-               POINT, "--out", str(tmp_path / "out" / "{task}"), "--sleep", "0", "{a}{b}"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+               POINT, "--out", str(tmp_path / "out" / "{task}"), "--sleep", "0",
+               "--fail", "fail-{a}{b}", "{a}{b}"]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and "[ddpw] sweep points 3-a_2-b_4 failed" in first.stderr, \
+        first.stderr
     (sweep,) = (tmp_path / "logs" / "console_logs" / "sweeps").iterdir()
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("points/*/point.json"))]
-    assert [r["state"] for r in records] == ["done"] * 4
+    assert [r["state"] for r in records] == ["done", "done", "done", "failed"]
     # One array of 4 tasks.
     arrays = {r["job_id"].split("_")[0] for r in records}
     assert len(arrays) == 1 and sorted(r["job_id"].split("_")[1] for r in records) == \
         ["0", "1", "2", "3"], records
     spans = []
-    for record in records:
+    for record in records[:3]:
         notes = [json.loads((tmp_path / "out" / record["task"] / f"{rank}.json").read_text())
                  for rank in (0, 1)]
         # A 2-process world across both nodes, with its placeholders filled.
@@ -199,9 +203,18 @@ def test_a_slurm_sweep_is_one_array_run_one_task_at_a_time_and_not_run_twice(clu
     spans.sort()
     assert all(end <= later for (_, end), (later, _) in itertools.pairwise(spans)), spans
     assert max_array_size() >= 4
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and ": 0 to run" in again.stderr, again.stderr
-    assert again.stderr.count(" done ") == 4, again.stderr
+
+    # Again, once the cause is gone: the failed point alone is submitted.
+    (tmp_path / "fail-24").unlink()
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and ": 1 to run" in again.stderr, again.stderr
+    rerun = [json.loads(p.read_text()) for p in sorted(sweep.glob("points/*/point.json"))]
+    assert [r["job_id"] for r in rerun[:3]] == [r["job_id"] for r in records[:3]]
+    assert rerun[3]["state"] == "done" and rerun[3]["job_id"] != records[3]["job_id"]
+    # And again: every point is done, nothing is submitted.
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and ": 0 to run" in done.stderr, done.stderr
+    assert done.stderr.count(" done ") == 4, done.stderr
 
 
 def train_point(root: str, n: int) -> dict[str, float]:
@@ -228,9 +241,8 @@ def test_a_preempted_task_of_a_trainer_sweep_requeues_and_resumes_bitwise(cluste
     assert records[0]["checkpoint_folder"] == str(tmp_path / "swept" / "n150" / "checkpoint")
     console = next(sweep.glob(f"slurm/{submissions[0].job_id}_0_log.out")).read_text()
     assert "[ddpw] requeued SLURM job" in console and "attempt 2: resuming from" in console
-    # Each point alone, here, without a stop: the same checkpoints, bit for bit.
-    for n, per_rank in zip((150, 160), swept, strict=True):
-        alone = train_point(str(tmp_path / "alone"), n)
-        assert per_rank[0]["epoch"] == alone["epoch"] == 2
-        assert final_files(tmp_path / "swept" / f"n{n}" / "checkpoint" / "ckpt_2") == \
-            final_files(tmp_path / "alone" / f"n{n}" / "checkpoint" / "ckpt_2")
+    assert [per_rank[0]["epoch"] for per_rank in swept] == [2, 2]
+    # The preempted point alone, here, without a stop: the same checkpoint, bit for bit.
+    assert train_point(str(tmp_path / "alone"), 150) == swept[0][0]
+    assert final_files(tmp_path / "swept" / "n150" / "checkpoint" / "ckpt_2") == \
+        final_files(tmp_path / "alone" / "n150" / "checkpoint" / "ckpt_2")

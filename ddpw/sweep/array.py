@@ -98,8 +98,11 @@ class SweepTask:
 
 def max_array_size() -> int:
     """The cluster's ``MaxArraySize`` (``scontrol show config``): an array's indices must be
-    below it."""
-    shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    below it. SLURM's default where no cluster says."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    except OSError:  # no SLURM here (a dry run): its default
+        return DEFAULT_MAX_ARRAY_SIZE
     match = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown.stdout, re.M)
     return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
 
