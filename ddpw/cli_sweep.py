@@ -94,9 +94,12 @@ def _run(sweep: Sweep, p_config: PlatformConfig, plan: LaunchPlan, settings: dic
     tasks = [sweep_grid.task_name(i, point) for i, point in enumerate(points)]
     args = {task: sweep_grid.fill(sweep.script_args, point, task)
             for task, point in zip(tasks, points, strict=True)}
+    checkpoints: dict[str, str] = {}
     for option, _ in sweep_grid.checkpoint_folders(sweep.script_args):
-        sweep_grid.check_distinct({task: dict(sweep_grid.checkpoint_folders(args[task]))[option]
-                                   for task in tasks}, f"the script's {option}")
+        folders = {task: dict(sweep_grid.checkpoint_folders(args[task]))[option]
+                   for task in tasks}
+        sweep_grid.check_distinct(folders, f"the script's {option}")
+        checkpoints = checkpoints or folders  # the first such option, for the records
     script = sweep.script if sweep.module else str(Path(sweep.script).resolve())
     parallelism = sweep.parallelism or (len(points) if plan.mode is LaunchMode.SLURM else 1)
     identity = {"script": script, "module": sweep.module, "args": sweep.script_args,
@@ -106,6 +109,10 @@ def _run(sweep: Sweep, p_config: PlatformConfig, plan: LaunchPlan, settings: dic
         _dry_run(folder, plan, tasks, points, args, parallelism, describe)
         return 0
     records = sweep_folder.open_sweep(folder, identity, list(zip(tasks, points, strict=True)))
+    for i, record in enumerate(records):
+        if record["task"] in checkpoints and record["checkpoint_folder"] is None:
+            records[i] = sweep_folder.update(folder, record["task"], checkpoint_folder=str(
+                Path(checkpoints[record["task"]]).absolute()))
     if plan.mode is LaunchMode.SLURM:
         from .sweep.array import refresh
 

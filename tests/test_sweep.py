@@ -102,7 +102,7 @@ def test_a_local_sweep_runs_two_at_a_time_names_its_failure_and_reruns_only_it(t
     (tmp_path / "fail-3").touch()
     command = [*LAUNCH, "--platform", "cpu", "--n-procs", "1", "--sweep", "x=1,2,3",
                "--parallelism", "2", POINT, "--out", "out/{task}", "--fail", "fail-{x}",
-               "--sleep", "1"]
+               "--sleep", "1", "--checkpoint-dir", "ckpt/{x}"]
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert first.returncode == 1, first.stderr
     assert "[ddpw] sweep points 2-x_3 failed" in first.stderr
@@ -119,6 +119,8 @@ def test_a_local_sweep_runs_two_at_a_time_names_its_failure_and_reruns_only_it(t
     (sweep,) = (tmp_path / "logs" / "console_logs" / "sweeps").iterdir()
     record = json.loads((sweep / "points" / "2-x_3" / "point.json").read_text())
     assert record["params"] == {"x": "3"} and record["state"] == "failed"
+    assert record["checkpoint_folder"] == str(tmp_path / "ckpt" / "3")
+    assert record["log_folder"] == str(sweep / "points" / "2-x_3" / "logs")
     assert record["result"]["exit_status"] == 3
     assert "failing on purpose: fail-3 exists" in record["result"]["last_lines"]
 
