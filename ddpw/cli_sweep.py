@@ -23,7 +23,8 @@ from .plan import LaunchMode, LaunchPlan, MachineFacts
 from .platform import Platform, PlatformConfig
 from .sweep import folder as sweep_folder
 from .sweep import grid as sweep_grid
-from .sweep.local import Point, gpu_slots, reset_interrupted, run_points, script_result
+from .sweep.local import Point, gpu_slots, run_points, script_result
+from .sweep.pending import points_to_run
 
 #: The options that are the sweep's own: a point's ddpw-launch is given none of them.
 _SWEEP_OPTIONS = {"--sweep": True, "--parallelism": True, "--max-points": True,
@@ -113,14 +114,7 @@ def _run(sweep: Sweep, p_config: PlatformConfig, plan: LaunchPlan, settings: dic
         if record["task"] in checkpoints and record["checkpoint_folder"] is None:
             records[i] = sweep_folder.update(folder, record["task"], checkpoint_folder=str(
                 Path(checkpoints[record["task"]]).absolute()))
-    if plan.mode is LaunchMode.SLURM:
-        from .sweep.array import refresh
-
-        refresh(folder, records)
-    else:
-        reset_interrupted(folder, records)
-    sweep_folder.refuse_busy(records, folder)
-    to_run = [record["task"] for record in records if record["state"] != "done"]
+    to_run = points_to_run(folder, records, on_slurm=plan.mode is LaunchMode.SLURM)
     click.echo(f"[ddpw] sweep of {len(points)} points in {folder}: {len(to_run)} to run",
                err=True)
     if plan.mode is LaunchMode.SLURM:

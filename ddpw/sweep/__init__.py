@@ -5,6 +5,7 @@ and recorded in the sweep's folder.
 - :mod:`ddpw.sweep.grid`: the grid, the points' names and the script arguments' placeholders,
   checked before anything starts;
 - :mod:`ddpw.sweep.folder`: the sweep folder, one record a point, and the table;
+- :mod:`ddpw.sweep.pending`: which points a run runs: those not done;
 - :mod:`ddpw.sweep.local`: the points run on this machine;
 - :mod:`ddpw.sweep.array`: the points run as one SLURM job array;
 - :mod:`ddpw.sweep.python`: the Python form, whose points :mod:`ddpw.sweep.point` runs;

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from .. import environment
 from ..errors import ConfigError
 from . import folder as sweep_folder
@@ -53,16 +51,6 @@ def gpu_slots(gpus_per_point: int, parallelism: int,
                           f"(PlatformConfig.n_gpus) and {len(devices)} are visible here.")
     return [",".join(devices[i * gpus_per_point:(i + 1) * gpus_per_point])
             for i in range(min(parallelism, sets))]
-
-
-def reset_interrupted(folder: Path, records: list[dict[str, Any]]) -> None:
-    """Points that a run of the sweep here left ``running`` when it was stopped (its process
-    is gone) are ``pending`` again."""
-    for i, record in enumerate(records):
-        pid = record.get("pid")
-        if record["state"] == "running" and record.get("job_id") is None and (
-                pid is None or not psutil.pid_exists(pid)):
-            records[i] = sweep_folder.update(folder, record["task"], state="pending", pid=None)
 
 
 def run_points(folder: Path, points: Sequence[Point], slots: Sequence[str | None],

@@ -23,7 +23,8 @@ from ..files import write_atomically
 from ..platform import Platform
 from . import folder as sweep_folder
 from . import grid as sweep_grid
-from .local import Point, gpu_slots, reset_interrupted, run_points
+from .local import Point, gpu_slots, run_points
+from .pending import points_to_run
 
 if TYPE_CHECKING:
     from ..artefacts import ArtefactsConfig
@@ -57,14 +58,7 @@ def sweep(p_config: PlatformConfig, a_config: ArtefactsConfig | None, fn: Callab
                 "platform": repr(p_config)}
     folder = sweep_folder.folder_for(jobfolder.DEFAULT_ROOT, p_config.name, identity)
     records = sweep_folder.open_sweep(folder, identity, list(zip(tasks, points, strict=True)))
-    if p_config.platform is Platform.SLURM:
-        from .array import refresh
-
-        refresh(folder, records)
-    else:
-        reset_interrupted(folder, records)
-    sweep_folder.refuse_busy(records, folder)
-    to_run = [record["task"] for record in records if record["state"] != "done"]
+    to_run = points_to_run(folder, records, on_slurm=p_config.platform is Platform.SLURM)
     if to_run:
         data, _ = dumps((fn, p_config, a_config))
         write_atomically(folder / "function.pkl", data)
