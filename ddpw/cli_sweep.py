@@ -131,7 +131,11 @@ def _run(sweep: Sweep, p_config: PlatformConfig, plan: LaunchPlan, settings: dic
                     for task in to_run]
         gpus = p_config.n_gpus if p_config.platform is Platform.GPU else 0
         slots = gpu_slots(gpus, parallelism, cuda_devices=MachineFacts.probe().cuda_devices)
-        failed = run_points(folder, commands, slots, script_result(folder))
+        try:
+            failed = run_points(folder, commands, slots, script_result(folder))
+        except KeyboardInterrupt:  # the points got it too, and have ended
+            click.echo("[ddpw] sweep stopped; run the same command again to go on", err=True)
+            return 130
     for line in sweep_folder.table([sweep_folder.read(folder, task) for task in tasks]):
         click.echo(line, err=True)
     if failed:

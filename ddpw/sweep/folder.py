@@ -61,7 +61,9 @@ def open_sweep(folder: Path, identity: Mapping[str, Any],
     for index, (task, params) in enumerate(points):
         record = read(folder, task)
         if not record:
-            record = {"task": task, "index": index, "params": dict(params), "state": "pending",
+            record = {"task": task, "index": index,
+                      "params": {name: as_json(value) for name, value in params.items()},
+                      "state": "pending",
                       "requeued": 0, "job_id": None, "log_folder": str(logs(folder, task)),
                       "checkpoint_folder": None, "result": None}
             write(folder, record)

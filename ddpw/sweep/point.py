@@ -20,8 +20,8 @@ def main(folder: Path, task: str) -> int:
     from ..shipping import dumps
     from ..wrapper import Wrapper
 
-    fn, p_config, a_config = cloudpickle.loads((folder / "function.pkl").read_bytes())
-    params = sweep_folder.read(folder, task)["params"]
+    fn, p_config, a_config, points = cloudpickle.loads((folder / "function.pkl").read_bytes())
+    params = points[task]
     try:
         value = Wrapper(p_config, a_config).start(fn, **params)
     except Exception as error:

@@ -60,12 +60,14 @@ def sweep(p_config: PlatformConfig, a_config: ArtefactsConfig | None, fn: Callab
     records = sweep_folder.open_sweep(folder, identity, list(zip(tasks, points, strict=True)))
     to_run = points_to_run(folder, records, on_slurm=p_config.platform is Platform.SLURM)
     if to_run:
-        data, _ = dumps((fn, p_config, a_config))
+        # The points' values as given (the records hold them as JSON: tuples become lists).
+        data, _ = dumps((fn, p_config, a_config, dict(zip(tasks, points, strict=True))))
         write_atomically(folder / "function.pkl", data)
         write_atomically(folder / "meta.json",
                          json.dumps({"sys_path": [p for p in sys.path if p]}).encode())
     if p_config.platform is Platform.SLURM:
-        return _on_slurm(folder, p_config, a_config, fn, records, to_run, parallelism, wait)
+        return _on_slurm(folder, p_config, a_config, fn, dict(zip(tasks, points, strict=True)),
+                         to_run, parallelism, wait)
     slots = gpu_slots(p_config.n_gpus if p_config.platform is Platform.GPU else 0, parallelism,
                       cuda_devices=MachineFacts.probe().cuda_devices)
     failed = run_points(folder, [Point(task, (sys.executable, "-m", "ddpw.sweep.point",
@@ -75,7 +77,7 @@ def sweep(p_config: PlatformConfig, a_config: ArtefactsConfig | None, fn: Callab
 
 
 def _on_slurm(folder: Path, p_config: PlatformConfig, a_config: ArtefactsConfig | None,
-              fn: Callable[..., Any], records: Sequence[Mapping[str, Any]], to_run: list[str],
+              fn: Callable[..., Any], params: dict[str, dict[str, Any]], to_run: list[str],
               parallelism: int, wait: bool) -> list[Any]:
     """Submit the points ``to_run`` as one job array, each its own payload; wait for them."""
     from ..jobfolder import Payload
@@ -88,7 +90,6 @@ def _on_slurm(folder: Path, p_config: PlatformConfig, a_config: ArtefactsConfig 
     plan = resolve_plan(p_config, MachineFacts.probe())
     if not is_restartable(fn):
         plan = plan.without_restarts()  # it might do its work twice
-    params = {record["task"]: record["params"] for record in records}
 
     def entry(task: str, job_folder: Path, plan: LaunchPlan) -> tuple[str, ...]:
         payload_dir = job_folder / jobfolder.PAYLOAD_DIR
@@ -105,8 +106,7 @@ def _on_slurm(folder: Path, p_config: PlatformConfig, a_config: ArtefactsConfig 
     if not wait:
         return list(submissions.values())
     failed = wait_all(folder, submissions, "ask")
-    return _ended(folder, p_config, [record["task"] for record in records], failed,
-                  "logs/NAME-TIME")
+    return _ended(folder, p_config, list(params), failed, "logs/NAME-TIME")
 
 
 def _ended(folder: Path, p_config: PlatformConfig, tasks: Sequence[str], failed: list[str],
