@@ -142,7 +142,8 @@ class Wrapper:
         ``JobConfig.checkpoint_path`` are refused.
 
         :param grid: each keyword argument's values, ``{"lr": [0.1, 0.01], "seed": [0, 1]}``.
-        :param parallelism: how many points run at once.
+        :param parallelism: how many points run at once [default: 1 here, every point on
+            SLURM].
         :param max_points: the most points the grid may have (a guard against slips).
         :returns: the results in grid order; with ``wait=False`` on SLURM, the
             :class:`~ddpw.slurm.submission.Submission` of each point.
@@ -152,7 +153,7 @@ class Wrapper:
         from .sweep.python import sweep  # not for a single job
 
         return sweep(self.p_config, self.a_config, fn, grid, parallelism, max_points,
-                     wait=self.wait)
+                     wait=self.wait, on_interrupt=self.on_interrupt)
 
     def _start(self, payload: Payload) -> Any:
         """Run ``payload`` as its plan says: launched, submitted, in place or here."""

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 def sweep(p_config: PlatformConfig, a_config: ArtefactsConfig | None, fn: Callable[..., Any],
           axes: Mapping[str, Sequence[Any]], parallelism: int | None, max_points: int,
-          wait: bool = True) -> list[Any]:
+          wait: bool = True, on_interrupt: str = "ask") -> list[Any]:
     """Run ``fn(**point)`` for every point of the grid ``axes`` that is not done yet; return
     every point's result in grid order (see :meth:`ddpw.wrapper.Wrapper.sweep`)."""
     from ..plan import MachineFacts
@@ -50,24 +50,26 @@ def sweep(p_config: PlatformConfig, a_config: ArtefactsConfig | None, fn: Callab
         if not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"Wrapper.sweep grid name {name!r}: needs a Python identifier, "
                               f"as fn takes it as a keyword argument.")
-    parallelism = _parallelism(parallelism)
+    on_slurm = p_config.platform is Platform.SLURM
     points = sweep_grid.points(axes, max_points)
+    parallelism = _parallelism(parallelism, len(points) if on_slurm else 1)
     tasks = [sweep_grid.task_name(i, point) for i, point in enumerate(points)]
+    by_task = dict(zip(tasks, points, strict=True))
     identity = {"function": _name(fn),
                 "grid": {name: list(values) for name, values in axes.items()},
                 "platform": repr(p_config)}
     folder = sweep_folder.folder_for(jobfolder.DEFAULT_ROOT, p_config.name, identity)
-    records = sweep_folder.open_sweep(folder, identity, list(zip(tasks, points, strict=True)))
-    to_run = points_to_run(folder, records, on_slurm=p_config.platform is Platform.SLURM)
+    records = sweep_folder.open_sweep(folder, identity, list(by_task.items()))
+    to_run = points_to_run(folder, records, on_slurm)
     if to_run:
         # The points' values as given (the records hold them as JSON: tuples become lists).
-        data, _ = dumps((fn, p_config, a_config, dict(zip(tasks, points, strict=True))))
+        data, _ = dumps((fn, p_config, a_config, by_task))
         write_atomically(folder / "function.pkl", data)
         write_atomically(folder / "meta.json",
                          json.dumps({"sys_path": [p for p in sys.path if p]}).encode())
-    if p_config.platform is Platform.SLURM:
-        return _on_slurm(folder, p_config, a_config, fn, dict(zip(tasks, points, strict=True)),
-                         to_run, parallelism, wait)
+    if on_slurm:
+        return _on_slurm(folder, p_config, a_config, fn, by_task, to_run, parallelism, wait,
+                         on_interrupt)
     slots = gpu_slots(p_config.n_gpus if p_config.platform is Platform.GPU else 0, parallelism,
                       cuda_devices=MachineFacts.probe().cuda_devices)
     failed = run_points(folder, [Point(task, (sys.executable, "-m", "ddpw.sweep.point",
@@ -78,7 +80,7 @@ def sweep(p_config: PlatformConfig, a_config: ArtefactsConfig | None, fn: Callab
 
 def _on_slurm(folder: Path, p_config: PlatformConfig, a_config: ArtefactsConfig | None,
               fn: Callable[..., Any], params: dict[str, dict[str, Any]], to_run: list[str],
-              parallelism: int, wait: bool) -> list[Any]:
+              parallelism: int, wait: bool, on_interrupt: str) -> list[Any]:
     """Submit the points ``to_run`` as one job array, each its own payload; wait for them."""
     from ..jobfolder import Payload
     from ..plan import MachineFacts, resolve_plan
@@ -105,7 +107,7 @@ def _on_slurm(folder: Path, p_config: PlatformConfig, a_config: ArtefactsConfig 
                                has_results=True)
     if not wait:
         return list(submissions.values())
-    failed = wait_all(folder, submissions, "ask")
+    failed = wait_all(folder, submissions, on_interrupt)
     return _ended(folder, p_config, list(params), failed, "logs/NAME-TIME")
 
 
@@ -131,9 +133,11 @@ def _name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
-def _parallelism(parallelism: int | None) -> int:
+def _parallelism(parallelism: int | None, default: int) -> int:
+    """How many points run at once: ``parallelism``, checked, or ``default`` (every point of
+    a SLURM array, one at a time here)."""
     if parallelism is None:
-        return 1
+        return default
     if isinstance(parallelism, bool) or not isinstance(parallelism, int) or parallelism < 1:
         raise ConfigError(f"Wrapper.sweep(parallelism={parallelism!r}): needs a whole number "
                           f"of points at a time, 1 or more.")
