@@ -117,13 +117,14 @@ def _run(sweep: Sweep, p_config: PlatformConfig, plan: LaunchPlan, settings: dic
     to_run = points_to_run(folder, records, on_slurm=plan.mode is LaunchMode.SLURM)
     click.echo(f"[ddpw] sweep of {len(points)} points in {folder}: {len(to_run)} to run",
                err=True)
+    failed: list[str] = []
     if plan.mode is LaunchMode.SLURM:
         status = _on_slurm(folder, p_config, plan, to_run, args, script, sweep.module,
                            parallelism, no_wait, on_interrupt)
         if status is not None:
             return status
         failed = [task for task in to_run if sweep_folder.read(folder, task)["state"] != "done"]
-    else:
+    elif to_run:
         base = _point_options(sweep.argv, sweep.script, sweep.script_args)
         commands = [Point(task, (sys.executable, "-m", "ddpw", *base, "--log-dir",
                                  str(sweep_folder.logs(folder, task)),
@@ -196,13 +197,14 @@ def _on_slurm(folder: Path, p_config: PlatformConfig, plan: LaunchPlan, to_run: 
 
     try:
         submissions = submit_array(folder, p_config, plan, to_run, entry, RequeuePolicy.PAUSES,
-                                   parallelism, has_results=False)
+                                   parallelism, has_results=False) if to_run else {}
     except ConfigError as error:
         click.echo(f"Error: {error}", err=True)
         return 2
     arrays = sorted({submission.job_id.split("_")[0] for submission in submissions.values()})
-    click.echo(f"[ddpw] submitted {len(submissions)} points as SLURM job array(s) "
-               f"{', '.join(arrays)}", err=True)
+    if arrays:
+        click.echo(f"[ddpw] submitted {len(submissions)} points as SLURM job array(s) "
+                   f"{', '.join(arrays)}", err=True)
     if no_wait:
         click.echo(json.dumps({"sweep_folder": str(folder), "jobs": {
             task: submission.job_id for task, submission in submissions.items()}}))

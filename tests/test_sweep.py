@@ -206,10 +206,18 @@ def test_a_slurm_sweep_is_one_array_run_one_task_at_a_time_and_reruns_only_what_
     assert all(end <= later for (_, end), (later, _) in itertools.pairwise(spans)), spans
     assert max_array_size() >= 4
 
-    # Again, once the cause is gone: the failed point alone is submitted.
+    # Again, once the cause is gone: the failed point alone is submitted; without waiting,
+    # the task's node 0 records its end itself.
     (tmp_path / "fail-24").unlink()
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*command[:3], "--no-wait", *command[3:]], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and ": 1 to run" in again.stderr, again.stderr
+    submitted = json.loads(again.stdout)
+    assert submitted["sweep_folder"] == str(sweep) and list(submitted["jobs"]) == ["3-a_2-b_4"]
+    deadline = time.monotonic() + 120
+    while sweep_folder.read(sweep, "3-a_2-b_4")["state"] != "done":
+        assert time.monotonic() < deadline, sweep_folder.read(sweep, "3-a_2-b_4")
+        time.sleep(0.2)
     rerun = [json.loads(p.read_text()) for p in sorted(sweep.glob("points/*/point.json"))]
     assert [r["job_id"] for r in rerun[:3]] == [r["job_id"] for r in records[:3]]
     assert rerun[3]["state"] == "done" and rerun[3]["job_id"] != records[3]["job_id"]
@@ -231,6 +239,9 @@ def test_a_preempted_task_of_a_trainer_sweep_requeues_and_resumes_bitwise(cluste
                               timeout_min=20, verbose=False)
     fn = functools.partial(train_point, str(tmp_path / "swept"))
     submissions = Wrapper(p_config, wait=False).sweep(fn, {"n": [150, 160]}, parallelism=2)
+    with pytest.raises(ConfigError, match=r"is running points 0-n_150, 1-n_160 \(in another "
+                                          r"run, or a SLURM array still queued\)"):
+        Wrapper(p_config, wait=False).sweep(fn, {"n": [150, 160]})
     deadline = time.monotonic() + 180
     while not (tmp_path / "swept" / "n150" / "mid-epoch").exists():
         assert time.monotonic() < deadline and not submissions[0].done()

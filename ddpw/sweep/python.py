@@ -104,7 +104,7 @@ def _on_slurm(folder: Path, p_config: PlatformConfig, a_config: ArtefactsConfig 
     # on, and may run again from its start if SLURM requeues the task after a preemption.)
     policy = RequeuePolicy.RESTARTS if is_restartable(fn) else RequeuePolicy.PAUSES
     submissions = submit_array(folder, p_config, plan, to_run, entry, policy, parallelism,
-                               has_results=True)
+                               has_results=True) if to_run else {}
     if not wait:
         return list(submissions.values())
     failed = wait_all(folder, submissions, on_interrupt)
