@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from jobs import SlowTrainer, artefacts, final_files, job, step_lr
 
-from ddpw import ConfigError, Platform, PlatformConfig, Wrapper, world
+from ddpw import ConfigError, Platform, PlatformConfig, WorkerError, Wrapper, world
 from ddpw.sweep import folder as sweep_folder
 from ddpw.sweep import grid
 from ddpw.sweep.array import chunks, max_array_size
@@ -137,10 +138,31 @@ def scaled(a: int, b: int) -> tuple[int, int, int]:
     return world().global_rank, world().world_size, 10 * a + b
 
 
-def test_wrapper_sweep_refuses_a_bad_grid_before_anything_starts(tmp_path, monkeypatch):
-    # Its real runs, results in grid order, are the guide's snippet's (test_docs_snippets).
+def fails_on_two(a: int) -> int:
+    if a == 2:
+        raise ValueError("two is unwelcome")
+    return a
+
+
+def test_wrapper_sweep_refuses_a_bad_grid_and_names_a_failed_point(tmp_path, monkeypatch):
+    # Its runs that succeed, results in grid order, are the guide's snippet's
+    # (test_docs_snippets).
     monkeypatch.chdir(tmp_path)
     w = Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=1, verbose=False))
+    with pytest.raises(WorkerError, match=r"sweep points 1-a_2 failed \(their output in .*"
+                                          r"console\.log\); the others are done"):
+        w.sweep(fails_on_two, {"a": [1, 2]}, parallelism=2)
+    (sweep,) = (tmp_path / "logs" / "console_logs" / "sweeps").iterdir()
+    assert sweep_folder.read(sweep, "0-a_1")["result"] == [1]
+    failed = sweep_folder.read(sweep, "1-a_2")
+    assert failed["state"] == "failed", failed
+    assert failed["result"]["error"] == "WorkerError: rank 0 of 1 raised an exception"
+    assert failed["result"]["last_lines"][-1] == "ValueError: two is unwelcome"
+    table = list(sweep_folder.table([sweep_folder.read(sweep, t) for t in ("0-a_1", "1-a_2")]))
+    assert table[2].split() == ["1-a_2", "2", "failed", "ValueError:", "two", "is", "unwelcome"]
+    console = (sweep / "points" / "1-a_2" / "console.log").read_text()
+    assert "ValueError: two is unwelcome" in console
+    shutil.rmtree(tmp_path / "logs")
     with pytest.raises(ConfigError, match=r"parallelism=0\): needs a whole number"):
         w.sweep(scaled, {"a": [1]}, parallelism=0)
     with pytest.raises(ConfigError, match=r"grid 'a': needs a list of one value or more"):

@@ -19,7 +19,7 @@ A point's record: ``task`` (its name), ``index`` (in the grid), ``params``, ``st
 (``pending``, ``running``, ``done`` or ``failed``), ``requeued`` (times a SLURM task requeued
 itself), ``job_id`` (SLURM), ``log_folder``, ``checkpoint_folder``, and ``result``: a function's
 return value (as JSON where it can be, else its ``repr``), or a script's ``exit_status`` and
-``last_lines``.
+``last_lines``; for a point that failed, its ``error`` (and ``last_lines``).
 """
 
 from __future__ import annotations
@@ -178,6 +178,8 @@ def _short(result: Any) -> str:
         return ""
     if isinstance(result, dict) and "exit_status" in result:
         return f"exit status {result['exit_status']}"
+    if isinstance(result, dict) and "error" in result:  # the traceback's last line says most
+        result = (result.get("last_lines") or [result["error"]])[-1]
     text = json.dumps(result) if not isinstance(result, str) else result
     return text if len(text) <= 60 else text[:57] + "..."
 

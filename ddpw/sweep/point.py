@@ -26,7 +26,8 @@ def main(folder: Path, task: str) -> int:
         value = Wrapper(p_config, a_config).start(fn, **params)
     except Exception as error:
         traceback.print_exc()
-        sweep_folder.update(folder, task, result={"error": f"{type(error).__name__}: {error}"})
+        said = f"{type(error).__name__}: {error}".splitlines()
+        sweep_folder.update(folder, task, result={"error": said[0], "last_lines": said[-10:]})
         return 1
     write_atomically(sweep_folder.point_folder(folder, task) / "result.pkl", dumps(value)[0])
     sweep_folder.update(folder, task, result=sweep_folder.as_json(value))
