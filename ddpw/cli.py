@@ -22,7 +22,7 @@ from typing import Any
 import click
 from click.formatting import term_len
 
-from . import environment, jobfolder
+from . import cli_sweep, environment, jobfolder
 from .cli_options import (
     Names,
     Nodes,
@@ -77,6 +77,7 @@ HELP_SECTIONS = {
               "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit", "no_wait",
               "on_interrupt"),
     "Logs and output": ("name", "log_dir", "all_ranks", "dry_run"),
+    "Sweeps": ("sweeps", "parallelism", "max_points"),
 }
 
 
@@ -190,6 +191,7 @@ class _SectionedCommand(click.Command):
 @click.option("--dry-run", is_flag=True,
               help="Print the plan (the accelerate launch command line, its environment and "
                    "config) as JSON and run nothing.")
+@cli_sweep.sweep_options
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def main(script: str, script_args: tuple[str, ...], module: bool, config_file: str | None,
@@ -202,6 +204,7 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     processes). A leftover `accelerate config` file on this machine is ignored.
     """
     facts = MachineFacts.probe()
+    sweep = cli_sweep.take(options, script, script_args, module)
     options["slurm_parameters"] = slurm_parameters(options["slurm_parameters"])
     try:
         settings = platform_settings(options, config_file, FIELDS, facts)
@@ -218,6 +221,9 @@ def main(script: str, script_args: tuple[str, ...], module: bool, config_file: s
     # ddpw's entry point runs the script in every process, and ends each one cleanly.
     entry = ["--module", "ddpw.entry", "--module" if module else "--script", script,
              *script_args]
+    if sweep.sweeps:  # the script once per point of a grid
+        sys.exit(cli_sweep.run(sweep, p_config, plan, settings, log_dir, dry_run, no_wait,
+                               on_interrupt, lambda args: _describe(plan, [*entry[:4], *args])))
     if dry_run:
         click.echo(json.dumps(_describe(plan, entry), indent=2))
         for line in _dry_run_notes(p_config, plan, facts, settings):

@@ -47,3 +47,8 @@ HANG_FOLDER = "DDPW_HANG_FOLDER"
 #: to process ``PID`` and wait until a ``SIGTERM`` comes back (``sigterm=PID``), or sleep for
 #: ``S`` seconds before going on (``sleep=S``: a slow disk).
 TEST_CHECKPOINT_FAULT = "DDPW_TEST_CHECKPOINT_FAULT"
+
+#: Set by a sweep for each point's processes: the sweep's folder and the point's name, so that
+#: a Trainer of the point claims its checkpoint folder there (:func:`ddpw.sweep.folder.claim`).
+SWEEP_FOLDER = "DDPW_SWEEP_FOLDER"
+SWEEP_TASK = "DDPW_SWEEP_TASK"

@@ -141,7 +141,9 @@ def execute(folder: Path) -> int:
         if paused is not None:
             # The checkpoint is written: let no further signal (the agent ends the other ranks
             # with SIGTERM as soon as one exits) turn this clean pause into a kill.
-            ignore_signals(payload.target.j_config.pause_signals)
+            # (A function's Trainer, run in place, pauses on the forwarded signals alone.)
+            ignore_signals(payload.target.j_config.pause_signals
+                           if is_trainer(payload.target) else ())
         jobfolder.write_report(folder, rank, error, paused=paused,
                                secondary=isinstance(error, PeerFailed))
         if isinstance(error, SystemExit):  # a pause, or sys.exit() in the target

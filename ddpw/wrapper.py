@@ -23,6 +23,8 @@ from .plan import LaunchMode, MachineFacts, resolve_plan
 from .platform import Platform, PlatformConfig
 from .shipping import ship
 from .slurm import ON_INTERRUPT
+from .sweep.folder import claim_for_this_point
+from .sweep.grid import MAX_POINTS
 from .utils import is_restartable, is_trainer
 from .worker import run
 
@@ -108,6 +110,7 @@ class Wrapper:
             elastic = plan.rendezvous is not None and plan.rendezvous.elastic
             resume_from = target.check(self.p_config, self.a_config,
                                        world_size=plan.world_size, elastic=elastic)
+            claim_for_this_point(target.j_config.checkpoint_path)
         elif not callable(target):
             raise ConfigError(f"Wrapper.start({target!r}): the target must be a ddpw Trainer or "
                               f"a function.")
@@ -121,6 +124,36 @@ class Wrapper:
             return self._start(payload)
         with _tidied(Path(target.j_config.checkpoint_path)):
             return self._start(payload)
+
+    def sweep(self, fn: Callable[..., Any], grid: dict[str, list[Any]],
+              parallelism: int | None = None, *, max_points: int = MAX_POINTS) -> list[Any]:
+        """Run ``fn(**point)`` as a job of this platform's width for each point of ``grid``,
+        the product of its lists (the last varying fastest), and return each point's result,
+        what :meth:`start` returns for it, in grid order.
+
+        On this machine the points run ``parallelism`` at a time (1 by default), each in a
+        process of its own (with GPUs, each on GPUs of its own); on SLURM, as one job array of
+        at most ``parallelism`` tasks at a time, in which each task requeues itself on a
+        preemption. Each point's parameters, state and result are kept in the sweep's folder
+        (``./logs/console_logs/sweeps/NAME-HASH``, see :mod:`ddpw.sweep.folder`): the same
+        sweep run again runs only the points that are not done. A training sweep's ``fn``
+        builds its configs and Trainer from the point and starts them with a ``Wrapper``, which
+        runs in place in the point's world; two points whose Trainers share a
+        ``JobConfig.checkpoint_path`` are refused.
+
+        :param grid: each keyword argument's values, ``{"lr": [0.1, 0.01], "seed": [0, 1]}``.
+        :param parallelism: how many points run at once [default: 1 here, every point on
+            SLURM].
+        :param max_points: the most points the grid may have (a guard against slips).
+        :returns: the results in grid order; with ``wait=False`` on SLURM, the
+            :class:`~ddpw.slurm.submission.Submission` of each point.
+        :raises ConfigError: for a bad grid or function, before any point starts.
+        :raises WorkerError: once every point has ended, naming the points that failed.
+        """
+        from .sweep.python import sweep  # not for a single job
+
+        return sweep(self.p_config, self.a_config, fn, grid, parallelism, max_points,
+                     wait=self.wait, on_interrupt=self.on_interrupt)
 
     def _start(self, payload: Payload) -> Any:
         """Run ``payload`` as its plan says: launched, submitted, in place or here."""

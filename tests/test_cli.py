@@ -386,7 +386,7 @@ def test_help_lists_every_option_once_under_its_heading():
     lines = result.output.splitlines()
     headings = [line for line in lines if re.fullmatch(r"[A-Z][\w ]*:", line)]
     assert headings == ["Where to run:", "Hangs:", "Several machines:", "SLURM:",
-                        "Logs and output:", "Other:"]
+                        "Logs and output:", "Sweeps:", "Other:"]
     heading, listed = None, []
     for line in lines:
         if line in headings:
@@ -402,6 +402,7 @@ def test_help_lists_every_option_once_under_its_heading():
     assert ("Several machines", "--node-rank") in listed
     assert ("SLURM", "--partition") in listed
     assert ("Logs and output", "--log-dir") in listed
+    assert ("Sweeps", "--sweep") in listed
     assert ("Other", "--help") in listed
     # The help texts of every section start in one column.
     columns = {line.index(text) for line in lines

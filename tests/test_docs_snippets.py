@@ -35,7 +35,7 @@ EXAMPLE = ROOT / "examples" / "mnist"
 
 #: The snippets, each run by a test below.
 TESTED = {"quick_start.py", "function_task.py", "pause_and_resume.py", "checkpoint_files.py",
-          "accelerate_script.py", "collective_timeout.py", "tracking.py",
+          "accelerate_script.py", "collective_timeout.py", "tracking.py", "sweep.py",
           "slurm_job.py"}  # on the real cluster, in test_slurm.py
 
 PYTHON_BLOCK = re.compile(
@@ -154,6 +154,18 @@ def test_function_task(tmp_path):
     assert [r["rank"] for r in results] == [0, 1]
     assert [r["total"] for r in results] == [1229, 1229]  # the primes below 10,000
     assert sum(r["found"] for r in results) == 1229
+
+
+def test_a_training_sweep_trains_each_point_in_its_own_folders(tmp_path):
+    out = run_snippet("sweep.py", tmp_path)
+    assert out.splitlines() == ["lr=0.5 seed=0: epoch 2", "lr=0.05 seed=0: epoch 2"]
+    (sweep,) = (tmp_path / "logs" / "console_logs" / "sweeps").iterdir()
+    for task, name in (("0-lr_0.5-seed_0", "lr0.5-seed0"), ("1-lr_0.05-seed_0", "lr0.05-seed0")):
+        record = json.loads((sweep / "points" / task / "point.json").read_text())
+        assert record["state"] == "done" and record["result"][0]["epoch"] == 2
+        # The Trainer claimed its checkpoint folder, which no other point may use.
+        assert record["checkpoint_folder"] == str(tmp_path / "checkpoints" / name)
+        assert ckpt.available(tmp_path / "checkpoints" / name, "ckpt") == ["ckpt_2"]
 
 
 def test_pause_and_resume(tmp_path):

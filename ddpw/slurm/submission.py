@@ -110,7 +110,8 @@ class Submission:
     """
 
     def __init__(self, job_id: str, folder: Path, world_size: int, n_nodes: int, *,
-                 has_results: bool, is_trainer: bool, verbose: bool) -> None:
+                 has_results: bool, is_trainer: bool, verbose: bool,
+                 submitit_dir: Path | None = None) -> None:
         #: The SLURM job id.
         self.job_id = job_id
         #: The job's folder (see :mod:`ddpw.jobfolder`).
@@ -118,13 +119,15 @@ class Submission:
         self.world_size, self.n_nodes = world_size, n_nodes
         self._has_results, self._is_trainer, self._verbose = has_results, is_trainer, verbose
         self._final: str | None = None
+        # A sweep's tasks share one submitit folder, the sweep's (ddpw.sweep.array).
+        self._submitit_dir = submitit_dir or folder / jobfolder.SUBMITIT_DIR
         if verbose:
             _say(f"submitted SLURM job {job_id}; logs in {folder}")
 
     @property
     def console_log(self) -> Path:
         """Node 0's console: the main rank's output, and submitit's messages."""
-        return self.folder / jobfolder.SUBMITIT_DIR / f"{self.job_id}_0_log.out"
+        return self._submitit_dir / f"{self.job_id}_0_log.out"
 
     def rank_logs(self) -> list[Path]:
         """Every rank's ``stdout`` and ``stderr`` log (complete once the job has ended)."""
@@ -305,7 +308,7 @@ class Submission:
         """Where submitit records how node ``node``'s task ended."""
         from submitit.core.utils import JobPaths
 
-        return JobPaths(self.folder / jobfolder.SUBMITIT_DIR, self.job_id, node).result_pickle
+        return JobPaths(self._submitit_dir, self.job_id, node).result_pickle
 
     def _node_record(self, node: int) -> dict[str, Any]:
         return jobfolder.read_json(jobfolder.node_file(self.folder, node))
