@@ -68,7 +68,8 @@ class Trainer:
       (trackers), ``pause_signals``;
     - :class:`~ddpw.artefacts.ArtefactsConfig`: ``scheduler_loader`` and
       ``scheduler_interval``, ``model_has_batch_norm``;
-    - :class:`~ddpw.platform.PlatformConfig`: ``mixed_precision``, ``torch_compile``, ``seed``.
+    - :class:`~ddpw.platform.PlatformConfig`: ``strategy`` (``"fsdp"`` shards the model:
+      :mod:`ddpw.sharding`), ``mixed_precision``, ``torch_compile``, ``seed``.
 
     :param j_config: what the job does.
     """
