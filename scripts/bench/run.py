@@ -12,6 +12,8 @@ Rows (each a module of this folder with ``measure(repeats, quick)``):
   start-up, against the loop by hand under ``accelerate launch --dynamo_backend inductor``;
 - ``checkpoint``: save and load times and bytes against ``torch.save`` and Accelerate;
 - ``resume``: time from the command's start to the first resumed training step;
+- ``sharding``: ``strategy="fsdp"``'s samples per second and memory per rank against the same
+  loop by hand with FSDP2's ``fully_shard``, and against ``strategy="ddp"``;
 - ``slurm``: submit to first step and to the end, against a hand-written sbatch script (only
   when a SLURM cluster answers: ``scripts/slurm-cluster start``);
 - ``original_ddpw``: the original ``ddpw`` package from PyPI, where its features overlap.
@@ -40,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import publish
 from common import Result
 
-ROWS = ("launch", "training", "compile", "checkpoint", "resume", "slurm", "original_ddpw")
+ROWS = ("launch", "training", "compile", "checkpoint", "resume", "sharding", "slurm",
+        "original_ddpw")
 RESULTS = publish.RESULTS
 
 

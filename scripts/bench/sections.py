@@ -54,6 +54,7 @@ SECTIONS = (
     Section("Compile", "compile", headline="ddpw Trainer, torch_compile"),
     Section("Checkpoint", "checkpoint", by_size=True),
     Section("Resume", "resume"),
+    Section("Sharding", "sharding", headline="ddpw Trainer, strategy='fsdp'"),
     Section("SLURM", "slurm"),
     Section("Original ddpw", "original ddpw"),
 )
@@ -67,15 +68,18 @@ class Goal:
     :param case: a regular expression that the start of the case matches.
     :param variants: the ddpw variants it bounds.
     :param limit: the ratio: at most this for times and bytes, at least this for rates.
+    :param metric: the unit it bounds, where the case has several (any when ``None``).
     """
 
     row: str
     case: str
     variants: tuple[str, ...]
     limit: float
+    metric: str | None = None
 
     def bounds(self, result: Result) -> bool:
         return (result.row == self.row and result.variant in self.variants
+                and self.metric in (None, result.metric)
                 and re.match(self.case, result.case) is not None)
 
     def met(self, result: Result) -> bool:
@@ -91,6 +95,7 @@ class Goal:
 LAUNCHERS = ("ddpw Wrapper.start", "ddpw-launch")
 ASYNC = "ddpw save_checkpoint (async): blocked"
 RESUMED = "ddpw Trainer (start_at='latest')"
+SHARDED = ("ddpw Trainer, strategy='fsdp'",)
 GOALS = (
     # Issue 7 (the bench): launch within 5% of accelerate launch, training at least 0.98.
     Goal("launch", r"2 processes", LAUNCHERS, 1.05),
@@ -109,6 +114,9 @@ GOALS = (
          1.0),
     Goal("checkpoint", r"resume to first step", (RESUMED,), 1.0),
     Goal("resume", r"", (RESUMED,), 1.0),
+    # Issue 30 (sharding): the Trainer's FSDP against the same loop by hand with fully_shard.
+    Goal("sharding", r"train", SHARDED, 0.95, "samples/s"),
+    Goal("sharding", r"train", SHARDED, 1.05, "MiB"),
 )
 
 
