@@ -102,7 +102,7 @@ def summary(results: list[Result]) -> str:
         held = [r for r in results if section.holds(r)]
         shown = [r for p in panels(section, held) for b in p.blocks for _, r in b.bars
                  if is_ddpw(r) and r.ratio is not None and r.variant != r.baseline
-                 and section.headline in (None, r.variant)]
+                 and (section.headline is None or r.variant in section.headline)]
         bounded += [(goal, r) for r in shown if (goal := goal_of(r))]
         # Compared alike: the same kind of case, unit, baseline and goal.
         groups: dict[tuple[str, str, str, Goal | None], list[Result]] = {}
