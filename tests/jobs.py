@@ -182,8 +182,12 @@ class ProbeNet(Net):
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:
-    """Every parameter of ``model``, flattened into one CPU tensor."""
-    return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+    """Every parameter of ``model`` (this rank's shards of a sharded one), flattened into one
+    CPU tensor."""
+    from torch.distributed.tensor import DTensor
+
+    held = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    return torch.cat([p.detach().flatten().cpu() for p in held])
 
 
 class ProbeTrainer(InspectingTrainer):
@@ -279,3 +283,33 @@ class Blocks(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.last(x)
+
+
+class ShardInspectingTrainer(BlobTrainer):
+    """Reports, from every rank, the parameters it holds (its shards under FSDP, flattened)
+    and the samples it saw."""
+
+    def run(self):
+        from torch.distributed.tensor import DTensor
+
+        metrics = super().run()
+        held = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        return {**metrics, "held": gather_object([torch.cat([p.detach().flatten().cpu()
+                                                              for p in held])]),
+                "seen": gather_object([sorted(self.__dict__.get("seen", []))])}
+
+
+def shard_files(folder) -> dict[str, bytes]:
+    """Every tensor of a checkpoint's model and optimiser files, by file and name: what a run
+    of the same world size and strategy writes bit for bit the same (a sharded checkpoint
+    keeps a tensor's slices under the same name in several files)."""
+    from ddpw.checkpoint.tensors import map_tensors
+
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name.startswith(("model", "optimiser")):
+            tensors, _ = map_tensors([path])
+            found |= {f"{path.name}/{key}": f"{t.dtype} {tuple(t.shape)}".encode()
+                      + t.numpy().tobytes() for key, t in tensors.items()}
+    assert found, f"{folder} holds no model or optimiser tensors"
+    return found

@@ -195,12 +195,13 @@ def test_a_flipped_byte_is_reported_naming_the_file(saved):
 
 
 def test_the_manifest_names_its_hash_and_records_each_file_by_it(saved):
-    """Format version 3 (as 2): ``"hash": "blake3"``, and each file's digest under that name, as
-    the blake3 package computes it from the file on disk."""
+    """Format version 4 (as 2 and 3): ``"hash": "blake3"``, and each file's digest under that
+    name, as the blake3 package computes it from the file on disk; nothing sliced (DDP)."""
     import blake3
 
     manifest = json.loads((saved / "manifest.json").read_text())
-    assert (manifest["version"], manifest["hash"], manifest["shares"]) == (3, "blake3", 1)
+    assert (manifest["version"], manifest["hash"], manifest["shares"]) == (4, "blake3", 1)
+    assert "sliced" not in manifest
     assert set(manifest["files"]) == {p.name for p in saved.iterdir()} - {"manifest.json"}
     for name, entry in manifest["files"].items():
         data = (saved / name).read_bytes()

@@ -414,8 +414,8 @@ def test_config_fields_are_the_options_that_set_a_platform_config_field():
     assert FIELDS == ("platform", "n_procs", "n_gpus", "n_nodes", "cpus_per_task", "partition",
                       "timeout_min", "mem_gb", "account", "qos", "constraint", "exclusive",
                       "slurm_parameters", "requeue_signal", "signal_delay_s", "requeue_limit",
-                      "name", "mixed_precision", "torch_compile", "torch_compile_mode",
-                      "node_rank", "master_addr", "master_port",
+                      "name", "mixed_precision", "strategy", "shard_units", "torch_compile",
+                      "torch_compile_mode", "node_rank", "master_addr", "master_port",
                       "rendezvous_timeout_s", "hang_timeout_s", "max_restarts")
 
 

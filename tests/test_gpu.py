@@ -29,6 +29,7 @@ from jobs import (
     final_files,
     flat_parameters,
     job,
+    shard_files,
 )
 
 from ddpw import JobMode, JobPaused, Platform, PlatformConfig, Wrapper
@@ -274,3 +275,35 @@ def test_two_ranks_on_one_gpu_as_two_hosts_train_pause_and_resume_through_nccl(t
     # Each rank wrote a share: every tensor, wherever it is, bitwise as in the straight run.
     assert final_files(tmp_path / "paused" / "checkpoint" / "ckpt_2") == \
         final_files(tmp_path / "straight" / "checkpoint" / "ckpt_2")
+
+
+@pytest.mark.skipif(gpus() < 2, reason="FSDP shards across 2 GPUs or more")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp_on_two_gpus_shards_over_nccl_computes_in_the_policy_dtype_and_resumes_exactly(
+        tmp_path, precision):
+    sharded = PlatformConfig(platform=Platform.GPU, n_gpus=2, strategy="fsdp",
+                             mixed_precision=precision, verbose=False)
+    train = {"epochs": 2, "save_every": 1, "max_grad_norm": 1.0}
+    straight = Wrapper(sharded, probe_artefacts()).start(
+        ProbeTrainer(job(tmp_path / "straight", **train)))
+    whole = Wrapper(gpu(precision, n_gpus=2), probe_artefacts()).start(
+        ProbeTrainer(job(tmp_path / "ddp", **train)))
+    for rank in straight["ranks"]:
+        assert (rank["device"], rank["backend"]) == ("cuda", "nccl")
+        assert rank["param_devices"] == ["cuda"] and rank["optimiser_devices"] == ["cuda"]
+        # FSDP2's policy: the shards stay in float32, each unit computes in the policy's dtype.
+        assert rank["param_dtypes"] == ["torch.float32"]
+        assert rank["forward_dtype"] == DTYPES[precision]
+    # Each GPU holds its shards of the parameters and of Adam's state: less than DDP's whole.
+    assert all(s["cuda_bytes"] < w["cuda_bytes"]
+               for s, w in zip(straight["ranks"], whole["ranks"], strict=True))
+    # A pause mid-epoch resumes bitwise, the fp16 GradScaler's state included.
+    paused = tmp_path / "paused"
+    with pytest.raises(JobPaused):
+        Wrapper(sharded, probe_artefacts()).start(
+            PausingProbeTrainer(job(paused, **train), at=(2, 3)))
+    resumed = Wrapper(sharded, probe_artefacts()).start(
+        ProbeTrainer(job(paused, start_at="latest", **train)))
+    assert resumed["scaler"] == straight["scaler"]
+    assert shard_files(paused / "checkpoint" / "ckpt_2") == \
+        shard_files(tmp_path / "straight" / "checkpoint" / "ckpt_2")

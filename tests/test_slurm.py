@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobs import InspectingTrainer, SlowTrainer, artefacts, final_files, job, step_lr
+from jobs import (
+    Blocks,
+    InspectingTrainer,
+    ShardInspectingTrainer,
+    SlowTrainer,
+    artefacts,
+    final_files,
+    job,
+    shard_files,
+    step_lr,
+)
 
 from ddpw import (
     ConfigError,
@@ -60,6 +70,22 @@ def test_a_trainer_runs_two_processes_on_one_node(cluster, tmp_path):
     result = Wrapper(p_config, artefacts()).start(InspectingTrainer(job(tmp_path, epochs=1)))
     assert result["distributed_type"] == "DistributedType.MULTI_CPU"
     assert torch.equal(result["params"][0], result["params"][1])
+
+
+def test_fsdp_on_two_nodes_ends_bitwise_equal_to_one_node_of_two_processes(cluster, tmp_path):
+    sharded = {"strategy": "fsdp", "verbose": False}
+    runs = []
+    for where, p_config in (("one-node", PlatformConfig(platform=Platform.CPU, n_procs=2,
+                                                         **sharded)),
+                            ("two-nodes", PlatformConfig(**SLURM_CPU | sharded, n_nodes=2))):
+        runs.append(Wrapper(p_config, artefacts(model=Blocks(width=64, depth=2))).start(
+            ShardInspectingTrainer(job(tmp_path / where, epochs=2, save_every=2, **ACCUMULATE))))
+    one_node, two_nodes = runs
+    assert all(torch.equal(a, b) for a, b in zip(one_node.pop("held"), two_nodes.pop("held"),
+                                                  strict=True))
+    assert two_nodes == one_node
+    assert shard_files(tmp_path / "one-node" / "checkpoint" / "ckpt_2") == \
+        shard_files(tmp_path / "two-nodes" / "checkpoint" / "ckpt_2")
 
 
 def fail_on_node_one() -> None:

@@ -6,8 +6,10 @@ after ``k`` complete epochs, or ``{prefix}_{k}_batch{b}`` for a pause ``b`` batc
 
 - the unwrapped model's weights (no ``module.`` prefix): ``model.safetensors`` from a world of
   one; from ``n`` ranks, each rank's share ``model-0000r-of-0000n.safetensors`` and the index
-  ``model.safetensors.index.json``, as Hugging Face shards a model (:mod:`.layout`). Tied
-  weights are stored once and their other names listed in the files' metadata;
+  ``model.safetensors.index.json``, as Hugging Face shards a model (:mod:`.layout`). A model
+  sharded with FSDP (DTensors placed ``Shard(0)``) is written in slices: each rank writes the
+  rows it holds into its own file, and there is no index (:mod:`.slices`). Tied weights are
+  stored once and their other names listed in the files' metadata;
 - ``optimiser.json``: the optimiser's hyper-parameters and structure, with its state tensors
   in ``optimiser.safetensors`` or in shares like the model's; likewise ``scheduler.*`` and,
   with fp16, ``scaler.*``;
@@ -16,21 +18,26 @@ after ``k`` complete epochs, or ``{prefix}_{k}_batch{b}`` for a pause ``b`` batc
 - ``state.json``: the data position (epochs done, batches into the next epoch, optimiser steps,
   batch size, world size, data seed, gradient accumulation), the last epoch's metrics, the
   early-stopping count and the tracker runs' ids (:class:`~ddpw.checkpoint.state.TrainingState`);
-- ``manifest.json``, written last: format and version, world size and shares, platform, mixed
-  precision and every file's size and hash (BLAKE3; SHA-256 in version 1).
+- ``manifest.json``, written last: format and version (4), world size and shares, platform,
+  mixed precision, every file's size and hash (BLAKE3; SHA-256 in version 1) and, for each
+  sliced tensor, its whole shape, dtype and each slice's file, first row and rows
+  (``"sliced"``, from version 4).
 
 A checkpoint is written into a hidden folder (``.{name}.partial``), every file flushed to disk
 by the rank that wrote it, and renamed into place by the main rank once every rank has written
 its share; the marker file ``{prefix}_latest`` moves after it. A crash, a kill or a full disk at
 any moment leaves the earlier checkpoints as they were and no folder that looks complete.
-Loading checks every file against the manifest before anything of it is used.
+Loading checks every file against the manifest before anything of it is used, and reads a
+checkpoint of any world size into either strategy (:mod:`.reading`); :mod:`.export` writes any
+checkpoint's model in Hugging Face's layout (``ddpw-export``).
 
 Submodules: ``names`` (positions, which checkpoints exist, clean-up), ``layout`` (which rank
-writes what, and the files' names), ``tensors`` (the parts' files), ``hashing`` (hashed writes),
-``manifest`` (publish, check, verify), ``rng`` (RNG states), ``state`` (the training state
-in ``state.json``), and ``checkpointer`` (the
-:class:`~ddpw.checkpoint.checkpointer.Checkpointer` that a Trainer saves and restores with,
-agreed across ranks, in the background). The names below are importable from
+writes what, and the files' names), ``tensors`` (the parts' files), ``slices`` (which rank
+writes which tensor, whole or in rows), ``reading`` (the tensors back into a model),
+``hashing`` (hashed writes), ``manifest`` (publish, check, verify), ``rng`` (RNG states),
+``state`` (the training state in ``state.json``), ``export`` (Hugging Face's layout) and
+``checkpointer`` (the :class:`~ddpw.checkpoint.checkpointer.Checkpointer` that a Trainer saves
+and restores with, agreed across ranks, in the background). The names below are importable from
 ``ddpw.checkpoint`` itself, loaded when first used: ``Position``, which :mod:`ddpw.job` checks
 ``start_at`` with, needs no torch.
 """
@@ -56,8 +63,9 @@ if TYPE_CHECKING:
         staging_path,
         tidy,
     )
+    from .reading import check_fits, read_model, read_part
     from .rng import rng_state, set_rng_state
-    from .tensors import check_fits, join, read_model, read_part, split, write_tensors
+    from .tensors import join, split, write_tensors
 
 __all__ = [
     "FORMAT", "LATEST", "MANIFEST", "TEST_FAULT", "VERSION", "Position", "available",
@@ -75,8 +83,8 @@ _HOMES = {
     "by_write_order": "names", "latest": "names", "prune": "names", "resolve": "names",
     "staging_path": "names", "tidy": "names",
     "rng_state": "rng", "set_rng_state": "rng",
-    "check_fits": "tensors", "join": "tensors", "read_model": "tensors", "read_part": "tensors",
-    "split": "tensors", "write_tensors": "tensors",
+    "check_fits": "reading", "read_model": "reading", "read_part": "reading",
+    "join": "tensors", "split": "tensors", "write_tensors": "tensors",
 }
 
 __getattr__, __dir__ = lazy_names(__name__, _HOMES, __all__)

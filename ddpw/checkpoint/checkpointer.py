@@ -2,18 +2,19 @@
 a checkpoint together, in the background, and how each rank reads one back, verified.
 
 **Saving.** :meth:`Checkpointer.save` deals the tensors of the model, optimiser, scheduler and
-scaler out to the ranks (:func:`~ddpw.checkpoint.layout.assign`), and each rank copies its share
-into host buffers kept from one save to the next (pinned memory on CUDA; freed by
-:meth:`Checkpointer.close`). Then the save returns and training goes on, while a thread of the
-checkpointer's own writes the checkpoint in three steps, each ending with every rank learning
-whether any rank failed:
+scaler out to the ranks (:func:`~ddpw.checkpoint.slices.share`): whole tensors (DDP) balanced
+by bytes, and each rank's own rows of the tensors sliced across the ranks (FSDP). Each rank
+copies its share into host buffers kept from one save to the next (pinned memory on CUDA;
+freed by :meth:`Checkpointer.close`). Then the save returns and training goes on, while a
+thread of the checkpointer's own writes the checkpoint in three steps, each ending with every
+rank learning whether any rank failed:
 
 1. the main rank cleans up after interrupted writes and makes the staging folder;
 2. every rank writes, hashes and flushes its share and its own part (its RNG states and running
    sums), and the main rank the parts' structure, the index of the shares and the position;
-3. the main rank publishes the checkpoint (:func:`~ddpw.checkpoint.manifest.publish`), notes
-   it in the SLURM job's record (:data:`ddpw.environment.CHECKPOINT_RECORD`) and prunes old
-   ones.
+3. the main rank merges the ranks' slices into the manifest, publishes the checkpoint
+   (:func:`~ddpw.checkpoint.manifest.publish`), notes it in the SLURM job's record
+   (:data:`ddpw.environment.CHECKPOINT_RECORD`) and prunes old ones.
 
 At most one save is in flight: the next one, :meth:`Checkpointer.wait` and
 :meth:`Checkpointer.close` wait for it and raise its error. A save that fails in the background
@@ -23,7 +24,9 @@ thread from the tensors' own memory and returns once the checkpoint is published
 
 **Loading.** :meth:`Checkpointer.restore` maps every file it needs into memory once; each rank
 hashes a share of the files (about the same bytes on every rank), the ranks agree that no file
-is damaged, and only then is anything put into the model.
+is damaged, and only then is anything put into the model: each rank reads only the rows that
+it holds of a sharded model (:mod:`~ddpw.checkpoint.reading`), whichever world size and
+strategy wrote the checkpoint.
 """
 
 from __future__ import annotations
@@ -47,24 +50,13 @@ from .. import environment, jobfolder
 from ..errors import ConfigError, PeerFailed
 from ..network import gloo_group
 from .hashing import new_hasher, write_json
-from .layout import assign, index, index_file, tensor_file, tensor_files
+from .layout import assign, index, index_file
 from .manifest import check, damage, hash_of, publish
 from .names import Position, prune, staging_path, tidy
+from .reading import catalogue, load_model, load_part
+from .slices import merge, model_tensors, share
 from .state import FILE, TrainingState
-from .tensors import (
-    MappedFile,
-    aliases,
-    join,
-    load_model,
-    map_tensors,
-    model_tensors,
-    split,
-    to_device,
-    write_tensors,
-)
-
-#: The parts whose state every rank holds alike, in the order they are dealt out.
-SHARED_PARTS = ("model", "optimiser", "scheduler", "scaler")
+from .tensors import MappedFile, join, split, write_tensors
 
 
 @dataclass
@@ -198,7 +190,7 @@ class Checkpointer:
         """
         self.wait()
         folder = self.root / position.name(self.prefix)
-        files, index_files = self._share(contents)
+        files, index_files, sliced = self._share(contents)
         copied = torch.cuda.Event() if self._thread is not None and self.device.type == "cuda" \
             else None
         if copied is not None:
@@ -212,10 +204,14 @@ class Checkpointer:
                 copied.synchronize()
             staging = staging_path(folder)
             self._agree(folder, lambda: self._begin(staging), main_only=True)
-            written = self._agree(folder, lambda: _write_files(staging, files, index_files))
-            digests = {name: digest for share in written for name, digest in share.items()}
-            self._agree(folder, lambda: self._publish(staging, folder, digests, manifest,
-                                                      protect), main_only=True)
+            written = self._agree(folder, lambda: (_write_files(staging, files, index_files),
+                                                   sliced))
+            digests = {name: digest for share, _ in written for name, digest in share.items()}
+            # Each rank's slices, in the manifest ("sliced"): where a loader finds its rows.
+            merged = merge([slices for _, slices in written])
+            self._agree(folder, lambda: self._publish(
+                staging, folder, digests, manifest | ({"sliced": merged} if merged else {}),
+                protect), main_only=True)
 
         if self._thread is None:
             write()
@@ -230,9 +226,11 @@ class Checkpointer:
             self.on_failure()
             raise
 
-    def _share(self, contents: Contents) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _share(self, contents: Contents
+               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
         """This rank's files of the checkpoint, as what to write into each (tensors staged in
-        host buffers when asynchronous), and the main rank's index files."""
+        host buffers when asynchronous), the main rank's index files, and this rank's slices
+        of the sliced tensors (:mod:`~ddpw.checkpoint.slices`)."""
         shared: list[tuple[str, str, torch.Tensor]] = []
         structures: dict[str, Any] = {}
         tensors, tied = model_tensors(contents.model)
@@ -241,15 +239,13 @@ class Checkpointer:
             found: dict[str, torch.Tensor] = {}
             structures[part] = split(obj, found)
             shared += [(part, key, t) for key, t in found.items()]
-        owners = assign([t.numel() * t.element_size() for _, _, t in shared], self.world_size)
-        files: dict[str, Any] = {}
+        mine = share(shared, self.rank, self.world_size)
         # "format": what Hugging Face's loaders require of a model file's metadata.
         metadata = {"format": "pt", **({"ddpw_aliases": json.dumps(tied)} if tied else {})}
-        for (part, key, t), owner in zip(shared, owners, strict=True):
-            if owner == self.rank:
-                name = tensor_file(part, owner, self.world_size)
-                files.setdefault(name, ({}, metadata if part == "model" else None))
-                files[name][0][key] = self._staged(part, key, t)
+        files: dict[str, Any] = {
+            name: ({key: self._staged(name, key, t) for key, t in held.items()},
+                   metadata if part == "model" else None)
+            for name, (part, held) in mine.files.items()}
         own: dict[str, torch.Tensor] = {}
         own_structure = split(contents.own, own)
         own = {key: t.detach().to("cpu", copy=True) for key, t in own.items()}
@@ -261,27 +257,21 @@ class Checkpointer:
             files |= {f"{part}.json": structure for part, structure in structures.items()}
             files[FILE] = json.loads(json.dumps(contents.state.to_dict()))  # as it is now
             if self.world_size > 1:
-                for part in SHARED_PARTS:
-                    weight_map = {key: tensor_file(part, owner, self.world_size)
-                                  for (p, key, _), owner in zip(shared, owners, strict=True)
-                                  if p == part}
-                    if weight_map:
-                        size = sum(t.numel() * t.element_size() for p, _, t in shared
-                                   if p == part)
-                        index_files[index_file(part)] = index(weight_map, size)
-        return files, index_files
+                index_files = {index_file(part): index(weight_map, mine.sizes[part])
+                               for part, weight_map in mine.weight_maps.items()}
+        return files, index_files, mine.sliced
 
-    def _staged(self, part: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _staged(self, name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` as the writer reads it: copied into this key's host buffer when
         asynchronous (made on the first save, pinned on CUDA), else itself on the CPU."""
         tensor = tensor.detach()
         if self._thread is None:
             return tensor.to("cpu")
-        buffer = self._buffers.get((part, key))
+        buffer = self._buffers.get((name, key))
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype,
                                  pin_memory=self.device.type == "cuda")
-            self._buffers[(part, key)] = buffer
+            self._buffers[(name, key)] = buffer
         return buffer.copy_(tensor, non_blocking=True)
 
     def _begin(self, staging: Path) -> None:
@@ -372,12 +362,15 @@ class Checkpointer:
         if problems:
             raise ConfigError(problems[0])
         assert state is not None
-        tensors, metadata = self._tensors(folder, "model", mapped)
-        load_model(model, tensors, aliases(metadata), folder)
+
+        def mapping(name: str) -> MappedFile:
+            return self._map(folder, name, mapped)
+
+        load_model(model, folder, *catalogue(folder, manifest, "model", mapping), self.device)
         for part, target in loadables.items():
             if (folder / f"{part}.json").is_file():
-                structure = self._map(folder, f"{part}.json", mapped).json()
-                target.load_state_dict(join(structure, self._tensors(folder, part, mapped)[0]))
+                load_part(target, mapping(f"{part}.json").json(),
+                          catalogue(folder, manifest, part, mapping)[0], self.device)
         if mine:
             return Restored(state, self._own(folder, self.rank, mapped))
         return Restored(state, None, [self._own(folder, rank, mapped)
@@ -401,12 +394,6 @@ class Checkpointer:
         if name not in mapped:
             mapped[name] = MappedFile(folder / name)
         return mapped[name]
-
-    def _tensors(self, folder: Path, part: str, mapped: dict[str, MappedFile]
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors, metadata = map_tensors(tensor_files(folder, part),
-                                        lambda path: self._map(folder, path.name, mapped))
-        return to_device(tensors, self.device), metadata
 
 
 def _write_probe(probe: Path | None) -> str:

@@ -10,16 +10,17 @@ With one share (a world of one), a part's tensors are one file, ``{part}.safeten
 tensors of, and the main rank writes an index that maps each tensor to its file: for the model
 ``model.safetensors.index.json``, the layout of Hugging Face's sharded checkpoints, which
 ``transformers`` and ``accelerate.load_checkpoint_in_model`` read; for the others
-``{part}.shares.json``, in the same format.
+``{part}.shares.json``, in the same format. A part with tensors sliced across the ranks (FSDP:
+:mod:`~ddpw.checkpoint.slices`) has no index, since the index maps a key to one file. ddpw
+itself finds a part's files by their names in the manifest (:func:`tensor_files`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import ConfigError
+from .manifest import read_manifest
 
 
 def assign(sizes: Sequence[int], shares: int) -> list[int]:
@@ -55,20 +56,20 @@ def index(weight_map: dict[str, str], total_size: int) -> dict[str, object]:
     return {"metadata": {"total_size": total_size}, "weight_map": weight_map}
 
 
-def tensor_files(folder: Path, part: str) -> list[Path]:
-    """The files that hold ``part``'s tensors in the checkpoint ``folder`` (none if it has none).
+def part_files(names: Iterable[str], part: str, shares: int) -> list[str]:
+    """The files among a checkpoint's file ``names`` that hold ``part``'s tensors, when
+    ``shares`` ranks wrote it."""
+    names = set(names)
+    return [name for share in range(shares)
+            if (name := tensor_file(part, share, shares)) in names]
 
-    :raises ConfigError: when the index cannot be read.
+
+def tensor_files(folder: Path, part: str) -> list[Path]:
+    """The files that hold ``part``'s tensors in the checkpoint ``folder`` (none if it has
+    none), as its manifest lists them (a part with sliced tensors has no index).
+
+    :raises ConfigError: when the manifest cannot be read.
     """
-    single = folder / tensor_file(part, 0, 1)
-    if single.is_file():
-        return [single]
-    path = folder / index_file(part)
-    if not path.is_file():
-        return []
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"checkpoint {folder} is damaged: {path.name} cannot be read "
-                          f"({type(error).__name__}: {error}). Use another checkpoint.") from error
-    return [folder / name for name in sorted(set(weight_map.values()))]
+    manifest = read_manifest(folder)
+    return [folder / name
+            for name in part_files(manifest["files"], part, manifest.get("shares", 1))]

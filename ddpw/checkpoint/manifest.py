@@ -16,11 +16,15 @@ from .hashing import ALGORITHM, ALGORITHMS, file_digest, write_json
 from .names import LATEST, MANIFEST, available, sequence
 
 FORMAT = "ddpw-checkpoint"
-#: Version 3 may keep a part's tensors in several files, one per rank that wrote a share
+#: Version 4 may slice a tensor across the ranks (FSDP): each rank writes its rows into its
+#: own file, and the manifest's ``"sliced"`` record says, for each part and key, the tensor's
+#: whole ``"shape"``, its ``"dtype"`` and each slice's file, first row and number of rows
+#: (:mod:`~ddpw.checkpoint.slices`); a part with sliced tensors has no index file. Version 3
+#: may keep a part's tensors in several files, one per rank that wrote a share
 #: (:mod:`~ddpw.checkpoint.layout`), and records how many shares (``"shares"``). Version 2
 #: names its hash (``"hash": "blake3"``) and records each file's digest under that name;
-#: version 1 recorded SHA-256 (``"sha256"``) without naming it. All three are read.
-VERSION = 3
+#: version 1 recorded SHA-256 (``"sha256"``) without naming it. All four are read.
+VERSION = 4
 
 
 def publish(staging: Path, folder: Path, digests: dict[str, str],

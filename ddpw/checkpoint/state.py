@@ -72,9 +72,9 @@ class TrainingState:
         """
         # Here, not above: ddpw.monitor, which a JobConfig imports without torch, reads the
         # metrics of a state too.
-        from .tensors import read_part
+        from .tensors import MappedFile
 
-        return cls.from_dict(read_part(folder, "state"))
+        return cls.from_dict(MappedFile(folder / FILE).json())
 
     def same_run(self, world_size: int, batch_size: int, accumulation: int) -> bool:
         """Whether a run of this shape wrote it, so that each rank's own part (RNG states,

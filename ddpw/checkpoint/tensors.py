@@ -1,6 +1,6 @@
 """A checkpoint's parts as safetensors and JSON files: the model's weights, and nested states
-(optimiser, scheduler, RNG) split into JSON and tensors; files written hashed and read in
-place."""
+(optimiser, scheduler, RNG) split into JSON and tensors; files written hashed and mapped into
+memory to be read in place (:mod:`~ddpw.checkpoint.reading` puts them into a model)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ from typing import Any
 
 import numpy as np
 import safetensors
-import safetensors.torch
 import torch
 
 from ..errors import ConfigError
 from .hashing import write_hashed
-from .layout import tensor_files
 
 # --- nested state as JSON plus tensors -----------------------------------------------------------
 # Optimiser, scheduler and RNG states are nested containers. Their tensors go to safetensors and
@@ -66,13 +64,15 @@ def join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # --- writing -------------------------------------------------------------------------------------
 
-_DTYPES = {
+#: Each dtype's name in a safetensors header.
+DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
-_NAMES = {name: dtype for dtype, name in _DTYPES.items()}
+#: The dtype of each name in a safetensors header.
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
@@ -86,7 +86,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
     :func:`map_tensors` can read it in place.
     """
     for name, t in tensors.items():
-        if t.dtype not in _DTYPES:
+        if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"cannot store tensor '{name}' of dtype {t.dtype} in a checkpoint")
     ordered = sorted(tensors, key=lambda name: -tensors[name].element_size())
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -94,7 +94,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
     for name in ordered:
         t = tensors[name]
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -103,23 +103,6 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
     pieces += [memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
                for name in ordered if (t := tensors[name]).numel()]
     return write_hashed(path, pieces)
-
-
-def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``model``'s weights with each tied tensor once, and the other names of tied tensors
-    (alias -> stored name)."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[Any, ...], str] = {}
-    for key, tensor in model.state_dict().items():
-        identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-                    tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        if identity in seen:
-            aliases[key] = seen[identity]
-        else:
-            seen[identity] = key
-            tensors[key] = tensor
-    return tensors, aliases
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -181,7 +164,7 @@ class MappedFile:
             metadata = header.pop("__metadata__", None) or {}
             tensors = {}
             for name, entry in header.items():
-                dtype = _NAMES[entry["dtype"]]
+                dtype = DTYPES[entry["dtype"]]
                 begin, end = entry["data_offsets"]
                 raw = self.data[base + begin:base + end]
                 shape = tuple(entry["shape"])
@@ -195,7 +178,9 @@ class MappedFile:
 
 def map_tensors(paths: Iterable[Path], mapping: Callable[[Path], MappedFile] = MappedFile
                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of the safetensors files ``paths`` together, and their metadata.
+    """The tensors of the safetensors files ``paths`` together, and their metadata: for a part
+    whose tensors are whole (a part with sliced tensors holds a slice of each under its key in
+    several files; :func:`~ddpw.checkpoint.reading.catalogue` reads those).
 
     :param mapping: maps a file (a reader that keeps its maps passes its own, to map each once).
     """
@@ -206,79 +191,3 @@ def map_tensors(paths: Iterable[Path], mapping: Callable[[Path], MappedFile] = M
         tensors |= found
         metadata |= meta
     return tensors, metadata
-
-
-def read_part(folder: Path, name: str, device: torch.device | str = "cpu") -> Any:
-    """Read a part that a checkpoint keeps as ``{name}.json`` and, if it holds tensors, one or
-    more safetensors files (:mod:`~ddpw.checkpoint.layout`), without checking its hashes.
-
-    :raises ConfigError: naming a file that is not what it should be.
-    """
-    tensors, _ = map_tensors(tensor_files(folder, name))
-    return join(MappedFile(folder / f"{name}.json").json(), to_device(tensors, device))
-
-
-def load_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
-               aliases: dict[str, str], folder: Path) -> None:
-    """Load the stored ``tensors`` and their ``aliases`` into ``model``.
-
-    :raises ConfigError: when the weights do not fit the model, naming the keys.
-    """
-    state = dict(tensors)
-    for alias, key in aliases.items():
-        state[alias] = state[key]
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        check_fits(folder, model)  # names the keys
-        raise ConfigError(f"checkpoint {folder} does not fit the model: missing "
-                          f"{result.missing_keys}, unexpected {result.unexpected_keys}.")
-
-
-def read_model(folder: Path, model: torch.nn.Module, device: torch.device | str) -> None:
-    """Load a checkpoint's model weights into ``model``, without checking their hashes.
-
-    :raises ConfigError: when a file is not a safetensors file, or the weights do not fit the
-        model, naming the keys.
-    """
-    tensors, metadata = map_tensors(tensor_files(folder, "model"))
-    load_model(model, to_device(tensors, device), aliases(metadata), folder)
-
-
-def aliases(metadata: dict[str, str]) -> dict[str, str]:
-    """The tied weights' other names (alias -> stored name) in a model file's metadata."""
-    return json.loads(metadata.get("ddpw_aliases", "{}"))
-
-
-def check_fits(folder: Path, model: torch.nn.Module) -> None:
-    """Check, from the files' headers alone, that the checkpoint's weights fit ``model``.
-
-    :raises ConfigError: listing missing, unexpected and mis-shaped tensors.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    tied: dict[str, str] = {}
-    for path in tensor_files(folder, "model"):
-        with _reading(path), safetensors.safe_open(str(path), framework="pt") as f:
-            shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            tied |= aliases(f.metadata() or {})
-    for alias, key in tied.items():
-        shapes[alias] = shapes[key]
-    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    missing = [k for k in expected if k not in shapes]
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k} is {shapes[k]} in the checkpoint, {expected[k]} in the model"
-             for k in shapes if k in expected and expected[k] != shapes[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                     ("wrong shape", wrong)) if keys]
-        raise ConfigError(f"checkpoint {folder} does not fit the model "
-                          f"({type(model).__name__}): " + "; ".join(parts) + ".")
-
-
-def to_device(tensors: dict[str, torch.Tensor], device: torch.device | str
-              ) -> dict[str, torch.Tensor]:
-    """``tensors`` on ``device`` (themselves on the CPU)."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return tensors
-    return {name: t.to(device, non_blocking=True) for name, t in tensors.items()}

@@ -231,7 +231,8 @@ class CheckpointBench(Trainer):
     def _state_tensors(self) -> tuple[list[torch.Tensor], list[int]]:
         """The tensors a checkpoint holds and the rank that writes each, as ddpw deals them."""
         from ddpw.checkpoint.layout import assign
-        from ddpw.checkpoint.tensors import model_tensors, split
+        from ddpw.checkpoint.slices import model_tensors
+        from ddpw.checkpoint.tensors import split
 
         tensors, _ = model_tensors(self.accelerator.unwrap_model(self.model))
         found: dict[str, torch.Tensor] = {}
