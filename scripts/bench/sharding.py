@@ -193,9 +193,10 @@ def show(results: list[Result]) -> None:
     for r in results:
         ratio = f"{r.ratio:6.3f}" if r.ratio is not None else f"{'-':>6}"
         low, high = (min(r.values), max(r.values)) if r.values else (float("nan"),) * 2
-        loss = statistics.median(r.extra["final_loss"]) if r.values else float("nan")
-        print(f"{r.case:{width}} {r.variant:52} {r.metric:9} {r.median:9.1f} {low:9.1f} "
-              f"{high:9.1f} {ratio} {loss:8.4f} {r.failed:6d}")
+        losses = r.extra.get("final_loss") if r.values else None
+        loss = statistics.median(losses) if losses else float("nan")
+        print(f"{r.case:{width}} {r.variant:52} {r.metric:9} {r.median:9.3g} {low:9.3g} "
+              f"{high:9.3g} {ratio} {loss:8.4f} {r.failed:6d}")
 
 
 def main() -> None:
