@@ -55,7 +55,7 @@ SECTIONS = (
     Section("Checkpoint", "checkpoint", by_size=True),
     Section("Resume", "resume"),
     Section("Sharding", "sharding", headline=(
-        "ddpw Trainer, strategy='fsdp'", "ddpw save (sync)", "ddpw save (async): blocked",
+        "ddpw, strategy='fsdp'", "ddpw save (sync)", "ddpw save (async): blocked",
         "ddpw restore (hash-checked)")),
     Section("SLURM", "slurm"),
     Section("Original ddpw", "original ddpw"),
@@ -97,7 +97,7 @@ class Goal:
 LAUNCHERS = ("ddpw Wrapper.start", "ddpw-launch")
 ASYNC = "ddpw save_checkpoint (async): blocked"
 RESUMED = "ddpw Trainer (start_at='latest')"
-SHARDED = ("ddpw Trainer, strategy='fsdp'",)  # not the variants with other allocator settings
+SHARDED = ("ddpw, strategy='fsdp'",)  # not the variants with other allocator settings
 GOALS = (
     # Issue 7 (the bench): launch within 5% of accelerate launch, training at least 0.98.
     Goal("launch", r"2 processes", LAUNCHERS, 1.05),
