@@ -89,7 +89,8 @@ def panels(section: Section, results: list[Result]) -> list[Panel]:
             out.setdefault(title, Panel(title, [Block(None)])).blocks[0].bars.append((label, r))
     for panel in out.values():
         for block in panel.blocks:
-            block.bars.sort(key=lambda bar: not is_ddpw(bar[1]))  # ddpw above its baseline
+            # ddpw above its baseline (which may be ddpw's too: FSDP against DDP)
+            block.bars.sort(key=lambda bar: bar[1].variant == bar[1].baseline)
     return list(out.values())
 
 
@@ -168,7 +169,8 @@ def _draw(ax: Axes, panel: Panel, slots: int, indent: float) -> None:
                         else f"{value(r)}, no baseline to compare")
                 ax.text(0.02, y, f" {said}", fontsize=9, va="center", style="italic")
             else:
-                ax.barh(y, r.ratio, height=0.7, color=DDPW if is_ddpw(r) else BASELINE)
+                ax.barh(y, r.ratio, height=0.7,
+                        color=BASELINE if r.variant == r.baseline else DDPW)
                 ax.text(r.ratio, y, f" {r.ratio:.2f}{X}  {value(r)}", fontsize=9, va="center",
                         bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5,
                               "alpha": 0.85})

@@ -41,25 +41,30 @@ def publish(results: list[Result], facts: dict[str, str]) -> None:
            f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB, GPU: "
            f"{facts['gpu']}; Python {facts['python']}, torch {facts['torch']}, accelerate "
            f"{facts['accelerate']}. Each section says when it was measured, and how many "
-           "times each variant ran.", ""]
+           "times each variant ran"
+           + (", and on which CPU where it was another" if any(
+               r.extra.get("cpu", facts["cpu"]) != facts["cpu"] for r in results) else "")
+           + ".", ""]
     for section in SECTIONS:
         held = [r for r in results if section.holds(r)]
         if held:
-            out += _section(section, held)
+            out += _section(section, held, facts["cpu"])
     PAGE.write_text("\n".join(out) + "\n")
 
 
-def _section(section: Section, rows: list[Result]) -> list[str]:
-    """A section's heading, figure, dates, table, notes and time breakdown."""
+def _section(section: Section, rows: list[Result], cpu: str) -> list[str]:
+    """A section's heading, figure, dates (and CPU, where not ``cpu``), table, notes and time
+    breakdown."""
     # A row measured in parts (run.py --add) says when each of its cases was.
-    runs: dict[tuple[str, int], list[str]] = {}
+    runs: dict[tuple[str, int, str], list[str]] = {}
     for r in rows:
-        cases = runs.setdefault((r.extra["measured"], r.extra["repeats"]), [])
+        cases = runs.setdefault(
+            (r.extra["measured"], r.extra["repeats"], r.extra.get("cpu", cpu)), [])
         if r.case not in cases:
             cases.append(r.case)
-    said = [f"Measured {when}, {times} repeats per variant"
+    said = [f"Measured {when}{'' if on == cpu else f' on {on}'}, {times} repeats per variant"
             + (f": {'; '.join(cases)}" if len(runs) > 1 else "") + "."
-            for (when, times), cases in runs.items()]
+            for (when, times, on), cases in runs.items()]
     out = [section.title, "=" * len(section.title), "",
            f".. image:: _static/{section.name}.png",
            f"   :alt: {section.title}: ddpw's ratios to the baseline, with the goals", "",
@@ -101,8 +106,8 @@ def summary(results: list[Result]) -> str:
     for section in SECTIONS:
         held = [r for r in results if section.holds(r)]
         shown = [r for p in panels(section, held) for b in p.blocks for _, r in b.bars
-                 if is_ddpw(r) and r.ratio is not None
-                 and section.headline in (None, r.variant)]
+                 if is_ddpw(r) and r.ratio is not None and r.variant != r.baseline
+                 and (section.headline is None or r.variant in section.headline)]
         bounded += [(goal, r) for r in shown if (goal := goal_of(r))]
         # Compared alike: the same kind of case, unit, baseline and goal.
         groups: dict[tuple[str, str, str, Goal | None], list[Result]] = {}
@@ -157,14 +162,15 @@ def _plain(text: str) -> str:
 
 
 def load(path: Path) -> tuple[list[Result], dict[str, str]]:
-    """The results of a results file (as ``run.py`` writes it), each with the date and repeats
-    of its run, and the machine's facts."""
+    """The results of a results file (as ``run.py`` writes it), each with the date, repeats
+    and CPU of its run, and the machine's facts."""
     data = json.loads(path.read_text())
     results = []
     for found in data["results"]:
         result = Result(**{k: v for k, v in found.items() if k != "median"})
         result.extra.setdefault("measured", data["machine"]["date"])
         result.extra.setdefault("repeats", data["repeats"])
+        result.extra.setdefault("cpu", data["machine"]["cpu"])
         results.append(result)
     return results, data["machine"]
 

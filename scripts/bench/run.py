@@ -12,6 +12,8 @@ Rows (each a module of this folder with ``measure(repeats, quick)``):
   start-up, against the loop by hand under ``accelerate launch --dynamo_backend inductor``;
 - ``checkpoint``: save and load times and bytes against ``torch.save`` and Accelerate;
 - ``resume``: time from the command's start to the first resumed training step;
+- ``sharding``: ``strategy="fsdp"``'s samples per second and memory per rank against the same
+  loop by hand with FSDP2's ``fully_shard``, and against ``strategy="ddp"``;
 - ``slurm``: submit to first step and to the end, against a hand-written sbatch script (only
   when a SLURM cluster answers: ``scripts/slurm-cluster start``);
 - ``original_ddpw``: the original ``ddpw`` package from PyPI, where its features overlap.
@@ -40,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import publish
 from common import Result
 
-ROWS = ("launch", "training", "compile", "checkpoint", "resume", "slurm", "original_ddpw")
+ROWS = ("launch", "training", "compile", "checkpoint", "resume", "sharding", "slurm",
+        "original_ddpw")
 RESULTS = publish.RESULTS
 
 
@@ -78,8 +81,8 @@ def table(results: list[Result]) -> str:
 
 def _other_rows(path: Path, measured: set[str]) -> list[Result]:
     """The results in ``path`` of the rows not in ``measured``, each marked with its run's
-    date and repeats (ratios compare variants of one run, so rows of two runs may sit side by
-    side)."""
+    date, repeats and CPU (ratios compare variants of one run, so rows of two runs may sit
+    side by side)."""
     return [r for r in publish.load(path)[0] if r.row not in measured]
 
 
@@ -93,7 +96,7 @@ def main() -> None:
                         help="write docs/performance.rst from the results")
     parser.add_argument("--keep-other-rows", action="store_true",
                         help="keep the rows of the last run (latest.json) that this run does "
-                             "not measure, each with the date and repeats of its own run")
+                             "not measure, each with the date, repeats and CPU of its own run")
     parser.add_argument("--add", type=Path, action="append", default=[], metavar="JSON",
                         help="add the results that a row's own script wrote with --json (a "
                              "part of a row measured by itself), in the order given")
@@ -103,7 +106,8 @@ def main() -> None:
     for row in filter(None, args.rows.split(",")):
         print(f"== {row}", file=sys.stderr, flush=True)
         for result in importlib.import_module(row).measure(args.repeats, args.quick):
-            result.extra |= {"measured": facts["date"], "repeats": args.repeats}
+            result.extra |= {"measured": facts["date"], "repeats": args.repeats,
+                             "cpu": facts["cpu"]}
             results.append(result)
     for path in args.add:
         results += _other_rows(path, set())

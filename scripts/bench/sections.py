@@ -26,14 +26,14 @@ class Section:
     :param takes: which of the row's cases it shows (all when ``None``).
     :param by_size: the cases differ by a model size (``10M``): a panel per kind of case, a bar
         per size.
-    :param headline: the ddpw variant that the summary speaks of (each of them when ``None``).
+    :param headline: the ddpw variants that the summary speaks of (each of them when ``None``).
     """
 
     title: str
     row: str
     takes: Callable[[str], bool] | None = None
     by_size: bool = False
-    headline: str | None = None
+    headline: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -51,9 +51,12 @@ SECTIONS = (
     Section("Launch", "launch", lambda case: not _machines(case)),
     Section("Several machines", "launch", _machines),
     Section("Training", "training"),
-    Section("Compile", "compile", headline="ddpw Trainer, torch_compile"),
+    Section("Compile", "compile", headline=("ddpw Trainer, torch_compile",)),
     Section("Checkpoint", "checkpoint", by_size=True),
     Section("Resume", "resume"),
+    Section("Sharding", "sharding", headline=(
+        "ddpw, strategy='fsdp'", "ddpw save (sync)", "ddpw save (async): blocked",
+        "ddpw restore (hash-checked)")),
     Section("SLURM", "slurm"),
     Section("Original ddpw", "original ddpw"),
 )
@@ -67,15 +70,18 @@ class Goal:
     :param case: a regular expression that the start of the case matches.
     :param variants: the ddpw variants it bounds.
     :param limit: the ratio: at most this for times and bytes, at least this for rates.
+    :param metric: the unit it bounds, where the case has several (any when ``None``).
     """
 
     row: str
     case: str
     variants: tuple[str, ...]
     limit: float
+    metric: str | None = None
 
     def bounds(self, result: Result) -> bool:
         return (result.row == self.row and result.variant in self.variants
+                and self.metric in (None, result.metric)
                 and re.match(self.case, result.case) is not None)
 
     def met(self, result: Result) -> bool:
@@ -91,6 +97,7 @@ class Goal:
 LAUNCHERS = ("ddpw Wrapper.start", "ddpw-launch")
 ASYNC = "ddpw save_checkpoint (async): blocked"
 RESUMED = "ddpw Trainer (start_at='latest')"
+SHARDED = ("ddpw, strategy='fsdp'",)  # not the variants with other allocator settings
 GOALS = (
     # Issue 7 (the bench): launch within 5% of accelerate launch, training at least 0.98.
     Goal("launch", r"2 processes", LAUNCHERS, 1.05),
@@ -109,6 +116,13 @@ GOALS = (
          1.0),
     Goal("checkpoint", r"resume to first step", (RESUMED,), 1.0),
     Goal("resume", r"", (RESUMED,), 1.0),
+    # Issue 30 (sharding): the Trainer's FSDP against the same loop by hand with fully_shard.
+    Goal("sharding", r"train", SHARDED, 0.95, "samples/s"),
+    Goal("sharding", r"train", SHARDED, 1.05, "MiB"),
+    # ... and its checkpoints against torch's distributed checkpoint (DCP).
+    Goal("sharding", r"save", ("ddpw save (sync)",), 1.0),
+    Goal("sharding", r"async save", ("ddpw save (async): blocked",), 1.0),
+    Goal("sharding", r"load", ("ddpw restore (hash-checked)",), 1.0),
 )
 
 

@@ -71,6 +71,7 @@ class Measured(Run):
     loss: float = float("nan")
     rank_peak_rss_mb: float = 0.0
     threads: int = 0
+    minor_faults: int = 0
 
 
 def commands(case: Case, epochs: int) -> dict[str, variants.Command]:
@@ -94,6 +95,7 @@ def run_variant(command: list[str], env: dict[str, str]) -> Measured:
         measured.loss = ranks[0]["loss"]
         measured.rank_peak_rss_mb = max(r["peak_rss_mb"] for r in ranks.values())
         measured.threads = max(r["threads"] for r in ranks.values())
+        measured.minor_faults = max(r["minor_faults"] for r in ranks.values())
     return measured
 
 

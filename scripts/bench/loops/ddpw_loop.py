@@ -102,7 +102,7 @@ def main(trainer_class: type[BenchTrainer] = BenchTrainer) -> None:
     args = arguments(__doc__)
     p_config = PlatformConfig(platform=Platform.CPU, n_procs=PROCESSES,
                               cpus_per_task=args.threads, seed=SEED, verbose=False,
-                              torch_compile=args.compile)
+                              torch_compile=args.compile, strategy=args.strategy)
     a_config = ArtefactsConfig(train_set=make_data(args.model, args.samples),
                                batch_size=BATCH_SIZE, model=make_model(args.model, args.size),
                                optimiser_loader=make_optimiser)

@@ -3,8 +3,8 @@ ranks measured.
 
 Every variant gets 2 CPU processes of one compute thread each, as ddpw itself arranges them
 (``OMP_NUM_THREADS`` and ``torch.set_num_threads``), so that only the loop differs: ddpw through
-``Wrapper.start``, the Accelerate loop through ``accelerate launch`` with the flags that ddpw's own
-launch passes, and the DDP loop through ``torchrun``.
+``Wrapper.start``, the Accelerate loop and the sharded loop by hand through ``accelerate launch``
+with the flags that ddpw's own launch passes, and the DDP loop through ``torchrun``.
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ def ddpw(args: list[str]) -> Command:
     return [sys.executable, str(LOOPS / "ddpw_loop.py"), "--threads", str(THREADS), *args], {}
 
 
-def accelerate(args: list[str], dynamo_backend: str = "no") -> Command:
-    """``loops/accelerate_loop.py`` under ``accelerate launch``, a gloo world on the CPU."""
+def accelerate(args: list[str], dynamo_backend: str = "no",
+               script: str = "accelerate_loop.py") -> Command:
+    """``loops/accelerate_loop.py`` (or another loop ``script`` of this folder) under
+    ``accelerate launch``, a gloo world on the CPU."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(PROCESSES), "--num_machines", "1", "--machine_rank", "0",
                "--mixed_precision", "no", "--dynamo_backend", dynamo_backend,
                "--main_process_port", "0",
-               str(LOOPS / "accelerate_loop.py"), "--threads", str(THREADS), *args]
+               str(LOOPS / script), "--threads", str(THREADS), *args]
     return command, {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(THREADS)}
 
 

@@ -3,8 +3,9 @@ Trainer, the Accelerate loop and the raw DDP loop train exactly the same thing.
 
 Synthetic data made in code (no downloads): Gaussian inputs labelled by a fixed random linear
 "teacher", so that the loss falls and the final losses of the variants can be compared. Models
-are a small MLP (``size`` = hidden width) and a small CNN (``size`` = channels of its first
-convolution), both built from the same seed, and trained with Adam.
+are a small MLP (``size`` = hidden width), a small CNN (``size`` = channels of its first
+convolution) and a stack of repeated blocks for sharding (``size`` = the blocks' width), all
+built from the same seed, and trained with Adam.
 """
 
 from __future__ import annotations
@@ -32,23 +33,46 @@ CLASSES = 10
 FEATURES = 256
 #: CNN inputs: channels x side x side images.
 IMAGE = (3, 16, 16)
+#: Repeated blocks of the ``blocks`` model: at width 2048, 51M parameters.
+BLOCKS = 12
 
 
 def make_data(kind: str, samples: int) -> TensorDataset:
     """``samples`` (input, label) pairs, the same on every call and in every process."""
     generator = torch.Generator().manual_seed(SEED)
-    shape = (FEATURES,) if kind == "mlp" else IMAGE
+    shape = IMAGE if kind == "cnn" else (FEATURES,)
     inputs = torch.randn(samples, *shape, generator=generator)
     teacher = torch.randn(inputs[0].numel(), CLASSES, generator=generator)
     labels = (inputs.flatten(1) @ teacher).argmax(1)
     return TensorDataset(inputs, labels)
 
 
+class Blocks(nn.Module):
+    """A model as sharding sees a transformer: an input layer, :data:`BLOCKS` repeated blocks
+    (a ``width x width`` linear layer and a ReLU each) in a ``ModuleList``, and a head."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU())
+                                    for _ in range(BLOCKS))
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(inputs)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(hidden)
+
+
 def make_model(kind: str, size: int) -> nn.Module:
-    """The MLP (two hidden layers of width ``size``) or the CNN (``size`` channels, then
-    ``2 * size``), with weights drawn from :data:`SEED` whatever the global RNG's state."""
+    """The MLP (two hidden layers of width ``size``), the CNN (``size`` channels, then
+    ``2 * size``) or the :class:`Blocks` of width ``size``, with weights drawn from
+    :data:`SEED` whatever the global RNG's state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
+        if kind == "blocks":
+            return Blocks(size)
         if kind == "mlp":
             return nn.Sequential(nn.Linear(FEATURES, size), nn.ReLU(), nn.Linear(size, size),
                                  nn.ReLU(), nn.Linear(size, CLASSES))
@@ -71,7 +95,7 @@ def parameters(kind: str, size: int) -> int:
 def arguments(description: str) -> argparse.Namespace:
     """The options that every loop script takes."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser.add_argument("--model", choices=("mlp", "cnn", "blocks"), default="mlp")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--samples", type=int, default=4096, help="per epoch, all ranks together")
     parser.add_argument("--epochs", type=int, default=4, help="the epoch at which training stops")
@@ -81,6 +105,8 @@ def arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="ddpw: PlatformConfig.torch_compile (the Accelerate loop takes "
                              "accelerate launch's --dynamo_backend instead)")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                        help="ddpw: PlatformConfig.strategy")
     return parser.parse_args()
 
 
@@ -93,7 +119,9 @@ def report(rank: int, **values: Any) -> None:
     """Write this rank's measurements to ``rank-{rank}.json`` in the working folder, where the
     benchmark that started the command reads them."""
     values = {"rank": rank, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-              "pid": os.getpid(), **values}
+              "pid": os.getpid(),
+              # Pages the kernel had to map in, each a fault: what giving memory back costs.
+              "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt, **values}
     path = Path(f"rank-{rank}.json")
     path.with_suffix(".tmp").write_text(json.dumps(values))
     path.with_suffix(".tmp").replace(path)  # never a half-written file to read
