@@ -14,13 +14,12 @@ samples per second from the start of epoch 2 to the end of the last (rank 0, bet
 as the training row measures it), and the largest peak RSS of one rank. A rank's peak includes
 the whole model as it is built before it is sharded, in every variant alike.
 
-ddpw's CPU workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` under FSDP (``ddpw/plan.py``): every
-buffer from 128 KiB up is mapped on its own and given back when freed, so each unit's gathered
-parameters are new pages at every step, each page a fault. The loop by hand runs as a user
-writes it, without, and once more with it, to show what the setting does by itself; and ddpw
-runs once more with glibc's ``glibc.malloc.hugetlb=1`` (transparent huge pages for what malloc
-maps: a fault per 2 MiB rather than per 4 KiB), a remedy to weigh. The ranks' page faults are
-kept (``rank_minor_faults``).
+ddpw's CPU workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` and glibc's
+``glibc.malloc.hugetlb=1`` under FSDP (``ddpw/plan.py``): every buffer from 128 KiB up is mapped
+on its own and given back when freed, so each unit's gathered parameters are new pages at every
+step, and huge pages make that a fault per 2 MiB rather than per 4 KiB. The loop by hand runs
+as a user writes it, without them, and once more with ddpw's settings, to show what the
+Trainer costs by itself. The ranks' page faults are kept (``rank_minor_faults``).
 
 The case "FSDP against DDP" shows the same ddpw FSDP runs against ddpw's DDP runs of the same
 round: with Adam in fp32, DDP holds 16 bytes a parameter on every rank (parameters, gradients,
@@ -60,18 +59,14 @@ ROW = "sharding"
 FSDP = "ddpw, strategy='fsdp'"
 DDP = "ddpw, strategy='ddp'"
 BASELINE = "fully_shard (by hand)"
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-BY_HAND_ALLOCATOR = "fully_shard (by hand), MALLOC_MMAP_THRESHOLD_=131072"
-HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-FSDP_HUGE_PAGES = "ddpw, 'fsdp', malloc.hugetlb=1"
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+BY_HAND_ALLOCATOR = "fully_shard (by hand), ddpw's allocator settings"
 #: What the samples per second of each variant ran with, where the allocator differs.
-NOTES = {FSDP: f"{FSDP}: the Trainer's workers run with MALLOC_MMAP_THRESHOLD_=131072, "
-               f"as ddpw sets it for FSDP on CPUs",
-         BY_HAND_ALLOCATOR: "fully_shard (by hand), MALLOC_MMAP_THRESHOLD_=131072: the loop by "
-                            "hand with ddpw's allocator setting, to show its cost by itself",
-         FSDP_HUGE_PAGES: f"{FSDP_HUGE_PAGES}: ddpw's setting and GLIBC_TUNABLES="
-                          f"glibc.malloc.hugetlb=1 (transparent huge pages for what malloc "
-                          f"maps: a fault per 2 MiB, not per 4 KiB), a remedy to weigh"}
+NOTES = {FSDP: f"{FSDP}: the Trainer's workers run with MALLOC_MMAP_THRESHOLD_=131072 and "
+               f"GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as ddpw sets them for FSDP on CPUs",
+         BY_HAND_ALLOCATOR: f"{BY_HAND_ALLOCATOR}: the loop by hand with MALLOC_MMAP_THRESHOLD_"
+                            f"=131072 and glibc.malloc.hugetlb=1, to show what the Trainer "
+                            f"costs by itself"}
 #: The blocks' width: 51M parameters; quick: 3.5M.
 WIDTH, QUICK_WIDTH = 2048, 512
 PARTS = ("training", "checkpoint")
@@ -87,8 +82,7 @@ def commands(width: int, epochs: int) -> dict[str, variants.Command]:
     fsdp, fsdp_env = variants.ddpw([*args, "--strategy", "fsdp"])
     return {FSDP: (fsdp, fsdp_env), BASELINE: (by_hand, env),
             DDP: variants.ddpw([*args, "--strategy", "ddp"]),
-            BY_HAND_ALLOCATOR: (by_hand, env | ALLOCATOR),
-            FSDP_HUGE_PAGES: (fsdp, fsdp_env | HUGE_PAGES)}
+            BY_HAND_ALLOCATOR: (by_hand, env | ALLOCATOR)}
 
 
 def results_of(case: str, name: str, runs: list[Measured], failed: int, baseline: str,
