@@ -320,10 +320,10 @@ def _allocator_env(config: PlatformConfig) -> dict[str, str]:
     """The C allocator's settings for sharded CPU processes. FSDP gathers and frees each
     unit's parameters at every step; glibc's default raises its mmap threshold as such buffers
     are freed and keeps them in its heap, where a rank's memory grows past DDP's (a 51M-parameter
-    model: 1798 MiB a rank by hand against DDP's 1450). A fixed threshold gives every buffer
-    from 128 KiB up back when freed (857 MiB), but each step then faults its pages in again
-    (0.32 to 0.44x the samples/s); huge pages make those faults 512 times fewer (0.87 to 1.06x,
-    860 MiB; measured on a loaded 2-core machine, scripts/bench row "sharding")."""
+    model with Adam: 1718 MiB a rank sharded by hand, DDP 1460). A fixed threshold gives every
+    buffer from 128 KiB up back when freed, but each step then faults its pages in again (0.32
+    to 0.44x the samples/s); huge pages make those faults 512 times fewer. With both, ddpw ran
+    at 0.88x the loop by hand and 0.50x its memory (scripts/bench row "sharding")."""
     if config.strategy != "fsdp" or config.uses_gpus:
         return {}
     return {"MALLOC_MMAP_THRESHOLD_": "131072", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
