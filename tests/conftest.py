@@ -82,7 +82,15 @@ def pytest_runtest_protocol(item):
                  item.config.getoption("timeout", None) or item.config.getini("timeout"))
         if limit and float(limit) > 0:
             item.add_marker(pytest.mark.timeout(float(limit) + CLUSTER_START_S), append=False)
-    yield
+    if "slurm" not in getattr(item, "fixturenames", ()):
+        yield
+        return
+    # One SLURM test at a time across scripts/test's pytest-xdist workers: each counts on the
+    # cluster's nodes being free (a job of one worker's test, queued beside another's, once
+    # ran a third time), and its fixtures are set up within its own turn.
+    with open(Path(tempfile.gettempdir()) / f"ddpw-slurm-turn-{os.getppid()}", "w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")

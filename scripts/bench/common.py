@@ -75,7 +75,7 @@ class Result:
     """One line of the table: a variant of a case of a row, against the row's baseline.
 
     :param row: ``"launch"``, ``"training"``, ``"checkpoint"``, ``"resume"``, ``"sharding"``,
-        ``"slurm"`` or ``"original ddpw"``.
+        ``"slurm"``, ``"sweep"`` or ``"original ddpw"``.
     :param case: what was measured, such as ``"2 processes, one all-reduce"``.
     :param variant: who did it, such as ``"ddpw Wrapper.start"``.
     :param metric: the unit of ``values``, such as ``"s"`` or ``"samples/s"``.

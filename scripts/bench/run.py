@@ -16,6 +16,8 @@ Rows (each a module of this folder with ``measure(repeats, quick)``):
   loop by hand with FSDP2's ``fully_shard``, and against ``strategy="ddp"``;
 - ``slurm``: submit to first step and to the end, against a hand-written sbatch script (only
   when a SLURM cluster answers: ``scripts/slurm-cluster start``);
+- ``sweep``: a 2-point ``ddpw-launch --sweep`` job array against ``sbatch --array`` by hand,
+  submit to the first task's first line and to the end (only when a SLURM cluster answers);
 - ``original_ddpw``: the original ``ddpw`` package from PyPI, where its features overlap.
 
 Every variant of a row runs in fresh processes, after a warm-up, alternating with the others;
@@ -43,7 +45,7 @@ import publish
 from common import Result
 
 ROWS = ("launch", "training", "compile", "checkpoint", "resume", "sharding", "slurm",
-        "original_ddpw")
+        "sweep", "original_ddpw")
 RESULTS = publish.RESULTS
 
 

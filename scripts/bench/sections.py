@@ -58,6 +58,7 @@ SECTIONS = (
         "ddpw, strategy='fsdp'", "ddpw save (sync)", "ddpw save (async): blocked",
         "ddpw restore (hash-checked)")),
     Section("SLURM", "slurm"),
+    Section("Sweeps", "sweep"),
     Section("Original ddpw", "original ddpw"),
 )
 
