@@ -83,12 +83,17 @@ class Pace:
             self.compared = ("data", "optimiser")
         elif synchronised:
             self.compared = ("data", "backward", "optimiser")
-        if isinstance(model, DistributedDataParallel):
-            self._hook(model)
+        compiled = getattr(model, "_orig_mod", None)  # torch.compile's wrapper, around DDP's
+        ddp = compiled if compiled is not None else model
+        if isinstance(ddp, DistributedDataParallel):
+            self._hook(ddp, forward=compiled is None)
+        else:  # no all-reduce of DDP's to stop the backward pass's time at
+            self._uncompare("backward")
 
-    def _hook(self, model: torch.nn.Module) -> None:
-        """Note when DDP hands each bucket of gradients to its all-reduce, and how long its
-        forward pass spends before the model's (all-reducing the buffers)."""
+    def _hook(self, model: torch.nn.Module, forward: bool) -> None:
+        """Note when DDP hands each bucket of gradients to its all-reduce and, with
+        ``forward``, how long its forward pass spends before the model's (all-reducing the
+        buffers; not in a compiled model, where the hooks would break the graph)."""
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         # No annotations: DDP checks them against its own types, which these would be the
@@ -100,9 +105,13 @@ class Pace:
         try:
             model.register_comm_hook(model.process_group, ready)
         except RuntimeError:  # the user's own hook: the backward pass includes the wait
-            self.compared = tuple(p for p in self.compared if p != "backward")
-        model.register_forward_pre_hook(lambda *_: self._note("forward"))
-        model.module.register_forward_pre_hook(lambda *_: self._note("model"))
+            self._uncompare("backward")
+        if forward:
+            model.register_forward_pre_hook(lambda *_: self._note("forward"))
+            model.module.register_forward_pre_hook(lambda *_: self._note("model"))
+
+    def _uncompare(self, phase: str) -> None:
+        self.compared = tuple(p for p in self.compared if p != phase)
 
     def _note(self, name: str) -> None:
         if self.active:
