@@ -22,7 +22,7 @@ and reductions (in ``train_step`` and ``backward``), and synchronised batch norm
 ``train_step``). Those phases are timed but not compared (:attr:`Pace.compared`).
 
 Each rank keeps the phases of its last :data:`WINDOW` steps; the hang watch's thread publishes
-their medians with its beat (:mod:`ddpw.hang`), so no collective is added to the steps. Only a
+their statistics with its beat (:mod:`ddpw.hang`), so no collective is added to the steps. Only a
 world of several processes with a hang watch (``PlatformConfig.hang_timeout_s``) is timed.
 """
 
@@ -41,9 +41,8 @@ from . import hang
 
 #: The phases of a step, in order; ``wall`` is the whole step, waiting included.
 PHASES = ("data", "train_step", "backward", "optimiser")
-#: How many of a rank's last steps its medians cover at least, and over how many of the last
-#: seconds at least: a machine's noise (another process taking the core for a moment) slows a
-#: rank for many fast steps, but seldom for a whole second.
+#: How many of a rank's last steps its window holds at least, and over how many of the last
+#: seconds at least.
 WINDOW, SPAN_S = 10, 1.0
 #: The most steps that a rank keeps.
 KEPT = 4096
@@ -156,17 +155,18 @@ class Pace:
             self.steps += 1
 
     def published(self) -> dict[str, Any]:
-        """What the hang watch's thread publishes of this rank's pace: the medians of each
-        phase (and of the wall time) over the window, how many steps it covers, every step's
-        totals and the phases compared."""
+        """What the hang watch's thread publishes of this rank's pace: over its window, the
+        median and the lower quartile of each phase and of the wall time; how many steps the
+        window holds; every step's totals; and the phases compared."""
         kept = tuple(self.window)  # one C call: the main thread's appends cannot interleave
         since = time.monotonic() - SPAN_S
         recent = bisect.bisect_left(kept, since, key=lambda step: step[-1])
         window = kept[min(recent, max(len(kept) - WINDOW, 0)):]
-        medians = ([statistics.median(step[i] for step in window)
-                    for i in range(len(PHASES) + 1)] if window else [])
-        return {"medians": medians, "window": len(window), "steps": self.steps,
-                "totals": list(self.totals), "compared": list(self.compared)}
+        columns = [sorted(step[i] for step in window) for i in range(len(PHASES) + 1)]
+        return {"medians": [statistics.median(c) for c in columns] if window else [],
+                "quartiles": [c[len(c) // 4] for c in columns] if window else [],
+                "window": len(window), "steps": self.steps, "totals": list(self.totals),
+                "compared": list(self.compared)}
 
 
 def _difference(start: float, end: float) -> float:

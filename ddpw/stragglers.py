@@ -7,21 +7,19 @@ of its last steps with its beat, about once a second (:mod:`ddpw.hang`); rank 0'
 compares them here. No collective is added to the steps.
 
 **The rule.** A rank's window is its last :data:`~ddpw.pace.WINDOW` steps, or all those of its
-last :data:`~ddpw.pace.SPAN_S` seconds where they are more. A rank *looks slow* when the median
-time of one of its phases over its window is at least :data:`RATIO` times the median of the
-other ranks' medians of that phase, and the difference is at least :data:`FLOOR` of the median
-step, so that a phase too short to matter (a fast data loader) is never named for its noise.
-It is named once it looks slow at two judgements in a row, with steps done in between (about
-a second apart: a busy machine slows one rank for a moment, a straggler for good), with the
-phase that it loses most time in:
+last :data:`~ddpw.pace.SPAN_S` second where they are more. A rank is *slow* when, in one of its
+phases, the lower quartile of its window is at least :data:`RATIO` times the median of the
+other ranks' medians (three quarters of its last steps were that slow: a busy machine slows a
+rank now and then, a straggler all the time), and its median is at least :data:`FLOOR` of the
+median step longer than theirs (a phase too short to matter, such as a fast data loader, is
+never named for its noise). It is named once, with the phase that it loses most time in:
 
     [ddpw] rank 1 (node3) is slow: train_step takes 2.8x the median of the other 7 ranks over
     its last 10 steps (152.0 ms against 54.3 ms a step); every rank waits for it
 
-It has *recovered* when no phase is even :data:`RECOVERED` times the others' (with the same
-floor), which is said once too. Medians, not means, so that a single stall (a page fault, a
-garbage collection) is not a straggler. A rank's scores over the whole job go into the job's
-report (:func:`report`).
+It has *recovered* when, in every phase, its median is less than :data:`RECOVERED` times the
+others' (or within the floor), which is said once too. A rank's scores over the whole job go
+into the job's report (:func:`report`).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import pace
 
@@ -44,13 +42,23 @@ RATIO, RECOVERED = 1.5, 1.2
 FLOOR = 0.05
 
 
+class Phase(NamedTuple):
+    """One phase of a rank's window against the other ranks'."""
+
+    name: str
+    #: Its median and lower quartile over the rank's window, in seconds.
+    median: float
+    quartile: float
+    #: The median of the other ranks' medians, and how many ranks those are.
+    others: float
+    count: int
+
+
 class Judge:
     """Rank 0's view of every rank's pace, fed with the beats that its hang watch reads."""
 
     def __init__(self) -> None:
         self.slow: dict[int, str] = {}
-        #: The ranks that looked slow at the last judgement, and their steps then.
-        self.suspects: dict[int, int] = {}
         #: Every naming and recovery, as the report keeps them.
         self.events: list[dict[str, Any]] = []
         #: The last beat's pace and host of every rank.
@@ -63,61 +71,48 @@ class Judge:
             for rank, beat in enumerate(beats):
                 if beat.get("pace"):
                     self.last[rank] = (beat["pace"], beat["host"])
-            worst = self._worst(RATIO)
-            for rank, (phase, mine, others, k) in worst.items():
-                steps = self.last[rank][0]["steps"]
-                if rank not in self.slow and self.suspects.get(rank, steps) < steps:
-                    self._say("slow", rank, phase, mine, others, k)
-            self.suspects = {rank: self.suspects.get(rank, self.last[rank][0]["steps"])
-                             for rank in worst}
-            recovered = [rank for rank in self.slow if rank not in self._worst(RECOVERED)]
-            for rank in recovered:
-                self._say("recovered", rank, self.slow[rank], *self._phase(rank, self.slow[rank]))
+            judged = [rank for rank, (p, _) in self.last.items() if p["window"] >= pace.WINDOW]
+            if len(judged) < 2:
+                return
+            floor = FLOOR * statistics.median(self.last[r][0]["medians"][-1] for r in judged)
+            for rank in judged:
+                phases = [self._phase(rank, name, judged)
+                          for name in self.last[rank][0]["compared"]]
+                if rank not in self.slow:
+                    slow = [p for p in phases
+                            if p.quartile >= RATIO * p.others and p.median - p.others >= floor]
+                    if slow:
+                        self._say("slow", rank, max(slow, key=lambda p: p.median - p.others))
+                elif all(p.median < RECOVERED * p.others or p.median - p.others < floor
+                         for p in phases):
+                    self._say("recovered", rank,
+                              next(p for p in phases if p.name == self.slow[rank]))
 
-    def _worst(self, ratio: float) -> dict[int, tuple[str, float, float, int]]:
-        """The ranks whose phase is ``ratio`` times the others', each with the phase of the
-        largest difference: ``{rank: (phase, its median, the others', how many others)}``."""
-        judged = {rank: p for rank, (p, _) in self.last.items() if p["window"] >= pace.WINDOW}
-        if len(judged) < 2:
-            return {}
-        step = statistics.median(p["medians"][-1] for p in judged.values())
-        found = {}
-        for rank in judged:
-            worst = None
-            for phase in judged[rank]["compared"]:
-                mine, others, k = self._phase(rank, phase)
-                if mine >= ratio * others and mine - others >= FLOOR * step and (
-                        worst is None or mine - others > worst[1] - worst[2]):
-                    worst = (phase, mine, others, k)
-            if worst is not None:
-                found[rank] = worst
-        return found
+    def _phase(self, rank: int, name: str, judged: list[int]) -> Phase:
+        """Rank ``rank``'s phase ``name`` against the other ``judged`` ranks'."""
+        i = pace.PHASES.index(name)
+        mine = self.last[rank][0]
+        others = [self.last[other][0]["medians"][i] for other in judged if other != rank]
+        return Phase(name, mine["medians"][i], mine["quartiles"][i],
+                     statistics.median(others), len(others))
 
-    def _phase(self, rank: int, phase: str) -> tuple[float, float, int]:
-        """Rank ``rank``'s median of ``phase``, the median of the other judged ranks' medians,
-        and how many those are."""
-        i = pace.PHASES.index(phase)
-        others = [p["medians"][i] for other, (p, _) in self.last.items()
-                  if other != rank and p["window"] >= pace.WINDOW]
-        return self.last[rank][0]["medians"][i], statistics.median(others), len(others)
-
-    def _say(self, event: str, rank: int, phase: str, mine: float, others: float,
-             k: int) -> None:
+    def _say(self, event: str, rank: int, phase: Phase) -> None:
         p, host = self.last[rank]
-        ratio = mine / others if others > 0 else float("inf")
-        ranks = f"the other {k} rank{'s' if k > 1 else ''}"
+        ratio = phase.median / phase.others if phase.others > 0 else float("inf")
+        ranks = f"the other {phase.count} rank{'s' if phase.count > 1 else ''}"
         if event == "slow":
-            self.slow[rank] = phase
-            line = (f"rank {rank} ({host}) is slow: {phase} takes {ratio:.1f}x the median of "
-                    f"{ranks} over its last {p['window']} steps ({mine * 1e3:.1f} ms against "
-                    f"{others * 1e3:.1f} ms a step); every rank waits for it")
+            self.slow[rank] = phase.name
+            line = (f"rank {rank} ({host}) is slow: {phase.name} takes {ratio:.1f}x the median "
+                    f"of {ranks} over its last {p['window']} steps ({phase.median * 1e3:.1f} ms "
+                    f"against {phase.others * 1e3:.1f} ms a step); every rank waits for it")
         else:
             del self.slow[rank]
-            line = (f"rank {rank} ({host}) has recovered: {phase} takes {ratio:.1f}x the median "
-                    f"of {ranks} over its last {p['window']} steps")
-        self.events.append({"event": event, "rank": rank, "host": host, "phase": phase,
-                            "ratio": ratio, "seconds": mine, "others_seconds": others,
-                            "step": p["steps"], "time": time.time(), "message": line})
+            line = (f"rank {rank} ({host}) has recovered: {phase.name} takes {ratio:.1f}x the "
+                    f"median of {ranks} over its last {p['window']} steps")
+        self.events.append({"event": event, "rank": rank, "host": host, "phase": phase.name,
+                            "ratio": ratio, "seconds": phase.median,
+                            "others_seconds": phase.others, "step": p["steps"],
+                            "time": time.time(), "message": line})
         _print(f"[ddpw] {line}")
 
     def scores(self) -> list[dict[str, Any]]:
