@@ -159,10 +159,10 @@ def start(rank_pace: pace.Pace, model: Any, device: Any, p_config: PlatformConfi
 
 
 def report() -> dict[str, Any] | None:
-    """On rank 0 of a judged job: every rank's scores (:meth:`Judge.scores`) and every naming
-    and recovery; ``None`` elsewhere."""
-    if _judge is None:
-        return None
+    """On rank 0 of a job whose steps were timed: every rank's scores (:meth:`Judge.scores`),
+    every naming and recovery, and the rule's numbers; ``None`` elsewhere."""
+    if _judge is None or not any(p["steps"] for p, _ in _judge.last.values()):
+        return None  # not a training job, or one that had no step to time
     return {"ranks": _judge.scores(), "events": list(_judge.events),
             "rule": {"ratio": RATIO, "recovered": RECOVERED, "window": pace.WINDOW,
                      "span_s": pace.SPAN_S, "floor": FLOOR}}
