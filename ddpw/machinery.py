@@ -28,6 +28,7 @@ from .checkpoint.state import TrainingState
 from .job import JobConfig, JobMode
 from .metrics import RunningSums
 from .monitor import Monitor, best, earlier_scores
+from .pace import Pace
 from .platform import PlatformConfig
 from .tracking import Tracking
 from .vote import PauseVote
@@ -42,6 +43,7 @@ class Machinery:
     monitor: Monitor
     vote: PauseVote = field(default_factory=PauseVote)
     sums: RunningSums = field(default_factory=RunningSums)
+    pace: Pace = field(default_factory=Pace)
     checkpoints: Checkpointer | None = None
 
     @classmethod

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
-from . import environment, hang, progress, resume, schedules, sharding
+from . import environment, hang, progress, resume, schedules, sharding, stragglers
 from .artefacts import ArtefactsConfig
 from .checkpoint import Position
 from .checkpoint.state import TrainingState
@@ -172,6 +172,7 @@ class Trainer:
         self._ddpw.open_checkpoints(j, self.global_rank, self.world_size, self.device,
                                     on_failure=self.request_pause)
         runs = self.restore_checkpoint(self.resume_from) if self.resume_from is not None else None
+        stragglers.start(self._ddpw.pace, self.model, self.device, p_config, self.global_rank)
         self._ddpw.start(accelerator, j, self.global_step, runs,
                          {"job": j, "platform": p_config, "artefacts": a_config}, self.resume_from)
 
@@ -269,6 +270,7 @@ class Trainer:
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
         loader, sums, tracking = self.train_loader, self._ddpw.sums, self._ddpw.tracking
+        pace = self._ddpw.pace  # each phase's time, for ddpw.stragglers
         tracking.begin_epoch()
         if self.batch:
             loader = self.accelerator.skip_first_batches(loader, self.batch)
@@ -281,20 +283,20 @@ class Trainer:
         for batch in bar:
             # Where the hang watch (ddpw.hang) says this rank stood, if it stops here.
             at = f"(epoch {self.epoch}, batch {self.batch + 1})"
-            hang.progress(f"in train_step {at}")
+            pace.mark("train_step", f"in train_step {at}")
             with sharding.accumulate(self.accelerator, self.model):
                 values = step_values(self.train_step(batch), type(self).__name__)
-                hang.progress(f"in the backward pass {at}")
+                pace.mark("backward", f"in the backward pass {at}")
                 self.accelerator.backward(values["loss"])
                 if self.j_config.max_grad_norm is not None and self.accelerator.sync_gradients:
                     values = {**values, **clip_gradients(self.accelerator, self.model,
                                                          self.j_config.max_grad_norm)}
-                hang.progress(f"in the optimiser step {at}")
+                pace.mark("optimiser", f"in the optimiser step {at}")
                 self.optimiser.step()
                 if self.scheduler is not None and self.a_config.scheduler_interval == "step":
                     self.scheduler.step()
                 self.optimiser.zero_grad()
-            hang.progress(f"at the step boundary {at}", unit_done=True)
+            pace.mark("end", f"at the step boundary {at}", unit_done=True)
             self.batch += 1
             if self.accelerator.sync_gradients and self.accelerator.optimizer_step_was_skipped:
                 values = sums.skip(values)
@@ -313,7 +315,7 @@ class Trainer:
                 last = self.accelerator.gradient_state.end_of_dataloader
                 if not last and self._ddpw.vote.agreed(self.world_size, overlap=True):
                     self._pause(saved=False)
-            hang.progress(f"loading the batch after {self.batch} {at}")
+            pace.mark("data", f"loading the batch after {self.batch} {at}")
         hang.progress(f"averaging epoch {self.epoch}'s metrics")
         return sums.means(self.accelerator)
 

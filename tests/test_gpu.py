@@ -307,3 +307,40 @@ def test_fsdp_on_two_gpus_shards_over_nccl_computes_in_the_policy_dtype_and_resu
     assert resumed["scaler"] == straight["scaler"]
     assert shard_files(paused / "checkpoint" / "ckpt_2") == \
         shard_files(tmp_path / "straight" / "checkpoint" / "ckpt_2")
+
+
+def test_step_phases_are_the_devices_time_read_without_waiting_for_it(monkeypatch):
+    from ddpw import hang, pace
+
+    monkeypatch.setattr(hang, "carry", lambda provider, observer=None: True)  # no watch here
+    model = torch.nn.Linear(4096, 4096).cuda()
+    optimiser = torch.optim.SGD(model.parameters(), lr=1e-3)
+    rank = pace.Pace()
+    rank.attach(model, torch.device("cuda"), "ddp")
+    x = torch.randn(4096, 4096, device="cuda")
+    host = []
+    for _ in range(6):
+        rank.mark("data", "loading")
+        rank.mark("train_step", "in train_step")
+        began = time.perf_counter()
+        loss = model(x)
+        for _ in range(20):  # device work that the host only queues
+            loss = model(loss)
+        host.append(time.perf_counter() - began)
+        rank.mark("backward", "in the backward pass")
+        loss.float().pow(2).mean().backward()
+        rank.mark("optimiser", "in the optimiser step")
+        optimiser.step()
+        optimiser.zero_grad()
+        rank.mark("end", "at the step boundary", unit_done=True)
+    torch.cuda.synchronize()
+    rank.mark("data", "loading")
+    rank.mark("end", "at the step boundary")  # settles the steps that the device has passed
+    assert rank.steps == 6 and len(rank.window) == 6
+    train_step = [step[1] for step in rank.window]
+    # 21 matmuls of 4096^3: milliseconds of the device's time, though the host queued them in
+    # far less (the marks are CUDA events, not the host's clock).
+    assert min(train_step) > 5 * min(host), (train_step, host)
+    assert all(phase > 0 for step in rank.window for phase in step[1:5])
+    medians = rank.published()["medians"]
+    assert medians[4] >= sum(medians[:4]) * 0.9  # the wall time holds the phases

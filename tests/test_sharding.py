@@ -79,7 +79,8 @@ class ShardTrainer(BlobTrainer):
                 "compiled": counters["frames"]["ok"],
                 "state": sum(local(v).numel() for v in state),
                 "model": type(self.model).__name__,
-                "peak_kib": getattr(self, "peak_kib", None)}
+                "peak_kib": getattr(self, "peak_kib", None),
+                "compared": self._ddpw.pace.compared, "timed": self._ddpw.pace.steps}
         return {**metrics, "ranks": gather_object([mine]), "restored": self.restored,
                 "start": self.start}
 
@@ -113,6 +114,12 @@ def test_fsdp_trains_as_ddp_does_holding_half_of_the_model_and_optimiser_on_each
     (ddp_path, ddp), (fsdp_path, fsdp) = trained["ddp"], trained["fsdp"]
     total = sum(p.numel() for p in Blocks().parameters())
     assert [r["model"] for r in fsdp["ranks"]] == ["FSDPBlocks"] * 2
+    # Stragglers (ddpw.pace): FSDP's collectives run inside the forward and backward passes,
+    # where waiting cannot be told from work; DDP's all-reduce ends the backward pass's time.
+    assert [r["compared"] for r in fsdp["ranks"]] == [("data", "optimiser")] * 2
+    assert [r["compared"] for r in ddp["ranks"]] == [("data", "train_step", "backward",
+                                                      "optimiser")] * 2
+    assert all(r["timed"] > 0 for r in ddp["ranks"] + fsdp["ranks"])
     assert [r["params"] for r in ddp["ranks"]] == [total] * 2
     # Shard(0) of every tensor: each rank holds its rows (the 3-row output layer splits 2 + 1).
     assert sum(r["params"] for r in fsdp["ranks"]) == total

@@ -64,7 +64,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,9 @@ class Watch:
         self._store: Any = None
         self._moved: dict[int, tuple[int, float]] = {}  # a judge: rank -> (moves, when seen)
         self._thread = threading.Thread(target=self._run, name="ddpw-hang-watch", daemon=True)
+        # What else the beat carries, who else reads the beats on rank 0 (ddpw.stragglers).
+        self.carried: Callable[[], Any] | None = None
+        self.observer: Callable[[list[dict[str, Any]]], None] | None = None
 
     def start(self) -> Watch:
         """Start the thread."""
@@ -203,7 +206,8 @@ class Watch:
             "moves": self.moves, "phase": self.phase, "busy": self.busy_depth > 0,
             "armed": self.kind in self.kinds_done, "waiting": self.waiting is not None,
             "collective": report.in_collective(main), "done": self.done or self.failed,
-            "host": socket.gethostname(), "pid": os.getpid()}))
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "pace": _guarded(self.carried)}))
 
     def _judge(self) -> dict[str, Any] | None:
         """A judge: the verdict, once the beats show a hang; else ``None``."""
@@ -211,6 +215,8 @@ class Watch:
         if not self._store.check(keys):
             return None
         beats = [json.loads(value) for value in self._store.multi_get(keys)]
+        if self.rank == 0 and self.observer is not None:
+            _guarded(self.observer, beats)
         now = time.monotonic()
         for rank, beat in enumerate(beats):
             if beat["busy"] or self._moved.get(rank, (None,))[0] != beat["moves"]:
@@ -298,6 +304,24 @@ class Watch:
             time.sleep(0.05)
 
 
+def _guarded(function: Callable[..., Any] | None, *args: Any) -> Any:
+    """``function(*args)``, or ``None`` when it is ``None`` or fails: what rides on the watch
+    never stops it (rule 3)."""
+    if function is None:
+        return None
+    try:
+        return function(*args)
+    except Exception as error:
+        if function.__qualname__ not in _failed:  # once, not every second
+            _failed.add(function.__qualname__)
+            print(f"[ddpw] {function.__qualname__} failed on the hang watch: {error!r}",
+                  file=sys.stderr)
+        return None
+
+
+_failed: set[str] = set()  # what _guarded has said failed
+
+
 def _connect(timeout_s: float = 10.0) -> Any:
     """A client of the launch's store, or ``None`` while it cannot be reached yet."""
     address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
@@ -351,6 +375,17 @@ def stop() -> None:
     if _watch is not None:
         _watch.stop()
         _watch = None
+
+
+def carry(provider: Callable[[], Any],
+          observer: Callable[[list[dict[str, Any]]], None] | None = None) -> bool:
+    """Have this rank's beats carry ``provider()`` too (under ``"pace"``), and on rank 0 give
+    ``observer`` every rank's beats whenever the watch reads them (about once a second, on its
+    thread); ``False`` when no watch runs (a world of one, or ``hang_timeout_s=None``)."""
+    if _watch is None:
+        return False
+    _watch.carried, _watch.observer = provider, observer
+    return True
 
 
 def enter(kind: str, phase: str) -> None:

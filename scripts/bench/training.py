@@ -3,7 +3,9 @@ loop written by hand with Accelerate (the baseline) and with raw ``torch.distrib
 
     python scripts/bench/training.py [--repeats 3] [--quick]
 
-A small MLP and a small CNN, each in a small sweep of sizes, on synthetic data made in code.
+A small MLP and a small CNN, each in a small sweep of sizes, on synthetic data made in code;
+and the cost of timing every step for :mod:`ddpw.stragglers` (the MLP of width 256, the
+Trainer against itself with the timing off).
 All three variants train the same model from the same weights on the same data in the same order
 (see ``loops/workload.py``), with Adam, 64 samples per batch per process, one compute thread per
 process, no evaluation and no checkpoints: only the loop differs. The rate is measured inside the
@@ -32,6 +34,9 @@ from loops.workload import PROCESSES  # noqa: E402
 
 ROW = "training"
 BASELINE = "accelerate (by hand)"
+#: The case that measures the cost of timing every step for :mod:`ddpw.stragglers`, against
+#: the same Trainer with it off.
+TIMED, UNTIMED = "ddpw Trainer", "ddpw Trainer, steps not timed"
 
 
 @cache
@@ -48,19 +53,26 @@ class Case:
     model: str
     size: int
     samples: int
+    #: The case of the step timing's cost (``TIMED`` against ``UNTIMED``).
+    timing: bool = False
 
     @property
     def label(self) -> str:
         what = f"MLP width {self.size}" if self.model == "mlp" else f"CNN {self.size} channels"
         millions = parameters(self.model, self.size) / 1e6
-        return f"{what} ({millions:.2g}M params), {PROCESSES} processes"
+        cost = ": cost of the step timing (stragglers)" if self.timing else ""
+        return f"{what} ({millions:.2g}M params), {PROCESSES} processes{cost}"
+
+    @property
+    def baseline(self) -> str:
+        return UNTIMED if self.timing else BASELINE
 
 
 # Sizes grow by 4x so that memory's growth with the model shows; samples shrink as the steps
 # slow down, keeping each run short. Samples divide by 64 x 2, so every batch is full.
 CASES = [Case("mlp", 256, 16384), Case("mlp", 1024, 8192), Case("mlp", 4096, 1024),
-         Case("cnn", 16, 8192), Case("cnn", 64, 4096)]
-QUICK_CASES = [Case("mlp", 256, 4096), Case("cnn", 16, 2048)]
+         Case("cnn", 16, 8192), Case("cnn", 64, 4096), Case("mlp", 256, 16384, timing=True)]
+QUICK_CASES = [Case("mlp", 256, 4096), Case("cnn", 16, 2048), Case("mlp", 256, 4096, timing=True)]
 
 
 @dataclass
@@ -78,6 +90,9 @@ def commands(case: Case, epochs: int) -> dict[str, variants.Command]:
     """Each variant's command and the variables it adds to the environment."""
     args = ["--model", case.model, "--size", str(case.size), "--samples", str(case.samples),
             "--epochs", str(epochs)]
+    if case.timing:
+        command, env = variants.ddpw(args)
+        return {TIMED: (command, env), UNTIMED: (command, {**env, "DDPW_BENCH_UNTIMED": "1"})}
     return {"ddpw Trainer": variants.ddpw(args), BASELINE: variants.accelerate(args),
             "torch DDP (by hand)": variants.torch_ddp(args)}
 
@@ -109,11 +124,13 @@ def measure(repeats: int, quick: bool) -> list[Result]:
             name: partial(run_variant, command, env)
             for name, (command, env) in commands(case, epochs).items()}
         # The rate is taken after start-up, so a warm-up run buys little in a quick run.
-        outcome = interleave(measures, repeats, warmup=0 if quick else 1)
+        # A cost of 1% needs more runs to show through the noise of a shared machine.
+        runs = 2 * repeats + 1 if case.timing else repeats
+        outcome = interleave(measures, runs, warmup=0 if quick else 1)
         for name, (runs, failed) in outcome.items():
             results.append(Result(
                 row=ROW, case=case.label, variant=name, metric="samples/s",
-                values=[r.samples_per_s for r in runs], baseline=BASELINE,
+                values=[r.samples_per_s for r in runs], baseline=case.baseline,
                 higher_is_better=True,
                 peak_rss_mb=max((r.peak_rss_mb for r in runs), default=None), failed=failed,
                 extra={"params": parameters(case.model, case.size),
