@@ -52,3 +52,10 @@ TEST_CHECKPOINT_FAULT = "DDPW_TEST_CHECKPOINT_FAULT"
 #: a Trainer of the point claims its checkpoint folder there (:func:`ddpw.sweep.folder.claim`).
 SWEEP_FOLDER = "DDPW_SWEEP_FOLDER"
 SWEEP_TASK = "DDPW_SWEEP_TASK"
+
+#: Set for every process of a launch (by the local launcher, by the SLURM node runner for each
+#: attempt): when it began, as seconds since the epoch, and an id for the launch (the SLURM
+#: job's id across its requeues; one id per local launch, kept across elastic restarts), from
+#: which a Trainer's goodput counts its start-up and ties attempts into a job (:mod:`ddpw.goodput`).
+LAUNCH_TIME = "DDPW_LAUNCH_TIME"
+LAUNCH_ID = "DDPW_LAUNCH_ID"

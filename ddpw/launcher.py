@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import environment, jobfolder, rendezvous
+from . import environment, goodput, jobfolder, rendezvous
 from ._compat import warn_if_agent_takes_signals
 from .jobfolder import Payload
 from .outcome import Outcome
@@ -86,7 +86,8 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
     :raises ConfigError: when a job on several machines cannot meet: node 0's address does not
         resolve, or the nodes did not all arrive in time (:func:`ddpw.rendezvous.explain`).
     """
-    env = dict(plan.env)
+    # The launch's own time and id, unless a SLURM attempt's (the plan's) came first.
+    env = {**goodput.launch_environment(), **plan.env}
     if logs is not None:  # a script's processes report a hang there (ddpw's own, in the payload's)
         env[environment.HANG_FOLDER] = str(logs.folder)
     if plan.rendezvous is not None:

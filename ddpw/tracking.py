@@ -212,6 +212,11 @@ class Tracking:
             with open(self.folder / JSONL, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**self.identity, **metrics}) + "\n")
 
+    def log_values(self, values: dict[str, float], step: int) -> None:
+        """Log ``values`` at optimiser step ``step``; from the main rank alone, too."""
+        if self.names:
+            self.accelerator.log(values, step=step)
+
     def end(self, raising: bool = True) -> None:
         """Flush and close the trackers (the job's end, pause or error). Not through
         :meth:`accelerate.Accelerator.end_training`, which would also destroy the process

@@ -6,6 +6,10 @@ reference, as they would a user's own package.
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
@@ -106,6 +110,37 @@ class PausingTrainer(BlobTrainer):
         if (self.epoch, self.batch) == self.at and self.global_rank == self.pausing_rank:
             self.request_pause()
         return super().train_step(batch)
+
+
+#: When this module was imported: in a launched process, after the process had started.
+IMPORTED = time.time()
+
+
+class KillingTrainer(BlobTrainer):
+    """Rank 0 notes the optimiser step it reached in ``killed-at`` beside the checkpoints and
+    dies (``os._exit``) in the middle of the step at ``at`` (epoch, batch done), after sleeping
+    1.2 s in the step before, so that its goodput record (rewritten at most once a second) is
+    of the step it reached."""
+
+    def __init__(self, j_config: JobConfig, at: tuple[int, int]) -> None:
+        super().__init__(j_config)
+        self.at = at
+
+    def train_step(self, batch):
+        if self.global_rank == 0 and (self.epoch, self.batch + 1) == self.at:
+            time.sleep(1.2)
+        if self.global_rank == 0 and (self.epoch, self.batch) == self.at:
+            folder = Path(self.j_config.checkpoint_path).parent
+            (folder / "killed-at").write_text(str(self.global_step))
+            os._exit(9)
+        return super().train_step(batch)
+
+
+class ImportNotingTrainer(BlobTrainer):
+    """Returns, with the metrics, when the process imported this module (:data:`IMPORTED`)."""
+
+    def run(self):
+        return {**super().run(), "imported": IMPORTED}
 
 
 class SlowTrainer(BlobTrainer):

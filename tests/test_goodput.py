@@ -1,0 +1,60 @@
+"""Where a Trainer job's time goes across its attempts: its goodput (:mod:`ddpw.goodput`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from jobs import Blobs, ImportNotingTrainer, KillingTrainer, PausingTrainer, artefacts, job
+
+from ddpw import JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
+
+CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
+
+
+def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_path, capfd):
+    a_config = artefacts(validation_set=Blobs(30, seed=2))
+    with pytest.raises(JobPaused):  # attempt 1: paused mid-epoch 2
+        Wrapper(CPU2, a_config).start(PausingTrainer(job(tmp_path, epochs=3, save_every=1),
+                                                     at=(2, 3)))
+    with pytest.raises(WorkerError):  # attempt 2: killed in epoch 3, past checkpoint ckpt_2
+        Wrapper(CPU2, a_config).start(KillingTrainer(
+            job(tmp_path, start_at="latest", epochs=3, save_every=1), at=(3, 5)))
+    capfd.readouterr()
+    metrics = Wrapper(PlatformConfig(platform=Platform.CPU, n_procs=2), a_config).start(
+        ImportNotingTrainer(job(tmp_path, start_at="latest", epochs=3, save_every=1)))
+    printed = capfd.readouterr().out
+
+    (path,) = (tmp_path / "logs").glob("goodput-*.json")
+    record = json.loads(path.read_text())
+    attempts, summary = record["attempts"], record["summary"]
+    seconds = summary["seconds"]
+    # Every attempt, tied into one job by the run id that the checkpoints keep.
+    assert [a["ended"] for a in attempts] == ["paused", "running", "completed"]
+    assert summary["attempts"] == 3 and len({a["run"] for a in attempts}) == 1
+    # The parts add up to the wall time, from the first launch to the end.
+    assert sum(seconds.values()) == pytest.approx(summary["wall_s"], rel=1e-9)
+    assert summary["wall_s"] == pytest.approx(attempts[-1]["end"] - attempts[0]["start"],
+                                              rel=0.01)
+    assert summary["goodput_percent"] == pytest.approx(
+        100 * seconds["training"] / summary["wall_s"])
+    for part in ("startup", "training", "validation", "checkpoint", "restore", "waiting"):
+        assert seconds[part] > 0, part
+    # Start-up counts from the launch, before the worker process imported anything.
+    assert attempts[-1]["start"] < metrics["imported"]
+    # The pause lost nothing; the kill lost the steps from the checkpoint that the last
+    # attempt resumed to the step where it died, and their time (the 1.2 s sleep among it).
+    killed_at = int((tmp_path / "killed-at").read_text())
+    assert attempts[1]["start_step"] == attempts[0]["end_step"]
+    assert attempts[2]["start_step"] < attempts[1]["end_step"] == killed_at
+    assert summary["lost_steps"] == killed_at - attempts[2]["start_step"] > 0
+    assert 1.2 <= seconds["lost"] <= attempts[1]["seconds"]["training"]
+    # The checkpoint stalls are the time that the checkpointer measured it held the caller.
+    for attempt in (attempts[0], attempts[2]):
+        blocked = attempt["checkpointer_blocked_s"]
+        assert blocked > 0
+        assert attempt["seconds"]["checkpoint"] == pytest.approx(blocked, rel=0.05, abs=0.05)
+    # Printed once, at the end of the job.
+    assert printed.count("[ddpw] goodput") == 1
+    assert f"[ddpw] goodput {summary['goodput_percent']:.1f}% of " in printed
+    assert f"({summary['lost_steps']} steps recomputed)" in printed
