@@ -13,7 +13,8 @@ One :class:`Tracking` per job, on every rank; the trackers themselves live on th
 - after every epoch, its metrics under the names of ``metrics.jsonl`` (``loss``, ``lr``,
   ``val_*``, ...);
 - once, when a run starts from scratch, the three configs as hyper-parameters
-  (:func:`hyperparameters`).
+  (:func:`hyperparameters`);
+- once, at the end, the job's goodput summary, ``goodput/...`` (:func:`ddpw.goodput.tracked`).
 
 ``metrics.jsonl`` gets each epoch's metrics too, as one line that begins with the run's
 identity: ``run``, an id made when the run starts from scratch and kept in its checkpoints, so

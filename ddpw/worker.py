@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import TorchDynamoPlugin, patch_environment, set_seed
 
-from . import environment, hang, jobfolder, process, rendezvous, resume
+from . import environment, goodput, hang, jobfolder, process, rendezvous, resume
 from .errors import JobPaused, PeerFailed
 from .jobfolder import Payload
 from .outcome import LOST_PEER, consequence, lost_peers
@@ -59,6 +59,8 @@ def run(payload: Payload, folder: Path | None = None) -> Any:
         trainer.resume_from = (resume.choose(trainer.j_config, payload.a_config, world_size,
                                              requeued=requeued)
                                if requeued else payload.resume_from)
+    # In the caller's own process, the launch is now (ddpw.goodput's start-up counts from it).
+    launched = goodput.launch_environment() if plan.mode is LaunchMode.IN_PROCESS else {}
     extra = trainer.accelerator_kwargs(payload.p_config) if trainer is not None else {}
     kwargs = dict(plan.accelerator_kwargs)
     if "dynamo_plugin" in kwargs:
@@ -67,7 +69,7 @@ def run(payload: Payload, folder: Path | None = None) -> Any:
     if folder is not None and plan.rendezvous is not None:
         _begin_attempt(folder, payload, trainer)
     try:
-        with current_world(World.of(accelerator)):
+        with current_world(World.of(accelerator)), patch_environment(**launched):
             if trainer is not None:
                 with trainer.pause_on_signals():
                     trainer.setup(accelerator, payload.p_config, payload.a_config)

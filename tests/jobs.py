@@ -137,10 +137,15 @@ class KillingTrainer(BlobTrainer):
 
 
 class ImportNotingTrainer(BlobTrainer):
-    """Returns, with the metrics, when the process imported this module (:data:`IMPORTED`)."""
+    """Returns, with the metrics, when the process imported this module (:data:`IMPORTED`) and
+    when its set-up began."""
+
+    def setup(self, accelerator, p_config, a_config):
+        self.setup_began = time.time()
+        super().setup(accelerator, p_config, a_config)
 
     def run(self):
-        return {**super().run(), "imported": IMPORTED}
+        return {**super().run(), "imported": IMPORTED, "setup_began": self.setup_began}
 
 
 class SlowTrainer(BlobTrainer):

@@ -7,8 +7,9 @@ import json
 import pytest
 from jobs import Blobs, ImportNotingTrainer, KillingTrainer, PausingTrainer, artefacts, job
 
-from ddpw import JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
+from ddpw import JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
 
+CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
 
 
@@ -56,5 +57,19 @@ def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_pat
         assert attempt["seconds"]["checkpoint"] == pytest.approx(blocked, rel=0.05, abs=0.05)
     # Printed once, at the end of the job.
     assert printed.count("[ddpw] goodput") == 1
-    assert f"[ddpw] goodput {summary['goodput_percent']:.1f}% of " in printed
+    assert f"[ddpw] goodput {summary['goodput_percent']:.1f}%: training " in printed
     assert f"({summary['lost_steps']} steps recomputed)" in printed
+
+    # An evaluation in this process (a world of one) is a job of its own, started at its launch.
+    path.unlink()
+    evaluated = Wrapper(CPU1, a_config).start(ImportNotingTrainer(
+        job(tmp_path, mode=JobMode.EVALUATE, start_at="latest")))
+    ((path, record),) = ((p, json.loads(p.read_text()))
+                         for p in (tmp_path / "logs").glob("goodput-*.json"))
+    (attempt,) = record["attempts"]
+    assert attempt["start"] < evaluated["setup_began"]
+    assert attempt["ended"] == "completed" and attempt["run"] is None
+    assert record["summary"]["seconds"]["validation"] > 0
+    assert record["summary"]["seconds"]["restore"] > 0
+    assert sum(record["summary"]["seconds"].values()) == pytest.approx(
+        record["summary"]["wall_s"], rel=1e-9)
