@@ -60,10 +60,15 @@ class Account:
     :meth:`open`."""
 
     def __init__(self) -> None:
+        #: The job's ``training_logs_path``, and the job's file in it once :meth:`begin` ran.
+        self.folder: Path | None = None
         self.path: Path | None = None
+        #: This attempt's record; empty off the main rank, where the account is inert (and
+        #: written nowhere until :meth:`begin`).
         self.record: dict[str, Any] = {}
         self.earlier: list[dict[str, Any]] = []
         self.part, self._since, self._written, self._trained = "startup", 0.0, 0.0, False
+        self._warned = False
 
     def open(self, main: bool, folder: str) -> None:
         """Start the account on the main rank, at the launch (now, without one) and in
@@ -74,7 +79,7 @@ class Account:
         self._since = time.monotonic()
         launched = float(os.environ.get(environment.LAUNCH_TIME, now))
         start = min(launched, now)
-        self.path = Path(folder).absolute()
+        self.folder = Path(folder).absolute()
         self.record = {"run": None, "launch": os.environ.get(environment.LAUNCH_ID),
                        "resumed_from": None, "start": start, "end": now, "ended": "running",
                        "start_step": 0, "end_step": 0, "end_training_s": 0.0, "marks": {},
@@ -83,12 +88,12 @@ class Account:
     def begin(self, run: str | None, resumed_from: str | None, step: int) -> None:
         """Tie the attempt to its job: the run ``run`` that the checkpoint ``resumed_from``
         (at optimiser step ``step``) kept, or this launch; write the first record."""
-        if self.path is None:
+        if not self.record:
             return
         record = self.record
         record.update(run=run, resumed_from=resumed_from, start_step=step, end_step=step)
         record["marks"] = {str(step): 0.0}
-        found = _find_job(self.path, run if resumed_from is not None else None,
+        found = _find_job(self.folder, run if resumed_from is not None else None,
                           record["launch"])
         job = run or secrets.token_hex(6)
         if found is not None:
@@ -98,7 +103,7 @@ class Account:
                        record["seconds"]["startup"])
             record["start"] += late
             record["seconds"]["startup"] -= late
-        self.path = self.path / f"goodput-{job}.json"
+        self.path = self.folder / f"goodput-{job}.json"
         self._write()
 
     @contextlib.contextmanager
@@ -140,7 +145,7 @@ class Account:
         return self._write()
 
     def _switch(self, part: str) -> None:
-        if self.path is None:
+        if not self.record:
             return
         now = time.monotonic()
         seconds = self.record["seconds"]
@@ -152,14 +157,15 @@ class Account:
         self._written = self._since
         attempts = [*self.earlier, self.record]
         totals = summary(attempts)
-        if self.path.suffix == ".json":  # once the job is known (begin)
-            data = {"job": self.path.stem.removeprefix("goodput-"), "summary": totals,
-                    "attempts": attempts}
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(self.path, json.dumps(data, indent=1).encode())
-            except OSError as error:  # an account is no reason to stop training
+        data = {"job": self.path.stem.removeprefix("goodput-"), "summary": totals,
+                "attempts": attempts}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, json.dumps(data, indent=1).encode())
+        except OSError as error:  # an account is no reason to stop training (a full disk)
+            if not self._warned:
                 print(f"[ddpw] could not write {self.path}: {error}", file=sys.stderr)
+            self._warned = True
         return totals
 
 
@@ -169,13 +175,13 @@ def _find_job(folder: Path, run: str | None, launch: str | None) -> dict[str, An
     for path in sorted(folder.glob("goodput-*.json")):
         try:
             job = json.loads(path.read_text())
-        except (OSError, ValueError):
+            last = job["attempts"][-1]
+            runs = {attempt["run"] for attempt in job["attempts"]}
+            if (run is not None and run in runs) or (launch is not None and last["launch"] ==
+                                                     launch and last["ended"] != "completed"):
+                return job
+        except (OSError, ValueError, LookupError, TypeError):  # not a record of this ddpw's
             continue
-        last = job["attempts"][-1]
-        runs = {attempt["run"] for attempt in job["attempts"]}
-        if (run is not None and run in runs) or (
-                launch is not None and last["launch"] == launch and last["ended"] != "completed"):
-            return job
     return None
 
 
