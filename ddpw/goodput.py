@@ -250,3 +250,37 @@ def tracked(totals: dict[str, Any]) -> dict[str, float]:
             "goodput/wall_s": totals["wall_s"], "goodput/attempts": totals["attempts"],
             "goodput/lost_steps": totals["lost_steps"],
             **{f"goodput/{part}_s": v for part, v in totals["seconds"].items()}}
+
+
+# --- functions and scripts ------------------------------------------------------------------------
+
+#: When this process's function or script first called :func:`ddpw.utils.heartbeat`.
+_first_heartbeat: float | None = None
+
+
+def heartbeat() -> None:
+    """Note this process's first heartbeat: where a function's or script's start-up ends."""
+    global _first_heartbeat
+    if _first_heartbeat is None:
+        _first_heartbeat = time.time()
+
+
+def function_times(started: float) -> dict[str, float | None]:
+    """The times, now at its end, of a function or script that began at ``started``: its
+    launch, its first heartbeat (``None`` without one) and its end; then forget the heartbeat
+    (a world of one runs in the caller's process, which may run another)."""
+    global _first_heartbeat
+    ended, first, _first_heartbeat = time.time(), _first_heartbeat, None
+    launched = min(float(os.environ.get(environment.LAUNCH_TIME, started)), started)
+    return {"launch": launched, "started": started, "heartbeat": first, "ended": ended}
+
+
+def function_lines(times: dict[str, float | None]) -> str:
+    """A function's or script's summary for the console: its start-up, from the launch to its
+    first heartbeat (or, without one, to its start), and its run, from there to its end."""
+    began = times["heartbeat"] or times["started"]
+    wall, run = times["ended"] - times["launch"], times["ended"] - began
+    until = "its first heartbeat()" if times["heartbeat"] else "its start"
+    return (f"[ddpw] goodput {100 * run / wall if wall > 0 else 0.0:.1f}%: run {run:.1f} s "
+            f"of {wall:.1f} s (start-up {began - times['launch']:.1f} s, from the launch to "
+            f"{until})")

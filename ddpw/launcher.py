@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -138,8 +139,12 @@ def launch(payload: Payload) -> list[Any]:
         outcome = run_accelerate(payload.plan, ["--module", "ddpw.entry", str(folder)],
                                  agent_log=jobfolder.agent_log(folder))
         world_size = jobfolder.noted_world(folder, payload.plan.world_size)
-        return jobfolder.collect(folder, world_size, outcome,
-                                 other_machines=payload.plan.rendezvous is not None)
+        results = jobfolder.collect(folder, world_size, outcome,
+                                    other_machines=payload.plan.rendezvous is not None)
+        times = jobfolder.noted_times(folder)
+        if times is not None and payload.p_config.verbose:  # a function's, once it ended well
+            print(goodput.function_lines(times), file=sys.stderr, flush=True)
+        return results
 
 
 def launch_env(plan_env: dict[str, str]) -> dict[str, str]:

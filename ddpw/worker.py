@@ -11,6 +11,7 @@ import atexit
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,10 @@ def run(payload: Payload, folder: Path | None = None) -> Any:
                     trainer.setup(accelerator, payload.p_config, payload.a_config)
                     return trainer.run()
             set_seed(payload.p_config.seed, device_specific=True)
-            return payload.target(*payload.args, **payload.kwargs)
+            started = time.time()
+            result = payload.target(*payload.args, **payload.kwargs)
+            _tell_times(goodput.function_times(started), payload, folder, accelerator)
+            return result
     finally:
         if plan.mode is LaunchMode.IN_PROCESS:
             # Accelerate keeps its state in process-wide singletons; a later start() in the same
@@ -83,6 +87,19 @@ def run(payload: Payload, folder: Path | None = None) -> Any:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
             torch.set_num_threads(threads)
+
+
+def _tell_times(times: dict[str, float | None], payload: Payload, folder: Path | None,
+                accelerator: Accelerator) -> None:
+    """Tell the launching process when a function began and ended on the main rank: print
+    its summary here (on stderr: stdout is the function's) when this is that process (a world
+    of one), or note the times in the payload folder, for :func:`ddpw.launcher.launch`."""
+    if not accelerator.is_main_process:
+        return
+    if payload.plan.mode is LaunchMode.IN_PROCESS and payload.p_config.verbose:
+        print(goodput.function_lines(times), file=sys.stderr, flush=True)
+    elif folder is not None:
+        jobfolder.note_times(folder, times)
 
 
 def _export_srun_env() -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 from jobs import Blobs, ImportNotingTrainer, KillingTrainer, PausingTrainer, artefacts, job
 
-from ddpw import JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper
+from ddpw import JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper, world
+from ddpw.utils import heartbeat
 
 CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
@@ -73,3 +76,24 @@ def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_pat
     assert record["summary"]["seconds"]["restore"] > 0
     assert sum(record["summary"]["seconds"].values()) == pytest.approx(
         record["summary"]["wall_s"], rel=1e-9)
+
+
+def napping(first_s: float, then_s: float) -> int:
+    """Sleeps ``first_s`` before its first heartbeat, and ``then_s`` after it."""
+    time.sleep(first_s)
+    heartbeat("after the first nap")
+    time.sleep(then_s)
+    return world().global_rank
+
+
+@pytest.mark.parametrize("n_procs", [1, 2])
+def test_a_function_ends_with_its_start_up_to_the_first_heartbeat_and_its_run(capfd, n_procs):
+    p_config = PlatformConfig(platform=Platform.CPU, n_procs=n_procs)
+    assert Wrapper(p_config).start(napping, 0.5, 0.3) == list(range(n_procs))
+    (line,) = (line for line in capfd.readouterr().err.splitlines() if "goodput" in line)
+    found = re.fullmatch(r"\[ddpw\] goodput ([\d.]+)%: run ([\d.]+) s of ([\d.]+) s \(start-up "
+                         r"([\d.]+) s, from the launch to its first heartbeat\(\)\)", line)
+    assert found, line
+    percent, run, wall, start_up = map(float, found.groups())
+    assert run >= 0.3 and start_up >= 0.5 and percent == pytest.approx(100 * run / wall, abs=3)
+    assert run + start_up == pytest.approx(wall, abs=0.11)
