@@ -39,7 +39,8 @@ WORLD = "DDPW_WORLD"
 HANG_TIMEOUT = "DDPW_HANG_TIMEOUT_S"
 
 #: Set by ``ddpw-launch`` for a script's processes: the folder where a hang's report goes
-#: (``hang-R.json``, :mod:`ddpw.jobfolder`), which ``ddpw-launch`` then reads.
+#: (``hang-R.json``, :mod:`ddpw.jobfolder`), and the script's times (``times.json``,
+#: :mod:`ddpw.goodput`), which ``ddpw-launch`` then reads.
 HANG_FOLDER = "DDPW_HANG_FOLDER"
 
 #: For the crash tests only: ``FILE:ACTION`` makes the process that has just written ``FILE``

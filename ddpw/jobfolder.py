@@ -29,8 +29,9 @@ the submitting machine (as clusters' home and project file systems are)::
     checkpoints.txt      the checkpoints the job published, newest last (the main rank)
 
 ``ddpw-launch`` keeps a folder of the same name for a launch on this machine, with the rank and
-agent logs and the stacks of a hang; a Wrapper job on this machine, whose payload folder goes at
-its end, writes the stacks of a hang to a folder of its own that the report names.
+agent logs, the stacks of a hang and the script's ``times.json`` (written by its main rank); a
+Wrapper job on this machine, whose payload folder goes at its end, writes the stacks of a hang
+to a folder of its own that the report names.
 """
 
 from __future__ import annotations

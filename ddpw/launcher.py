@@ -119,6 +119,9 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
             raise explained from None
         if torchrun_logs is not None:
             _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
+        times = jobfolder.noted_times(logs.folder) if logs is not None else None
+        if times is not None:  # a script's, once it ended well on the main rank
+            print(goodput.function_lines(times), file=sys.stderr, flush=True)
         return outcome
 
 

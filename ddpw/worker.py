@@ -255,6 +255,7 @@ def run_script(target: str, args: list[str], module: bool = False,
         process.end_with_parent()
     sys.argv = [target, *args]
     hang.start(hang.timeout_from_environment(), None)
+    started = time.time()
     try:
         if module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -267,6 +268,11 @@ def run_script(target: str, args: list[str], module: bool = False,
         status = _tell(error, int(os.environ.get("RANK", "0")))
     hang.stop()
     if status == 0:
+        times = goodput.function_times(started)
+        if not end_with_parent:  # ddpw-launch's own process: the one that launched it
+            print(goodput.function_lines(times), file=sys.stderr, flush=True)
+        elif os.environ.get("RANK", "0") == "0" and environment.HANG_FOLDER in os.environ:
+            jobfolder.note_times(Path(os.environ[environment.HANG_FOLDER]), times)
         _leave_process_group()
     exit_now(status)
 

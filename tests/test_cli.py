@@ -57,7 +57,13 @@ def test_a_plain_accelerate_script_gets_one_synchronised_world_of_two(tmp_path):
     assert len(first) == len(second) == 48 and first | second == set(range(96))
     (folder,) = (tmp_path / "logs" / "console_logs").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
-        "rank-0.stderr.log", "rank-0.stdout.log", "rank-1.stderr.log", "rank-1.stdout.log"]
+        "rank-0.stderr.log", "rank-0.stdout.log", "rank-1.stderr.log", "rank-1.stdout.log",
+        "times.json"]
+    # The script's start-up (from the launch to its start, as it makes no heartbeat) and run.
+    times = json.loads((folder / "times.json").read_text())
+    assert times["launch"] < times["started"] < times["ended"] and times["heartbeat"] is None
+    assert re.search(r"^\[ddpw\] goodput [\d.]+%: run [\d.]+ s of [\d.]+ s \(start-up [\d.]+ s, "
+                     r"from the launch to its start\)$", out.stderr, re.MULTILINE), out.stderr
 
 
 def test_a_leftover_accelerate_config_changes_nothing(tmp_path):
