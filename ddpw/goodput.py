@@ -271,6 +271,8 @@ def function_times(started: float) -> dict[str, float | None]:
     (a world of one runs in the caller's process, which may run another)."""
     global _first_heartbeat
     ended, first, _first_heartbeat = time.time(), _first_heartbeat, None
+    if first is not None and first < started:  # an earlier function's, which failed
+        first = None
     launched = min(float(os.environ.get(environment.LAUNCH_TIME, started)), started)
     return {"launch": launched, "started": started, "heartbeat": first, "ended": ended}
 

@@ -64,6 +64,7 @@ class Machinery:
             Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
             rank, world_size, device, on_failure=on_failure)
         self.checkpoints.open(writes=j.job_type is not JobMode.EVALUATE)
+        self.account = goodput.Account()  # afresh: a Trainer run in place may start again
         self.account.open(rank == 0, j.training_logs_path)
 
     def start(self, accelerator: Accelerator, j_config: JobConfig, step: int,

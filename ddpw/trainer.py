@@ -207,7 +207,7 @@ class Trainer:
         j = self.j_config
         if self.verbose:
             self.accelerator.print(progress.starting(j, self.p_config, self.resume_from))
-        try:  # the time an evaluation takes is counted in evaluate()
+        try:  # in the goodput account: an evaluation's own time is counted in evaluate()
             with self._ddpw.phase("training"):
                 metrics = self.evaluate() if j.job_type is JobMode.EVALUATE else self.train()
         except BaseException as error:
