@@ -9,7 +9,7 @@ in which every moment of the attempt is in exactly one part:
   the restore;
 - ``training``, ``validation`` (an EVALUATE job's evaluation too), ``restore``;
 - ``checkpoint``: the main thread blocked in a save, a wait for one, or the last publication;
-- ``other``: anything after the training ended (closing the trackers).
+- ``other``: what follows the training until the attempt ends (after a pause or an error).
 
 The attempt's record (its parts, the steps it started from and reached, and the training time
 at each checkpoint it saved) goes to ``{training_logs_path}/goodput-{job}.json``, rewritten
@@ -24,6 +24,10 @@ Attempts are tied into one job by the run id that checkpoints keep
 (``Tracking.identity["run"]``), or, for a restart from scratch, by the launch id
 (:data:`ddpw.environment.LAUNCH_ID`: the SLURM job's id across its requeues, one id per launch
 across an elastic job's restarts). The other ranks keep nothing: no collective is added.
+
+A function or a script has two parts, from its main rank's clock: its start-up, from the launch
+to its first :func:`ddpw.utils.heartbeat` (or to its start), and its run
+(:func:`function_times`), which the process that launched it prints (:func:`function_lines`).
 """
 
 from __future__ import annotations
