@@ -6,6 +6,8 @@ reference, as they would a user's own package.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from pathlib import Path
@@ -159,6 +161,19 @@ class SlowTrainer(BlobTrainer):
         if self.epoch == 2 and self.batch == 3 and self.global_rank == 0:
             Path(self.j_config.checkpoint_path).parent.joinpath("mid-epoch").touch()
         return super().train_step(batch)
+
+
+def goodput_of(folder: Path) -> tuple[list[dict], dict]:
+    """The attempts and the summary of the one job whose goodput (:mod:`ddpw.goodput`) the
+    training logs ``folder`` holds, once checked that its parts add up to its wall time, which
+    runs from the first attempt's launch to the last one's end."""
+    (path,) = Path(folder).glob("goodput-*.json")
+    record = json.loads(path.read_text())
+    attempts, summary = record["attempts"], record["summary"]
+    assert math.isclose(sum(summary["seconds"].values()), summary["wall_s"], rel_tol=1e-9)
+    assert math.isclose(summary["wall_s"], attempts[-1]["end"] - attempts[0]["start"],
+                        rel_tol=0.01), summary
+    return attempts, summary
 
 
 def final_files(folder) -> dict[str, bytes]:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import re
 import time
 
 import pytest
-from jobs import Blobs, ImportNotingTrainer, KillingTrainer, PausingTrainer, artefacts, job
+from jobs import (
+    Blobs,
+    ImportNotingTrainer,
+    KillingTrainer,
+    PausingTrainer,
+    artefacts,
+    goodput_of,
+    job,
+)
 
 from ddpw import JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper, world
 from ddpw.utils import heartbeat
@@ -29,17 +37,12 @@ def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_pat
         ImportNotingTrainer(job(tmp_path, start_at="latest", epochs=3, save_every=1)))
     printed = capfd.readouterr().out
 
-    (path,) = (tmp_path / "logs").glob("goodput-*.json")
-    record = json.loads(path.read_text())
-    attempts, summary = record["attempts"], record["summary"]
+    # Every attempt, tied into one job by the run id that the checkpoints keep; the parts add
+    # up to the wall time, from the first launch to the end.
+    attempts, summary = goodput_of(tmp_path / "logs")
     seconds = summary["seconds"]
-    # Every attempt, tied into one job by the run id that the checkpoints keep.
     assert [a["ended"] for a in attempts] == ["paused", "running", "completed"]
     assert summary["attempts"] == 3 and len({a["run"] for a in attempts}) == 1
-    # The parts add up to the wall time, from the first launch to the end.
-    assert sum(seconds.values()) == pytest.approx(summary["wall_s"], rel=1e-9)
-    assert summary["wall_s"] == pytest.approx(attempts[-1]["end"] - attempts[0]["start"],
-                                              rel=0.01)
     assert summary["goodput_percent"] == pytest.approx(
         100 * seconds["training"] / summary["wall_s"])
     for part in ("startup", "training", "validation", "checkpoint", "restore", "waiting"):
@@ -63,19 +66,14 @@ def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_pat
     assert f"[ddpw] goodput {summary['goodput_percent']:.1f}%: training " in printed
     assert f"({summary['lost_steps']} steps recomputed)" in printed
 
-    # An evaluation in this process (a world of one) is a job of its own, started at its launch.
-    path.unlink()
-    evaluated = Wrapper(CPU1, a_config).start(ImportNotingTrainer(
-        job(tmp_path, mode=JobMode.EVALUATE, start_at="latest")))
-    ((path, record),) = ((p, json.loads(p.read_text()))
-                         for p in (tmp_path / "logs").glob("goodput-*.json"))
-    (attempt,) = record["attempts"]
+    # An evaluation in this process (a world of one): its start-up counts from its launch.
+    evaluation = dataclasses.replace(job(tmp_path, mode=JobMode.EVALUATE, start_at="latest"),
+                                     training_logs_path=str(tmp_path / "evaluation"))
+    evaluated = Wrapper(CPU1, a_config).start(ImportNotingTrainer(evaluation))
+    (attempt,), summary = goodput_of(tmp_path / "evaluation")
     assert attempt["start"] < evaluated["setup_began"]
     assert attempt["ended"] == "completed" and attempt["run"] is None
-    assert record["summary"]["seconds"]["validation"] > 0
-    assert record["summary"]["seconds"]["restore"] > 0
-    assert sum(record["summary"]["seconds"].values()) == pytest.approx(
-        record["summary"]["wall_s"], rel=1e-9)
+    assert summary["seconds"]["validation"] > 0 and summary["seconds"]["restore"] > 0
 
 
 def napping(first_s: float, then_s: float) -> int:
