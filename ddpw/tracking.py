@@ -214,8 +214,9 @@ class Tracking:
                 f.write(json.dumps({**self.identity, **metrics}) + "\n")
 
     def log_values(self, values: dict[str, float], step: int) -> None:
-        """Log ``values`` at optimiser step ``step``; from the main rank alone, too."""
-        if self.names:
+        """Log ``values`` at optimiser step ``step``, once the trackers are open (a training
+        job's: an evaluation opens none); from the main rank alone, too."""
+        if self.names and self.accelerator is not None:
             self.accelerator.log(values, step=step)
 
     def end(self, raising: bool = True) -> None:

@@ -66,8 +66,10 @@ def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_pat
     assert f"[ddpw] goodput {summary['goodput_percent']:.1f}%: training " in printed
     assert f"({summary['lost_steps']} steps recomputed)" in printed
 
-    # An evaluation in this process (a world of one): its start-up counts from its launch.
-    evaluation = dataclasses.replace(job(tmp_path, mode=JobMode.EVALUATE, start_at="latest"),
+    # An evaluation in this process (a world of one): its start-up counts from its launch. (It
+    # opens no tracker, which the summary leaves alone.)
+    evaluation = dataclasses.replace(job(tmp_path, mode=JobMode.EVALUATE, start_at="latest",
+                                         log_with="tensorboard"),
                                      training_logs_path=str(tmp_path / "evaluation"))
     evaluated = Wrapper(CPU1, a_config).start(ImportNotingTrainer(evaluation))
     (attempt,), summary = goodput_of(tmp_path / "evaluation")
