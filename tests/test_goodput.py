@@ -18,14 +18,19 @@ from jobs import (
 )
 
 from ddpw import JobMode, JobPaused, Platform, PlatformConfig, WorkerError, Wrapper, world
+from ddpw import checkpoint as ckpt
 from ddpw.utils import heartbeat
 
 CPU1 = PlatformConfig(platform=Platform.CPU, verbose=False)
 CPU2 = PlatformConfig(platform=Platform.CPU, n_procs=2, verbose=False)
 
 
-def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_path, capfd):
+def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_path, capfd,
+                                                                          monkeypatch):
     a_config = artefacts(validation_set=Blobs(30, seed=2))
+    # A slow disk on rank 0: each save is published half a second late, which the waits for
+    # it (the pause's, the end's) stall on.
+    monkeypatch.setenv(ckpt.TEST_FAULT, "state.json:sleep=0.5")
     with pytest.raises(JobPaused):  # attempt 1: paused mid-epoch 2
         Wrapper(CPU2, a_config).start(PausingTrainer(job(tmp_path, epochs=3, save_every=1),
                                                      at=(2, 3)))
@@ -56,11 +61,12 @@ def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_pat
     assert attempts[2]["start_step"] < attempts[1]["end_step"] == killed_at
     assert summary["lost_steps"] == killed_at - attempts[2]["start_step"] > 0
     assert 1.2 <= seconds["lost"] <= attempts[1]["seconds"]["training"]
-    # The checkpoint stalls are the time that the checkpointer measured it held the caller.
+    # The checkpoint stalls are the time that the checkpointer measured it held the caller
+    # (at least the end's wait for its last save, on the slow disk).
+    assert attempts[2]["checkpointer_blocked_s"] >= 0.4
     for attempt in (attempts[0], attempts[2]):
         blocked = attempt["checkpointer_blocked_s"]
-        assert blocked > 0
-        assert attempt["seconds"]["checkpoint"] == pytest.approx(blocked, rel=0.05, abs=0.05)
+        assert attempt["seconds"]["checkpoint"] == pytest.approx(blocked, rel=0.02, abs=0.05)
     # Printed once, at the end of the job.
     assert printed.count("[ddpw] goodput") == 1
     assert f"[ddpw] goodput {summary['goodput_percent']:.1f}%: training " in printed
