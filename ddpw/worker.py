@@ -253,6 +253,9 @@ def run_script(target: str, args: list[str], module: bool = False,
     """
     if end_with_parent:
         process.end_with_parent()
+    else:  # ddpw-launch's own process launches the script now (unless a launch around it did)
+        for name, value in goodput.launch_environment().items():
+            os.environ.setdefault(name, value)
     sys.argv = [target, *args]
     hang.start(hang.timeout_from_environment(), None)
     started = time.time()

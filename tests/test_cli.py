@@ -185,6 +185,8 @@ def test_one_process_runs_the_script_and_its_wrapper_in_the_commands_own_process
         from ddpw import Platform, PlatformConfig, Wrapper, world
 
         print(os.getpid(), os.environ['ACCELERATE_USE_CPU'], sys.argv[1:])
+        with open("launched.txt", "w") as f:  # when ddpw-launch launched it (ddpw.goodput)
+            f.write(os.environ["DDPW_LAUNCH_TIME"])
 
         def who():
             return (world().global_rank, world().world_size, os.getpid())
@@ -201,6 +203,10 @@ def test_one_process_runs_the_script_and_its_wrapper_in_the_commands_own_process
     assert ("ddpw runs in place, in the existing launch's world of 1 processes; PlatformConfig "
             "asks for 3.") in err
     assert not (tmp_path / "logs").exists(), "a launch started"
+    # ddpw-launch launched the script in its own process: its start-up counts from then.
+    assert float((tmp_path / "launched.txt").read_text()) > 0
+    assert re.search(r"^\[ddpw\] goodput [\d.]+%: run [\d.]+ s of [\d.]+ s \(start-up [\d.]+ s, "
+                     r"from the launch to its start\)$", err, re.MULTILINE), err
 
 
 @pytest.mark.parametrize(("body", "status"), [
