@@ -63,7 +63,7 @@ def test_a_paused_then_killed_then_resumed_job_accounts_for_every_second(tmp_pat
     assert 1.2 <= seconds["lost"] <= attempts[1]["seconds"]["training"]
     # The checkpoint stalls are the time that the checkpointer measured it held the caller
     # (at least the end's wait for its last save, on the slow disk).
-    assert attempts[2]["checkpointer_blocked_s"] >= 0.4
+    assert attempts[2]["checkpointer_blocked_s"] >= 0.25
     for attempt in (attempts[0], attempts[2]):
         blocked = attempt["checkpointer_blocked_s"]
         assert attempt["seconds"]["checkpoint"] == pytest.approx(blocked, rel=0.02, abs=0.05)
