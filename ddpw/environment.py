@@ -39,7 +39,8 @@ WORLD = "DDPW_WORLD"
 HANG_TIMEOUT = "DDPW_HANG_TIMEOUT_S"
 
 #: Set by ``ddpw-launch`` for a script's processes: the folder where a hang's report goes
-#: (``hang-R.json``, :mod:`ddpw.jobfolder`), which ``ddpw-launch`` then reads.
+#: (``hang-R.json``, :mod:`ddpw.jobfolder`), and the script's times (``times.json``,
+#: :mod:`ddpw.goodput`), which ``ddpw-launch`` then reads.
 HANG_FOLDER = "DDPW_HANG_FOLDER"
 
 #: For the crash tests only: ``FILE:ACTION`` makes the process that has just written ``FILE``
@@ -52,3 +53,10 @@ TEST_CHECKPOINT_FAULT = "DDPW_TEST_CHECKPOINT_FAULT"
 #: a Trainer of the point claims its checkpoint folder there (:func:`ddpw.sweep.folder.claim`).
 SWEEP_FOLDER = "DDPW_SWEEP_FOLDER"
 SWEEP_TASK = "DDPW_SWEEP_TASK"
+
+#: Set for every process of a launch (by the local launcher, by the SLURM node runner for each
+#: attempt): when it began, as seconds since the epoch, and an id for the launch (the SLURM
+#: job's id across its requeues; one id per local launch, kept across elastic restarts), from
+#: which a Trainer's goodput counts its start-up and ties attempts into a job (:mod:`ddpw.goodput`).
+LAUNCH_TIME = "DDPW_LAUNCH_TIME"
+LAUNCH_ID = "DDPW_LAUNCH_ID"

@@ -11,6 +11,7 @@ A **payload folder** carries one launch: a private temporary folder for a launch
     result-R.pkl     what rank R returned, its tensors on the CPU (written by rank R)
     error-R.json     rank R's report when it raised or paused (written by rank R)
     hang-R.json      the report of a hang, as rank R received it (written by rank R; ddpw.hang)
+    times.json       when a function began and ended (written by the main rank; ddpw.goodput)
     agent.log        what torchrun's agent logged (a launch on this machine)
 
 A **SLURM job's folder**, ``NAME-TIME`` under the console logs path, which the nodes share with
@@ -28,8 +29,9 @@ the submitting machine (as clusters' home and project file systems are)::
     checkpoints.txt      the checkpoints the job published, newest last (the main rank)
 
 ``ddpw-launch`` keeps a folder of the same name for a launch on this machine, with the rank and
-agent logs and the stacks of a hang; a Wrapper job on this machine, whose payload folder goes at
-its end, writes the stacks of a hang to a folder of its own that the report names.
+agent logs, the stacks of a hang and the script's ``times.json`` (written by its main rank); a
+Wrapper job on this machine, whose payload folder goes at its end, writes the stacks of a hang
+to a folder of its own that the report names.
 """
 
 from __future__ import annotations
@@ -176,6 +178,17 @@ def write_report(folder: Path, rank: int, error: BaseException, paused: str | No
 def note_world(folder: Path, world_size: int) -> None:
     """The world size of the processes running now: an elastic job's may shrink."""
     write_atomically(folder / "world.json", json.dumps({"world_size": world_size}).encode())
+
+
+def note_times(folder: Path, times: dict[str, float | None]) -> None:
+    """When a function began and ended on the main rank (:func:`ddpw.goodput.function_times`)."""
+    write_atomically(folder / "times.json", json.dumps(times).encode())
+
+
+def noted_times(folder: Path) -> dict[str, float | None] | None:
+    """What :func:`note_times` noted, if it did."""
+    path = folder / "times.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def noted_world(folder: Path, planned: int) -> int:

@@ -24,13 +24,14 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import environment, jobfolder, rendezvous
+from . import environment, goodput, jobfolder, rendezvous
 from ._compat import warn_if_agent_takes_signals
 from .jobfolder import Payload
 from .outcome import Outcome
@@ -86,7 +87,8 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
     :raises ConfigError: when a job on several machines cannot meet: node 0's address does not
         resolve, or the nodes did not all arrive in time (:func:`ddpw.rendezvous.explain`).
     """
-    env = dict(plan.env)
+    # The launch's own time and id, unless a SLURM attempt's (the plan's) came first.
+    env = {**goodput.launch_environment(), **plan.env}
     if logs is not None:  # a script's processes report a hang there (ddpw's own, in the payload's)
         env[environment.HANG_FOLDER] = str(logs.folder)
     if plan.rendezvous is not None:
@@ -117,6 +119,9 @@ def run_accelerate(plan: LaunchPlan, entry: list[str], logs: Logs | None = None,
             raise explained from None
         if torchrun_logs is not None:
             _collect_logs(torchrun_logs, logs.folder, logs.first_rank)
+        times = jobfolder.noted_times(logs.folder) if logs is not None else None
+        if times is not None:  # a script's, once it ended well on the main rank
+            print(goodput.function_lines(times), file=sys.stderr, flush=True)
         return outcome
 
 
@@ -137,8 +142,12 @@ def launch(payload: Payload) -> list[Any]:
         outcome = run_accelerate(payload.plan, ["--module", "ddpw.entry", str(folder)],
                                  agent_log=jobfolder.agent_log(folder))
         world_size = jobfolder.noted_world(folder, payload.plan.world_size)
-        return jobfolder.collect(folder, world_size, outcome,
-                                 other_machines=payload.plan.rendezvous is not None)
+        results = jobfolder.collect(folder, world_size, outcome,
+                                    other_machines=payload.plan.rendezvous is not None)
+        times = jobfolder.noted_times(folder)
+        if times is not None and payload.p_config.verbose:  # a function's, once it ended well
+            print(goodput.function_lines(times), file=sys.stderr, flush=True)
+        return results
 
 
 def launch_env(plan_env: dict[str, str]) -> dict[str, str]:

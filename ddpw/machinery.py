@@ -1,6 +1,7 @@
 """ddpw's own state on a :class:`~ddpw.trainer.Trainer`, as :class:`Machinery`: the trackers, the
-monitored metric, the pause vote, the epoch's running sums and the checkpoints, and what a
-checkpoint keeps of them besides the :class:`~ddpw.checkpoint.state.TrainingState`.
+monitored metric, the pause vote, the epoch's running sums, the checkpoints and the goodput
+account, and what a checkpoint keeps of them besides the
+:class:`~ddpw.checkpoint.state.TrainingState`.
 
 A checkpoint's ``state`` part holds the tracker runs' ids and the early-stopping count; each
 rank's own part holds its RNG states and its running sums. Restored by a run of the same shape
@@ -12,6 +13,7 @@ every rank (they are over samples: :class:`~ddpw.metrics.RunningSums`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +23,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from . import goodput
 from .checkpoint import Position
 from .checkpoint.checkpointer import Checkpointer, Contents, Restored
 from .checkpoint.rng import rng_state, set_rng_state
 from .checkpoint.state import TrainingState
+from .errors import JobPaused
 from .job import JobConfig, JobMode
 from .metrics import RunningSums
 from .monitor import Monitor, best, earlier_scores
@@ -45,6 +49,7 @@ class Machinery:
     sums: RunningSums = field(default_factory=RunningSums)
     pace: Pace = field(default_factory=Pace)
     checkpoints: Checkpointer | None = None
+    account: goodput.Account = field(default_factory=goodput.Account)
 
     @classmethod
     def of(cls, j_config: JobConfig) -> Machinery:
@@ -61,6 +66,8 @@ class Machinery:
             Path(j.checkpoint_path), j.checkpoint_name_prefix, j.keep_last, j.async_checkpoint,
             rank, world_size, device, on_failure=on_failure)
         self.checkpoints.open(writes=j.job_type is not JobMode.EVALUATE)
+        self.account = goodput.Account()  # afresh: a Trainer run in place may start again
+        self.account.open(rank == 0, j.training_logs_path)
 
     def start(self, accelerator: Accelerator, j_config: JobConfig, step: int,
               runs: dict[str, str] | None, configs: dict[str, Any],
@@ -75,6 +82,39 @@ class Machinery:
                                                  j.monitor, resumed_from)
         if j.job_type is not JobMode.EVALUATE:
             self.tracking.start(accelerator, step, runs, configs, resumed_from)
+        # An evaluation is a job of its own, not an attempt of the run that it evaluates.
+        self.account.begin(self.tracking.identity["run"], resumed_from if
+                           j.job_type is not JobMode.EVALUATE else None, step)
+
+    def phase(self, part: str) -> contextlib.AbstractContextManager[None]:
+        """Count the block's time on the main rank as ``part`` of the job's time
+        (:data:`ddpw.goodput.PARTS`)."""
+        return self.account.phase(part)
+
+    def step_done(self, step: int, values: dict[str, torch.Tensor], lr: float,
+                  samples_per_batch: int) -> None:
+        """After optimiser step ``step``: log its ``values`` when due (every rank must call
+        it), and note it in the goodput account."""
+        if self.tracking.due(step):
+            self.tracking.log_step(step, values, lr, samples_per_batch)
+        self.account.step_done(step)
+
+    def end(self, step: int, verbose: bool, error: BaseException | None = None) -> None:
+        """End the job's attempt at optimiser step ``step``, once its checkpoints are closed:
+        the goodput account's record (the summary printed, when ``verbose``, and logged), then
+        the trackers. After an ``error`` (a pause too), close the checkpoints first, and raise
+        nothing more."""
+        if error is not None:
+            with self.phase("checkpoint"):
+                self.checkpoints.close(raising=False)  # the job's own error is the one to raise
+        ended = ("completed" if error is None else
+                 "paused" if isinstance(error, JobPaused) else "failed")
+        totals = self.account.end(ended, self.checkpoints.blocked_s)
+        if totals is not None and error is None:
+            if verbose:
+                print(goodput.lines(totals), flush=True)
+            self.tracking.log_values(goodput.tracked(totals), step)
+        self.tracking.end(raising=error is None)
 
     def contents(self, model: torch.nn.Module, parts: dict[str, Any], state: TrainingState,
                  device: torch.device, p_config: PlatformConfig) -> Contents:
@@ -85,6 +125,7 @@ class Machinery:
         :param parts: the objects besides the model that every rank holds alike.
         """
         state.trackers, state.monitor = self.tracking.runs(), self.monitor.state()
+        self.account.mark(state.global_step)
         return Contents(model=model, state=state,
                         parts={name: obj.state_dict() for name, obj in parts.items()},
                         own={"rng": rng_state(device), **self.sums.state()},

@@ -13,7 +13,8 @@ One :class:`Tracking` per job, on every rank; the trackers themselves live on th
 - after every epoch, its metrics under the names of ``metrics.jsonl`` (``loss``, ``lr``,
   ``val_*``, ...);
 - once, when a run starts from scratch, the three configs as hyper-parameters
-  (:func:`hyperparameters`).
+  (:func:`hyperparameters`);
+- once, at the end, the job's goodput summary, ``goodput/...`` (:func:`ddpw.goodput.tracked`).
 
 ``metrics.jsonl`` gets each epoch's metrics too, as one line that begins with the run's
 identity: ``run``, an id made when the run starts from scratch and kept in its checkpoints, so
@@ -211,6 +212,12 @@ class Tracking:
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.folder / JSONL, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**self.identity, **metrics}) + "\n")
+
+    def log_values(self, values: dict[str, float], step: int) -> None:
+        """Log ``values`` at optimiser step ``step``, once the trackers are open (a training
+        job's: an evaluation opens none); from the main rank alone, too."""
+        if self.names and self.accelerator is not None:
+            self.accelerator.log(values, step=step)
 
     def end(self, raising: bool = True) -> None:
         """Flush and close the trackers (the job's end, pause or error). Not through

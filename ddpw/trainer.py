@@ -208,17 +208,16 @@ class Trainer:
         j = self.j_config
         if self.verbose:
             self.accelerator.print(progress.starting(j, self.p_config, self.resume_from))
-        checkpoints = self._ddpw.checkpoints
-        try:
-            metrics = self.evaluate() if j.job_type is JobMode.EVALUATE else self.train()
+        try:  # in the goodput account: an evaluation's own time is counted in evaluate()
+            with self._ddpw.phase("training"):
+                metrics = self.evaluate() if j.job_type is JobMode.EVALUATE else self.train()
         except BaseException as error:
             hang.settle(error)  # before the wait for a save in flight, which may be long
-            checkpoints.close(raising=False)  # the job's own error is the one to raise
-            self._ddpw.tracking.end(raising=False)
+            self._ddpw.end(self.global_step, self.verbose, error)
             raise
-        with hang.busy("publishing the last checkpoint"):
-            checkpoints.close()  # success only once the last checkpoint is published
-        self._ddpw.tracking.end()
+        with hang.busy("publishing the last checkpoint"), self._ddpw.phase("checkpoint"):
+            self._ddpw.checkpoints.close()  # success only once the last checkpoint is published
+        self._ddpw.end(self.global_step, self.verbose)  # the goodput summary, the trackers
         return metrics
 
     def train(self) -> dict[str, float]:
@@ -305,10 +304,8 @@ class Trainer:
             bar.note(self.batch, values["loss"], samples_per_batch)
             if self.accelerator.sync_gradients:
                 self.global_step += 1
-                if tracking.due(self.global_step):
-                    tracking.log_step(self.global_step, values,
-                                      float(self.optimiser.param_groups[0]["lr"]),
-                                      samples_per_batch)
+                self._ddpw.step_done(self.global_step, values,
+                                     float(self.optimiser.param_groups[0]["lr"]), samples_per_batch)
                 # Only here, after an optimiser step, is there no half-accumulated gradient to
                 # lose; the last batch of the epoch is left to the epoch boundary. Accelerate's
                 # loaders read a batch ahead, so they know the last one, in a stream too.
@@ -330,14 +327,15 @@ class Trainer:
         self.model.eval()
         means = ExactMeans()
         hang.enter("evaluation", "loading evaluation batch 1")  # a first compile, too
-        for number, batch in enumerate(progress.bar(loader, "evaluate", self.verbose), 1):
-            hang.progress(f"in evaluate_step (evaluation batch {number})")
-            output = self.evaluate_step(batch)
-            check_per_sample(output, type(self).__name__)
-            hang.progress(f"gathering evaluation batch {number}'s metrics")
-            means.add(self.accelerator.gather_for_metrics(output))
-            hang.progress(f"loading evaluation batch {number + 1}", unit_done=True)
-        sharding.after_evaluation(self.model)
+        with self._ddpw.phase("validation"):
+            for number, batch in enumerate(progress.bar(loader, "evaluate", self.verbose), 1):
+                hang.progress(f"in evaluate_step (evaluation batch {number})")
+                output = self.evaluate_step(batch)
+                check_per_sample(output, type(self).__name__)
+                hang.progress(f"gathering evaluation batch {number}'s metrics")
+                means.add(self.accelerator.gather_for_metrics(output))
+                hang.progress(f"loading evaluation batch {number + 1}", unit_done=True)
+            sharding.after_evaluation(self.model)
         return means.means()
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
@@ -385,11 +383,10 @@ class Trainer:
 
         Between epochs it is the checkpoint of ``epochs_done`` (replacing one of that position);
         within an epoch, of ``epochs_done`` and ``batch`` batches (``{prefix}_{k}_batch{b}``).
-        Resuming is exact only from a position right after an optimiser step, which is where
-        ddpw itself saves. With ``j_config.async_checkpoint`` (the default), it returns once
-        each rank has copied its share into host buffers: the files are written, hashed, flushed
-        and published in the background (:mod:`ddpw.checkpoint.checkpointer`) while training
-        goes on. A save waits for the one before it; :meth:`wait_for_checkpoint` for the last.
+        Resuming is exact only right after an optimiser step, where ddpw itself saves. With
+        ``j_config.async_checkpoint`` (the default), it returns once each rank has copied its
+        share into host buffers, and the checkpoint is published in the background
+        (:mod:`ddpw.checkpoint.checkpointer`); :meth:`wait_for_checkpoint` waits for it.
 
         :returns: the checkpoint's folder (where it is, or will be, published).
         :raises PeerFailed: on the ranks whose own part went well when another rank's failed,
@@ -406,7 +403,7 @@ class Trainer:
             self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self._parts(),
             state, self.device, p)
         kept = self._ddpw.kept(self.j_config, position, self.metrics)
-        with hang.busy("saving a checkpoint"):
+        with hang.busy("saving a checkpoint"), self._ddpw.phase("checkpoint"):
             return self._ddpw.checkpoints.save(position, contents,
                                                protect=(self.resume_from, *kept))
 
@@ -416,7 +413,7 @@ class Trainer:
         Pausing, the end of :meth:`run` and an exception out of it all wait, so a job never
         ends, successfully or not, with a checkpoint half written in the background.
         """
-        with hang.busy("waiting for a checkpoint to be published"):
+        with hang.busy("waiting for a checkpoint to be published"), self._ddpw.phase("checkpoint"):
             self._ddpw.checkpoints.wait()
 
     def restore_checkpoint(self, name: str) -> dict[str, str]:
@@ -433,7 +430,7 @@ class Trainer:
         :raises ConfigError: on every rank, naming a file that is damaged.
         """
         acc = self.accelerator
-        with hang.busy(f"restoring checkpoint {name}"):
+        with hang.busy(f"restoring checkpoint {name}"), self._ddpw.phase("restore"):
             restored = self._ddpw.checkpoints.restore(
                 name, acc.unwrap_model(self.model, keep_torch_compile=False), self._parts(),
                 self.a_config.batch_size, self.j_config.gradient_accumulation_steps)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import hang
+from . import goodput, hang
 
 if TYPE_CHECKING:  # the SLURM node runner reads restartable() without importing torch
     import torch
@@ -102,7 +102,8 @@ def heartbeat(where: str | None = None) -> None:
     others wait is called hung (:mod:`ddpw.hang`), once every rank has made its first (before
     that, the process group's collective timeout judges: torch's 30 minutes, or the caller's
     own); the report says where it stood. Cheap enough for every step; without a watch (one
-    process, or ``hang_timeout_s=None``), it does nothing.
+    process, or ``hang_timeout_s=None``), it does nothing but note the first one, where the
+    start-up ends in the job's goodput summary (:func:`ddpw.goodput.function_lines`).
 
     ::
 
@@ -112,6 +113,7 @@ def heartbeat(where: str | None = None) -> None:
 
     :param where: where the rank now is, for the report (``"after step 12"``).
     """
+    goodput.heartbeat()
     hang.progress(where or "after its last heartbeat()", unit_done=True)
 
 

@@ -11,15 +11,16 @@ import atexit
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import TorchDynamoPlugin, patch_environment, set_seed
 
-from . import environment, hang, jobfolder, process, rendezvous, resume
+from . import environment, goodput, hang, jobfolder, process, rendezvous, resume
 from .errors import JobPaused, PeerFailed
 from .jobfolder import Payload
 from .outcome import LOST_PEER, consequence, lost_peers
@@ -59,6 +60,8 @@ def run(payload: Payload, folder: Path | None = None) -> Any:
         trainer.resume_from = (resume.choose(trainer.j_config, payload.a_config, world_size,
                                              requeued=requeued)
                                if requeued else payload.resume_from)
+    # In the caller's own process, the launch is now (ddpw.goodput's start-up counts from it).
+    launched = goodput.launch_environment() if plan.mode is LaunchMode.IN_PROCESS else {}
     extra = trainer.accelerator_kwargs(payload.p_config) if trainer is not None else {}
     kwargs = dict(plan.accelerator_kwargs)
     if "dynamo_plugin" in kwargs:
@@ -67,13 +70,16 @@ def run(payload: Payload, folder: Path | None = None) -> Any:
     if folder is not None and plan.rendezvous is not None:
         _begin_attempt(folder, payload, trainer)
     try:
-        with current_world(World.of(accelerator)):
+        with current_world(World.of(accelerator)), patch_environment(**launched):
             if trainer is not None:
                 with trainer.pause_on_signals():
                     trainer.setup(accelerator, payload.p_config, payload.a_config)
                     return trainer.run()
             set_seed(payload.p_config.seed, device_specific=True)
-            return payload.target(*payload.args, **payload.kwargs)
+            started = time.time()
+            result = payload.target(*payload.args, **payload.kwargs)
+            _tell_times(goodput.function_times(started), payload, folder, accelerator)
+            return result
     finally:
         if plan.mode is LaunchMode.IN_PROCESS:
             # Accelerate keeps its state in process-wide singletons; a later start() in the same
@@ -81,6 +87,19 @@ def run(payload: Payload, folder: Path | None = None) -> Any:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
             torch.set_num_threads(threads)
+
+
+def _tell_times(times: dict[str, float | None], payload: Payload, folder: Path | None,
+                accelerator: Accelerator) -> None:
+    """Tell the launching process when a function began and ended on the main rank: print
+    its summary here (on stderr: stdout is the function's) when this is that process (a world
+    of one), or note the times in the payload folder, for :func:`ddpw.launcher.launch`."""
+    if not accelerator.is_main_process:
+        return
+    if payload.plan.mode is LaunchMode.IN_PROCESS and payload.p_config.verbose:
+        print(goodput.function_lines(times), file=sys.stderr, flush=True)
+    elif folder is not None:
+        jobfolder.note_times(folder, times)
 
 
 def _export_srun_env() -> None:
@@ -234,8 +253,12 @@ def run_script(target: str, args: list[str], module: bool = False,
     """
     if end_with_parent:
         process.end_with_parent()
+    else:  # ddpw-launch's own process launches the script now (unless a launch around it did)
+        for name, value in goodput.launch_environment().items():
+            os.environ.setdefault(name, value)
     sys.argv = [target, *args]
     hang.start(hang.timeout_from_environment(), None)
+    started = time.time()
     try:
         if module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -248,6 +271,11 @@ def run_script(target: str, args: list[str], module: bool = False,
         status = _tell(error, int(os.environ.get("RANK", "0")))
     hang.stop()
     if status == 0:
+        times = goodput.function_times(started)
+        if not end_with_parent:  # ddpw-launch's own process: the one that launched it
+            print(goodput.function_lines(times), file=sys.stderr, flush=True)
+        elif os.environ.get("RANK", "0") == "0" and environment.HANG_FOLDER in os.environ:
+            jobfolder.note_times(Path(os.environ[environment.HANG_FOLDER]), times)
         _leave_process_group()
     exit_now(status)
 

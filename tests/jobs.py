@@ -6,6 +6,12 @@ reference, as they would a user's own package.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
@@ -108,6 +114,42 @@ class PausingTrainer(BlobTrainer):
         return super().train_step(batch)
 
 
+#: When this module was imported: in a launched process, after the process had started.
+IMPORTED = time.time()
+
+
+class KillingTrainer(BlobTrainer):
+    """Rank 0 notes the optimiser step it reached in ``killed-at`` beside the checkpoints and
+    dies (``os._exit``) in the middle of the step at ``at`` (epoch, batch done), after sleeping
+    1.2 s in the step before, so that its goodput record (rewritten at most once a second) is
+    of the step it reached."""
+
+    def __init__(self, j_config: JobConfig, at: tuple[int, int]) -> None:
+        super().__init__(j_config)
+        self.at = at
+
+    def train_step(self, batch):
+        if self.global_rank == 0 and (self.epoch, self.batch + 1) == self.at:
+            time.sleep(1.2)
+        if self.global_rank == 0 and (self.epoch, self.batch) == self.at:
+            folder = Path(self.j_config.checkpoint_path).parent
+            (folder / "killed-at").write_text(str(self.global_step))
+            os._exit(9)
+        return super().train_step(batch)
+
+
+class ImportNotingTrainer(BlobTrainer):
+    """Returns, with the metrics, when the process imported this module (:data:`IMPORTED`) and
+    when its set-up began."""
+
+    def setup(self, accelerator, p_config, a_config):
+        self.setup_began = time.time()
+        super().setup(accelerator, p_config, a_config)
+
+    def run(self):
+        return {**super().run(), "imported": IMPORTED, "setup_began": self.setup_began}
+
+
 class SlowTrainer(BlobTrainer):
     """Takes its time and tells, through a file, when it is in the middle of epoch 2."""
 
@@ -119,6 +161,19 @@ class SlowTrainer(BlobTrainer):
         if self.epoch == 2 and self.batch == 3 and self.global_rank == 0:
             Path(self.j_config.checkpoint_path).parent.joinpath("mid-epoch").touch()
         return super().train_step(batch)
+
+
+def goodput_of(folder: Path) -> tuple[list[dict], dict]:
+    """The attempts and the summary of the one job whose goodput (:mod:`ddpw.goodput`) the
+    training logs ``folder`` holds, once checked that its parts add up to its wall time, which
+    runs from the first attempt's launch to the last one's end."""
+    (path,) = Path(folder).glob("goodput-*.json")
+    record = json.loads(path.read_text())
+    attempts, summary = record["attempts"], record["summary"]
+    assert math.isclose(sum(summary["seconds"].values()), summary["wall_s"], rel_tol=1e-9)
+    assert math.isclose(summary["wall_s"], attempts[-1]["end"] - attempts[0]["start"],
+                        rel_tol=0.01), summary
+    return attempts, summary
 
 
 def final_files(folder) -> dict[str, bytes]:

@@ -57,7 +57,13 @@ def test_a_plain_accelerate_script_gets_one_synchronised_world_of_two(tmp_path):
     assert len(first) == len(second) == 48 and first | second == set(range(96))
     (folder,) = (tmp_path / "logs" / "console_logs").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
-        "rank-0.stderr.log", "rank-0.stdout.log", "rank-1.stderr.log", "rank-1.stdout.log"]
+        "rank-0.stderr.log", "rank-0.stdout.log", "rank-1.stderr.log", "rank-1.stdout.log",
+        "times.json"]
+    # The script's start-up (from the launch to its start, as it makes no heartbeat) and run.
+    times = json.loads((folder / "times.json").read_text())
+    assert times["launch"] < times["started"] < times["ended"] and times["heartbeat"] is None
+    assert re.search(r"^\[ddpw\] goodput [\d.]+%: run [\d.]+ s of [\d.]+ s \(start-up [\d.]+ s, "
+                     r"from the launch to its start\)$", out.stderr, re.MULTILINE), out.stderr
 
 
 def test_a_leftover_accelerate_config_changes_nothing(tmp_path):
@@ -179,6 +185,8 @@ def test_one_process_runs_the_script_and_its_wrapper_in_the_commands_own_process
         from ddpw import Platform, PlatformConfig, Wrapper, world
 
         print(os.getpid(), os.environ['ACCELERATE_USE_CPU'], sys.argv[1:])
+        with open("launched.txt", "w") as f:  # when ddpw-launch launched it (ddpw.goodput)
+            f.write(os.environ["DDPW_LAUNCH_TIME"])
 
         def who():
             return (world().global_rank, world().world_size, os.getpid())
@@ -195,6 +203,10 @@ def test_one_process_runs_the_script_and_its_wrapper_in_the_commands_own_process
     assert ("ddpw runs in place, in the existing launch's world of 1 processes; PlatformConfig "
             "asks for 3.") in err
     assert not (tmp_path / "logs").exists(), "a launch started"
+    # ddpw-launch launched the script in its own process: its start-up counts from then.
+    assert float((tmp_path / "launched.txt").read_text()) > 0
+    assert re.search(r"^\[ddpw\] goodput [\d.]+%: run [\d.]+ s of [\d.]+ s \(start-up [\d.]+ s, "
+                     r"from the launch to its start\)$", err, re.MULTILINE), err
 
 
 @pytest.mark.parametrize(("body", "status"), [

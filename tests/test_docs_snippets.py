@@ -202,6 +202,8 @@ def test_tracking_keeps_the_best_and_stops_early_as_the_guide_says(tmp_path):
     ranked = sorted(range(1, stopped + 1), key=lambda e: (losses[e - 1], e))
     assert set(kept) == {f"ckpt_{e}" for e in (*ranked[:2], stopped)}
     assert "tags: epoch loss lr step/loss step/lr step/samples_per_s val_accuracy val_loss" in out
+    assert ("goodput/: attempts checkpoint_s held_percent lost_s lost_steps other_s percent "
+            "restore_s startup_s training_s validation_s waiting_s wall_s") in out
     assert "step/loss logged at steps: [2, 4, 6, 8, 10] ..." in out
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobs import final_files
+from jobs import final_files, goodput_of
 from machines import Machine, namespaces
 
 TESTS = Path(__file__).resolve().parent
@@ -354,6 +354,11 @@ def test_elastic_machines_that_join_late_leave_and_come_back_agree_on_each_world
     for epoch in range(1, epochs + 1):
         assert sorted(found[epoch]) == list(range(samples)), (epoch, sorted(found[epoch]))
     assert ckpt.read_manifest(folder / f"ckpt_{epochs}")["world_size"] == 2
+    # Each world was an attempt of one job, whose goodput rank 0 (machine 0) kept: one launch,
+    # the restarts resumed from the run's checkpoints; the parts add up to the wall time.
+    attempts, summary = goodput_of(tmp_path / "logs")
+    assert summary["attempts"] == len(attempts) == 4 and attempts[-1]["ended"] == "completed"
+    assert len({a["launch"] for a in attempts}) == 1 and len({a["run"] for a in attempts}) == 1
 
 
 def test_a_function_not_marked_restartable_is_not_restarted_and_names_the_lost_machine(

@@ -21,6 +21,7 @@ from jobs import (
     SlowTrainer,
     artefacts,
     final_files,
+    goodput_of,
     job,
     shard_files,
     step_lr,
@@ -309,6 +310,13 @@ def test_a_signal_mid_epoch_pauses_requeues_and_resumes_bitwise_up_to_the_requeu
     console = submission.console_log.read_text()
     assert "[ddpw] requeued SLURM job" in console
     assert f"[ddpw] attempt 2: resuming from {tmp_path / 'checkpoint' / paused}" in console
+    # The goodput summary covers both attempts, one launch of the SLURM job's id, with the
+    # wait in SLURM's queue between them; the parts add up to the wall time.
+    attempts, summary = goodput_of(tmp_path / "logs")
+    assert [a["ended"] for a in attempts] == ["paused", "completed"]
+    assert {a["launch"] for a in attempts} == {submission.job_id}
+    assert summary["attempts"] == 2 and summary["seconds"]["waiting"] > 0
+    assert summary["lost_steps"] == 0  # a pause loses nothing
 
 
 def test_a_real_preemption_of_a_two_node_job_requeues_it_and_resumes_bitwise(

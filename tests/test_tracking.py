@@ -73,11 +73,18 @@ def test_tensorboard_has_every_step_and_epoch_of_a_paused_and_resumed_run(tmp_pa
     # The checkpoint the second part started from: the pause's, or epoch 1's.
     assert re.fullmatch(r"ckpt_1(_batch\d+)?", lines[1]["resumed_from"])
     assert lines[2]["resumed_from"] == lines[1]["resumed_from"]
+    # The goodput summary, at the last step, before the trackers closed: of both attempts.
+    assert resumed["goodput/attempts"] == [(3 * STEPS_PER_EPOCH, 2)]
+    assert expected["goodput/attempts"] == [(3 * STEPS_PER_EPOCH, 1)]
+    assert sum(resumed[f"goodput/{part}_s"][0][1] for part in (
+        "startup", "training", "validation", "checkpoint", "restore", "other", "lost",
+        "waiting")) == pytest.approx(resumed["goodput/wall_s"][0][1], rel=1e-6)
+    assert resumed["goodput/lost_steps"][0][1] > 0  # went back from the pause to epoch 1
     # Resumed: each step once, in order, with the uninterrupted run's values (the resume is
     # exact); samples per second is a wall-clock rate, and only its steps are compared.
     assert set(resumed) == set(expected)
     for tag, points in expected.items():
-        if tag == "step/samples_per_s":
+        if tag == "step/samples_per_s" or tag.startswith("goodput/"):
             assert [s for s, _ in resumed[tag]] == [s for s, _ in points]
             assert all(v > 0 for _, v in resumed[tag])
         else:

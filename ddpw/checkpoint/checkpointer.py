@@ -31,12 +31,14 @@ strategy wrote the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,6 +90,21 @@ class Restored:
     every_own: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _blocking(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the seconds that a :class:`Checkpointer`'s ``method`` holds its caller to its
+    ``blocked_s`` (once, when it calls another such method)."""
+    @functools.wraps(method)
+    def timed(self: Checkpointer, *args: Any, **kwargs: Any) -> Any:
+        started, self._held = time.monotonic(), self._held + 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._held -= 1
+            if not self._held:
+                self.blocked_s += time.monotonic() - started
+    return timed
+
+
 class Checkpointer:
     """One rank's side of a job's checkpoints in ``root``, named ``{prefix}_...``.
 
@@ -108,6 +125,8 @@ class Checkpointer:
         self._thread: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+        #: The seconds that :meth:`save` and :meth:`wait` (and so :meth:`close`) held the caller.
+        self.blocked_s, self._held = 0.0, 0
 
     # --- set-up and end --------------------------------------------------------------------------
 
@@ -149,6 +168,7 @@ class Checkpointer:
                 self._thread = None
             self._buffers = {}
 
+    @_blocking
     def wait(self) -> None:
         """Wait until the save in flight, if any, is published; raise its error if it failed."""
         if self._in_flight is not None:
@@ -175,6 +195,7 @@ class Checkpointer:
 
     # --- saving ----------------------------------------------------------------------------------
 
+    @_blocking
     def save(self, position: Position, contents: Contents,
              protect: tuple[str | None, ...] = ()) -> Path:
         """Write the checkpoint of ``position``; every rank must call it at the same point.

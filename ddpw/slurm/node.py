@@ -28,6 +28,7 @@ import psutil
 
 from .. import environment, jobfolder, network
 from ..errors import PAUSED_EXIT_STATUS
+from ..goodput import launch_environment
 from ..launcher import Logs, launch_env, run_accelerate
 from ..outcome import Outcome
 from ..plan import LaunchPlan, rendezvous_port
@@ -67,6 +68,8 @@ class NodeTask:
     requeue_signal: str
 
     def __call__(self) -> None:
+        # Each attempt of the job is a launch of its own time, of the job's id (ddpw.goodput).
+        launched = launch_environment(os.environ["SLURM_JOB_ID"])
         sig = getattr(signal, self.requeue_signal)
         asked: list[signal.Signals] = []
         # From now on the signal is ddpw's, never submitit's: submitit would requeue the job
@@ -78,7 +81,7 @@ class NodeTask:
                  jobfolder.await_json(jobfolder.attempt_file(folder, attempt)))
         env = {environment.CHECKPOINT_RECORD: str(jobfolder.checkpoint_record(folder)),
                environment.REQUEUE_SIGNAL: self.requeue_signal,
-               environment.NODE_RUNNER: str(os.getpid())}
+               environment.NODE_RUNNER: str(os.getpid()), **launched}
         if start["resume"] is not None:
             env[environment.RESUME_FROM] = start["resume"]
             if node == 0:

@@ -50,7 +50,9 @@ def main() -> None:
         print("val_loss by epoch:", [round(json.loads(line)["val_loss"], 4) for line in lines])
     events = EventAccumulator("logs/ddpw")  # TensorBoard's own reader of its event files
     events.Reload()
-    print("tags:", " ".join(sorted(events.Tags()["scalars"])))
+    tags = sorted(events.Tags()["scalars"])
+    print("tags:", " ".join(tag for tag in tags if not tag.startswith("goodput/")))
+    print("goodput/:", " ".join(t.removeprefix("goodput/") for t in tags if "goodput/" in t))
     print("step/loss logged at steps:", [e.step for e in events.Scalars("step/loss")][:5], "...")
 
 
