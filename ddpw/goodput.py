@@ -139,13 +139,15 @@ class Account:
         if write or self._since - self._written >= WRITE_EVERY_S:
             self._write()
 
-    def end(self, ended: str, blocked_s: float | None = None) -> dict[str, Any] | None:
+    def end(self, ended: str, blocked_s: float | None = None,
+            paces: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """End the attempt (``completed``, ``paused`` or ``failed``) with the seconds that
-        the checkpointer measured it blocked; return the job's summary (``None`` off rank 0)."""
+        the checkpointer measured it blocked and every rank's pace (:func:`ddpw.stragglers.
+        report`); return the job's summary (``None`` off rank 0)."""
         if self.path is None:
             return None
         self._switch(self.part)
-        self.record.update(ended=ended, checkpointer_blocked_s=blocked_s)
+        self.record.update(ended=ended, checkpointer_blocked_s=blocked_s, stragglers=paces)
         return self._write()
 
     def _switch(self, part: str) -> None:

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import goodput
+from . import goodput, stragglers
 from .checkpoint import Position
 from .checkpoint.checkpointer import Checkpointer, Contents, Restored
 from .checkpoint.rng import rng_state, set_rng_state
@@ -109,10 +109,12 @@ class Machinery:
                 self.checkpoints.close(raising=False)  # the job's own error is the one to raise
         ended = ("completed" if error is None else
                  "paused" if isinstance(error, JobPaused) else "failed")
-        totals = self.account.end(ended, self.checkpoints.blocked_s)
+        paces = stragglers.report()
+        totals = self.account.end(ended, self.checkpoints.blocked_s, paces)
         if totals is not None and error is None:
             if verbose:
-                print(goodput.lines(totals), flush=True)
+                print("\n".join(filter(None, (goodput.lines(totals), stragglers.line(paces)))),
+                      flush=True)
             self.tracking.log_values(goodput.tracked(totals), step)
         self.tracking.end(raising=error is None)
 

@@ -166,3 +166,16 @@ def report() -> dict[str, Any] | None:
     return {"ranks": _judge.scores(), "events": list(_judge.events),
             "rule": {"ratio": RATIO, "recovered": RECOVERED, "window": pace.WINDOW,
                      "span_s": pace.SPAN_S, "floor": FLOOR}}
+
+
+def line(paces: dict[str, Any] | None) -> str | None:
+    """The line that the job's summary adds for the ranks named slow in ``paces``
+    (:func:`report`), with their scores; ``None`` when none was."""
+    named = sorted({e["rank"] for e in paces["events"] if e["event"] == "slow"}) if paces else []
+    if not named:
+        return None
+    ranks = {r["rank"]: r for r in paces["ranks"]}
+    said = [f"rank {rank} ({ranks[rank]['host']}, score {ranks[rank]['score']:.2f})"
+            for rank in named if rank in ranks]
+    return (f"[ddpw]   slow while it ran: {', '.join(said)}; a score is a rank's own work a "
+            f"step against the median rank's")
