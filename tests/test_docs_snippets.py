@@ -215,7 +215,8 @@ def test_an_unmodified_accelerate_script_under_ddpw_launch(tmp_path):
     assert accuracy and float(accuracy.group(1)) > 0.9, out.stdout
     (folder,) = (tmp_path / "logs" / "console_logs").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
-        "rank-0.stderr.log", "rank-0.stdout.log", "rank-1.stderr.log", "rank-1.stdout.log"]
+        "rank-0.stderr.log", "rank-0.stdout.log", "rank-1.stderr.log", "rank-1.stdout.log",
+        "times.json"]  # the script's start-up and run, for its goodput line
 
 
 def test_collective_timeout(tmp_path, monkeypatch):

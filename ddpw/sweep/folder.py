@@ -141,7 +141,8 @@ def claim(folder: Path, checkpoint: str | Path, task: str) -> None:
     claims = folder / "claims"
     claims.mkdir(exist_ok=True)
     path = claims / hashlib.sha256(checkpoint.encode()).hexdigest()[:16]
-    staged = stage(path.with_name(f"{path.name}.{task}"), json.dumps(
+    # Staged under this process's name: every rank of the point claims at once.
+    staged = stage(path.with_name(f"{path.name}.{task}.{os.getpid()}"), json.dumps(
         {"task": task, "checkpoint": checkpoint}).encode())
     try:
         os.link(staged, path)  # the first point to claim it wins, whole or not at all
