@@ -156,7 +156,8 @@ def claim(folder: Path, checkpoint: str | Path, task: str) -> None:
                           f"{checkpoint} (JobConfig.checkpoint_path): make it differ between "
                           f"points, e.g. checkpoint_path=f'ckpts/{{lr}}-{{seed}}' from the "
                           f"point's values.")
-    update(folder, task, checkpoint_folder=checkpoint)
+    if os.environ.get("RANK", "0") == "0":  # one writer of the point's record
+        update(folder, task, checkpoint_folder=checkpoint)
 
 
 def table(records: Sequence[Mapping[str, Any]]) -> Iterator[str]:
