@@ -536,13 +536,20 @@ def test_ddpw_launch_no_wait_and_ctrl_c_cancelling(cluster, tmp_path):
     assert Path(info["folder"]).is_dir()
     subprocess.run(["scancel", info["job_id"]], check=True)
 
+    # Ctrl-C's signal as a terminal gives it: a test run in the background by a shell without
+    # job control (as CI may run it) would pass on SIGINT ignored, which Python honours.
     waiting = subprocess.Popen([*LAUNCH, "--on-interrupt", "cancel", str(script)], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in waiting.stdout:
-        if "sleeping" in line:
-            break
-    waiting.send_signal(signal.SIGINT)
-    _, err = waiting.communicate(timeout=60)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in waiting.stdout:
+            if "sleeping" in line:
+                break
+        waiting.send_signal(signal.SIGINT)
+        _, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()  # no process left behind for the next tests, whatever failed here
+        waiting.wait()
     assert waiting.returncode == 130, err
     job_id = err.split("cancelled SLURM job ")[1].split(";")[0]
     deadline = time.monotonic() + 60
